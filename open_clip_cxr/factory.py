@@ -1,0 +1,55 @@
+"""Thin conveniences over OpenCLIP's factory (not a second factory).
+
+`create_model_and_transforms` differs from OpenCLIP's only in the transforms it returns: ours
+(`vision.transforms`) read DICOM and 16-bit images, keep the aspect ratio and never flip.
+"""
+import json
+
+import open_clip
+
+from .openclip_hooks import MODEL_CONFIG_DIR, our_model_names
+from .vision.transforms import transforms_from_preprocess_cfg
+
+
+# Our models' image preprocessing. OpenCLIP keeps such settings with pretrained tags, which
+# our built-in names lack, so plain `open_clip.create_model*` gives OpenAI's defaults; ours
+# (and every exported folder's `preprocess_cfg`) use these.
+PREPROCESS_CFGS = {k: v for k, v in json.loads((MODEL_CONFIG_DIR / "preprocess.json").read_text()).items()
+                   if not k.startswith("_")}
+
+
+def apply_preprocess_defaults(model, model_name: str):
+    """Set our preprocessing on a built-in model (OpenCLIP reads `model.visual.preprocess_cfg`)."""
+    if model_name in PREPROCESS_CFGS:
+        open_clip.set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **PREPROCESS_CFGS[model_name]})
+    return model
+
+
+def list_models():
+    """Our model names (all of them are also in `open_clip.list_models()`)."""
+    return our_model_names()
+
+
+def _check_name(model_name: str):
+    schema, _ = open_clip.factory.parse_model_name(model_name)
+    if schema is None and open_clip.get_model_config(model_name) is None:
+        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(open_clip.list_models())}")
+
+
+def create_model(model_name: str, *args, **kwargs):
+    _check_name(model_name)
+    return apply_preprocess_defaults(open_clip.create_model(model_name, *args, **kwargs), model_name)
+
+
+def create_model_and_transforms(model_name: str, *args, **kwargs):
+    """`open_clip.create_model_and_transforms`, returning CXR-aware train / eval transforms."""
+    _check_name(model_name)
+    model, _, _ = open_clip.create_model_and_transforms(model_name, *args, **kwargs)
+    apply_preprocess_defaults(model, model_name)
+    cfg = dict(model.visual.preprocess_cfg)
+    return model, transforms_from_preprocess_cfg(cfg, train=True), transforms_from_preprocess_cfg(cfg, train=False)
+
+
+def get_tokenizer(model_name: str, *args, **kwargs):
+    _check_name(model_name)
+    return open_clip.get_tokenizer(model_name, *args, **kwargs)

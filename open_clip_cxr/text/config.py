@@ -1,0 +1,58 @@
+"""`CXRTextConfig`: a transformers config for a decoder LLM used as a bidirectional text encoder.
+
+It is registered with `AutoConfig`, so OpenCLIP's `HFTextEncoder` builds our tower through
+its normal `AutoConfig` / `AutoModel` path. The decoder's own config is nested under `llm`,
+which keeps the architecture embedded (nothing is fetched to build it).
+"""
+from typing import Optional
+
+from transformers import AutoConfig, PretrainedConfig
+
+POOLING_MODES = ("mean", "last_token", "latent_attention")
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+class CXRTextConfig(PretrainedConfig):
+    model_type = "cxr_llm_text"
+
+    def __init__(
+            self,
+            llm: Optional[dict] = None,          # the decoder's config dict (must hold `model_type`, e.g. "llama")
+            pooling: str = "latent_attention",   # one of POOLING_MODES
+            num_latents: int = 512,              # latent attention: size of the learned latent array
+            latent_heads: int = 8,               # latent attention: heads of the cross-attention
+            latent_mlp_ratio: int = 4,           # latent attention: MLP width / hidden size
+            output_norm: bool = True,            # LayerNorm on the pooled vector (OpenCLIP's Linear proj follows)
+            lora: Optional[dict] = None,         # {"r", "alpha", "dropout", "target_modules"}; None = no LoRA
+            train_pooling: bool = False,         # with LoRA on, also train the pooling weights
+            instruction_separator_id: Optional[int] = None,  # tokens up to this id are read but not pooled
+            base_weights: Optional[str] = None,  # where pretrained weights come from, see `base_weights.py`
+            **kwargs,
+    ):
+        llm = dict(llm or {"model_type": "llama"})
+        if pooling not in POOLING_MODES:
+            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        if lora is not None:
+            lora = {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": list(DEFAULT_LORA_TARGETS), **lora}
+        self.llm = llm
+        self.pooling = pooling
+        self.num_latents = num_latents
+        self.latent_heads = latent_heads
+        self.latent_mlp_ratio = latent_mlp_ratio
+        self.output_norm = output_norm
+        self.lora = lora
+        self.train_pooling = train_pooling
+        self.instruction_separator_id = instruction_separator_id
+        self.base_weights = base_weights
+        # Names OpenCLIP's `arch_dict` reads (width, context length, ...) mirror the decoder's.
+        for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings"):
+            kwargs.setdefault(key, llm.get(key))
+        kwargs.setdefault("pad_token_id", llm.get("pad_token_id"))
+        super().__init__(**kwargs)
+
+    def llm_config(self) -> PretrainedConfig:
+        """The decoder's transformers config, built locally from the embedded dict."""
+        cfg = dict(self.llm)
+        model_type = cfg.pop("model_type")
+        cfg.setdefault("pad_token_id", self.pad_token_id)
+        return AutoConfig.for_model(model_type, **cfg)
