@@ -3,9 +3,11 @@
 `create_model_and_transforms` differs from OpenCLIP's only in the transforms it returns: ours
 (`vision.transforms`) read DICOM and 16-bit images, keep the aspect ratio and never flip.
 """
+import contextlib
 import json
 
 import open_clip
+import torch
 
 from .openclip_hooks import MODEL_CONFIG_DIR, our_model_names
 from .vision.transforms import transforms_from_preprocess_cfg
@@ -36,15 +38,37 @@ def _check_name(model_name: str):
         raise ValueError(f"unknown model {model_name!r}; available: {', '.join(open_clip.list_models())}")
 
 
-def create_model(model_name: str, *args, **kwargs):
+@contextlib.contextmanager
+def build_dtype(precision: str):
+    """Construct parameters directly in bf16/fp16 when that is the target precision.
+
+    OpenCLIP builds in fp32 and casts afterwards, so a bf16 `cxr-llm` briefly needs its fp32
+    size (~6 GB) plus the bf16 copy. Our timm-based models end up wholly in the low precision
+    anyway, so building in it gives the same model with one copy's memory.
+    """
+    dtype = {"bf16": torch.bfloat16, "pure_bf16": torch.bfloat16,
+             "fp16": torch.float16, "pure_fp16": torch.float16}.get(precision)
+    previous = torch.get_default_dtype()
+    if dtype is not None:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def create_model(model_name: str, *args, precision: str = "fp32", **kwargs):
     _check_name(model_name)
-    return apply_preprocess_defaults(open_clip.create_model(model_name, *args, **kwargs), model_name)
+    with build_dtype(precision):
+        model = open_clip.create_model(model_name, *args, precision=precision, **kwargs)
+    return apply_preprocess_defaults(model, model_name)
 
 
 def create_model_and_transforms(model_name: str, *args, **kwargs):
     """`open_clip.create_model_and_transforms`, returning CXR-aware train / eval transforms."""
     _check_name(model_name)
-    model, _, _ = open_clip.create_model_and_transforms(model_name, *args, **kwargs)
+    with build_dtype(kwargs.get("precision", "fp32")):
+        model, _, _ = open_clip.create_model_and_transforms(model_name, *args, **kwargs)
     apply_preprocess_defaults(model, model_name)
     cfg = dict(model.visual.preprocess_cfg)
     return model, transforms_from_preprocess_cfg(cfg, train=True), transforms_from_preprocess_cfg(cfg, train=False)

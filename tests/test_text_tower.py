@@ -1,0 +1,143 @@
+"""The bidirectional text tower: attention, padding, pooling, instructions, LoRA."""
+import pytest
+import torch
+from transformers import AutoModel
+
+from open_clip_cxr.text import CXRTextModel, config_from_spec, count_parameters, spec_for
+from open_clip_cxr.text.lora import adapter_state_dict, load_adapter_state_dict
+
+PAD = 0
+
+
+def tower(**overrides):
+    torch.manual_seed(0)
+    spec = "cxr-text:cxr-llm-tiny"
+    config = config_from_spec(spec)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return CXRTextModel(config).eval()
+
+
+def ids(rows, length=12, left=False):
+    out = torch.full((len(rows), length), PAD)
+    for i, r in enumerate(rows):
+        if left:
+            out[i, length - len(r):] = torch.tensor(r)
+        else:
+            out[i, :len(r)] = torch.tensor(r)
+    return out
+
+
+@torch.no_grad()
+def test_attention_is_bidirectional():
+    model = tower(lora=None)
+    a, b = ids([[10, 11, 12, 13, 14]]), ids([[10, 11, 12, 13, 99]])
+    h_a = model(input_ids=a).last_hidden_state[0, 0]
+    h_b = model(input_ids=b).last_hidden_state[0, 0]
+    assert not torch.allclose(h_a, h_b, atol=1e-6)  # the first position saw the last token
+    # The same decoder read causally cannot see it.
+    causal = AutoModel.from_config(model.config.llm_config())
+    causal.load_state_dict(model.base_llm().state_dict())
+    c_a = causal(input_ids=a).last_hidden_state[0, 0]
+    c_b = causal(input_ids=b).last_hidden_state[0, 0]
+    assert torch.allclose(c_a, c_b, atol=1e-6)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pooling", ["mean", "last_token", "latent_attention"])
+def test_left_and_right_padding_agree(pooling):
+    model = tower(pooling=pooling) if pooling != "latent_attention" else tower()
+    if pooling != "latent_attention":
+        from open_clip_cxr.text.pooling import build_pooler
+        model.pooler = build_pooler(model.config)
+    rows = [[5, 6, 7, 8, 9, 10], [20, 21], [30, 31, 32]]
+    right = model(input_ids=ids(rows)).pooler_output
+    left = model(input_ids=ids(rows, left=True)).pooler_output
+    longer = model(input_ids=ids(rows, length=40)).pooler_output
+    assert torch.allclose(right, left, atol=1e-5)
+    assert torch.allclose(right, longer, atol=1e-5)
+    # and a batch of one gives the same as inside a batch
+    alone = model(input_ids=ids(rows[1:2])).pooler_output
+    assert torch.allclose(alone[0], right[1], atol=1e-5)
+
+
+@torch.no_grad()
+def test_pooling_modes_match_their_definitions():
+    from open_clip_cxr.text.pooling import LastTokenPooling, LatentAttentionPooling, MeanPooling
+    torch.manual_seed(1)
+    h = torch.randn(3, 7, 64)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]]).bool()
+    mean = MeanPooling()(h, mask)
+    last = LastTokenPooling()(h, mask)
+    latent = LatentAttentionPooling(64, num_latents=8, heads=4)
+    batched = latent(h, mask)
+    for i in range(3):
+        valid = h[i][mask[i]]
+        assert torch.allclose(mean[i], valid.mean(0), atol=1e-6)
+        assert torch.allclose(last[i], valid[-1], atol=1e-6)
+        assert torch.allclose(batched[i], latent.attend(valid).mean(0), atol=1e-5)
+
+
+@torch.no_grad()
+def test_instruction_is_read_but_not_pooled():
+    from open_clip_cxr.text.pooling import MeanPooling
+    model = tower()
+    model.pooler = MeanPooling()
+    sep = model.config.instruction_separator_id
+    text = [40, 41, 42]
+    plain = ids([text])
+    instructed = ids([[70, 71, 72, sep] + text])
+    out = model(input_ids=instructed)
+    pooled_by_hand = model.norm(out.last_hidden_state[0, 4:7].mean(0))
+    assert torch.allclose(out.pooler_output[0], pooled_by_hand, atol=1e-5)
+    # the instruction is read: the text's token states (and so the embedding) change with it
+    assert not torch.allclose(out.pooler_output, model(input_ids=plain).pooler_output, atol=1e-4)
+    # an instruction with nothing after it still embeds
+    assert torch.isfinite(model(input_ids=ids([[70, sep]])).pooler_output).all()
+
+
+@torch.no_grad()
+def test_empty_and_overlong_texts(tiny):
+    model, _, tokenizer = tiny
+    long_text = "Moderate right pleural effusion. " * 200
+    tokens = tokenizer(["", long_text])
+    assert tokens.shape == (2, 128)  # truncated to the context, not rejected
+    emb = model.encode_text(tokens, normalize=True)
+    assert torch.isfinite(emb).all() and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-5)
+
+
+def test_lora_counts_and_frozen_base():
+    model = tower()
+    counts = count_parameters(model)
+    cfg = model.config
+    r, h = cfg.lora["r"], cfg.hidden_size
+    kv = cfg.llm["num_key_value_heads"] * (h // cfg.llm["num_attention_heads"])
+    per_layer = r * ((h + h) * 2 + (h + kv) * 2)  # q,o: h->h ; k,v: h->kv
+    assert counts["trainable"] == cfg.llm["num_hidden_layers"] * per_layer + 2 * h  # + LayerNorm
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n and "norm." not in n[:5])
+    off = tower(lora=None)
+    assert not off.has_lora and count_parameters(off)["trainable"] == count_parameters(off)["total"]
+
+
+@torch.no_grad()
+def test_lora_merge_equals_unmerged_and_adapter_round_trip():
+    model = tower()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.normal_(std=0.5)  # B starts at zero; make the adapter matter
+    x = ids([[5, 6, 7, 8], [9, 10]])
+    with_adapter = model(input_ids=x).pooler_output
+    adapter = adapter_state_dict(model.llm)
+    assert adapter and all("lora_" in k for k in adapter)
+
+    fresh = tower()
+    assert not torch.allclose(fresh(input_ids=x).pooler_output, with_adapter, atol=1e-4)
+    load_adapter_state_dict(fresh.llm, adapter)
+    assert torch.allclose(fresh(input_ids=x).pooler_output, with_adapter, atol=1e-5)
+
+    model.merge_lora()
+    assert not model.has_lora and model.config.lora is None
+    assert torch.allclose(model(input_ids=x).pooler_output, with_adapter, atol=1e-5)
+    # a merged tower's spec rebuilds a LoRA-free architecture with the same keys
+    rebuilt = CXRTextModel(config_from_spec(spec_for(model.config)))
+    assert set(rebuilt.state_dict()) == set(model.state_dict())
