@@ -1,0 +1,161 @@
+"""Report paraphrases written by a local causal LLM (transformers), cached on disk.
+
+The cache is a JSONL file, one line per paraphrase, keyed by sha256 of the prompt,
+the text, the model id and the generation settings. Lines are appended and flushed
+after every batch, so a rerun skips finished texts and an interrupted run resumes.
+The cache stores keys and paraphrases only, not the source text; paraphrases are still
+derived from it, so keep caches of restricted-licence reports (Open-I) out of the repo.
+"""
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+DEFAULT_PROMPT = (
+    "Rewrite this chest X-ray report in different words. Keep every finding, its side "
+    "(left/right), whether it is present or absent, and its severity exactly the same. "
+    "Do not add anything. Reply with the rewritten report only.\n\nReport: {text}"
+)
+
+
+def _model_id(model) -> str:
+    cfg = getattr(model, "config", None)
+    name = (getattr(model, "name_or_path", None) or getattr(cfg, "_name_or_path", None)
+            or type(model).__name__)
+    # A local directory: its name, so that a cache still matches on another machine.
+    return Path(name).name if os.path.isdir(name) else str(name)
+
+
+def _tidy(out: str) -> str:
+    """First paragraph of the reply, without a leading label or wrapping quotes."""
+    out = out.strip()
+    out = re.sub(r"^(?:rewritten report|paraphrase|report|rewrite)\s*:\s*", "", out, flags=re.I)
+    out = out.split("\n\n")[0].strip()
+    if len(out) > 1 and out[0] == out[-1] and out[0] in "\"'":
+        out = out[1:-1].strip()
+    return re.sub(r"\s+", " ", out)
+
+
+class LLMParaphraser:
+    """Batched paraphrasing with a Hugging Face causal LM and a resumable JSONL cache.
+
+    `prompt` must contain "{text}". With a chat template on the tokenizer the prompt
+    is sent as one user turn. Greedy by default; `do_sample=True` samples with a torch
+    seed derived from `seed` and the batch contents, so reruns give the same text.
+    """
+
+    def __init__(self, model, tokenizer, cache_path, batch_size: int = 8, max_new_tokens: int = 160,
+                 prompt: str = DEFAULT_PROMPT, do_sample: bool = False, seed: int = 0,
+                 temperature: float = 0.7, top_p: float = 0.9, model_id: Optional[str] = None,
+                 use_chat_template: Optional[bool] = None):
+        if "{text}" not in prompt:
+            raise ValueError("prompt must contain '{text}'")
+        self.model, self.tokenizer = model, tokenizer
+        self.cache_path = Path(cache_path)
+        self.batch_size, self.max_new_tokens, self.prompt = batch_size, max_new_tokens, prompt
+        self.do_sample, self.seed, self.temperature, self.top_p = do_sample, seed, temperature, top_p
+        self.model_id = model_id or _model_id(model)
+        if use_chat_template is None:
+            use_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        self.use_chat_template = use_chat_template
+        self._settings = (f"max_new_tokens={max_new_tokens};chat={use_chat_template};" +
+                          (f"sample:seed={seed},t={temperature},p={top_p}" if do_sample else "greedy"))
+        self._cache = self._load_cache()
+
+    # ------------------------------------------------------------- cache
+
+    def key(self, text: str) -> str:
+        h = hashlib.sha256()
+        for part in (self.prompt, text, self.model_id, self._settings):
+            h.update(part.encode("utf-8"))
+            h.update(b"\x00")   # separator: ("ab", "c") and ("a", "bc") must not collide
+        return h.hexdigest()
+
+    def _load_cache(self) -> Dict[str, str]:
+        cache: Dict[str, str] = {}
+        if not self.cache_path.exists():
+            return cache
+        with open(self.cache_path, "r", encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    cache[rec["key"]] = rec["paraphrase"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue   # a line cut short by an interrupted run: that item is redone
+        return cache
+
+    def _append(self, records: List[dict]) -> None:
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.cache_path, "a+", encoding="utf-8") as f:
+            # A previous run killed mid-line leaves no trailing newline: start a fresh line.
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(f.tell() - 1)
+                if f.read(1) != "\n":
+                    f.write("\n")
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    # ------------------------------------------------------------- generation
+
+    def _render(self, text: str) -> str:
+        content = self.prompt.format(text=text)
+        if self.use_chat_template:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": content}],
+                                                      tokenize=False, add_generation_prompt=True)
+        return content
+
+    @torch.inference_mode()
+    def _generate(self, texts: Sequence[str], keys: Sequence[str]) -> List[str]:
+        tok = self.tokenizer
+        old_side = tok.padding_side
+        tok.padding_side = "left"        # decoder-only: new tokens must follow the prompt directly
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        try:
+            enc = tok([self._render(t) for t in texts], return_tensors="pt", padding=True,
+                      add_special_tokens=not self.use_chat_template)
+        finally:
+            tok.padding_side = old_side
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if self.do_sample:
+            kw.update(temperature=self.temperature, top_p=self.top_p)
+            digest = hashlib.sha256(f"{self.seed}|{'|'.join(keys)}".encode()).digest()
+            torch.manual_seed(int.from_bytes(digest[:8], "big") % (2 ** 63))
+        else:
+            kw.update(temperature=None, top_p=None, top_k=None)   # silence sampling-only defaults
+        out = self.model.generate(**enc, **kw)
+        new = out[:, enc["input_ids"].shape[1]:]
+        return [_tidy(s) for s in tok.batch_decode(new, skip_special_tokens=True)]
+
+    def paraphrase(self, texts: Sequence[str]) -> List[str]:
+        """One paraphrase per text (same order); cached ones are not regenerated."""
+        keys = [self.key(t) for t in texts]
+        todo, seen = [], set()
+        for t, k in zip(texts, keys):
+            if k not in self._cache and k not in seen:
+                todo.append((t, k))
+                seen.add(k)
+        was_training = getattr(self.model, "training", False)
+        self.model.eval()
+        try:
+            for i in range(0, len(todo), self.batch_size):
+                batch = todo[i:i + self.batch_size]
+                outs = self._generate([t for t, _ in batch], [k for _, k in batch])
+                self._append([{"key": k, "model": self.model_id, "paraphrase": o}
+                              for (t, k), o in zip(batch, outs)])
+                for (_, k), o in zip(batch, outs):
+                    self._cache[k] = o
+        finally:
+            if was_training:
+                self.model.train()
+        return [self._cache[k] for k in keys]
