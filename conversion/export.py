@@ -4,12 +4,17 @@
     DIR/open_clip_config.json        {"model_cfg": ..., "preprocess_cfg": ...}
     DIR/open_clip_model.safetensors  the whole CLIP state dict (LoRA merged unless asked not to)
     DIR/tokenizer.json ...           our tokenizer (never OpenCLIP's CLIP fallback)
+    DIR/config.json                  the text tower's transformers config (see `TEXT_CONFIG_NAME`)
     DIR/README.md                    the model card, when one is given
+
+`open-clip-cxr export` builds the model, writes the folder with its card, loads it back through
+OpenCLIP's `local-dir:` and checks that text and image embeddings match the source.
 """
 import copy
 import json
+import logging
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -19,6 +24,11 @@ from open_clip_cxr.text.model import CXRTextModel
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
+# transformers 5's AutoTokenizer always reads a repo's config.json first. Missing on the Hub it is
+# skipped when online, but offline it only is if the cache recorded it as absent, which a plain
+# `snapshot_download` does not: so `get_tokenizer('hf-hub:...')` would fail offline. The text
+# tower's config (informative, and registered once open_clip_cxr is imported) avoids that.
+TEXT_CONFIG_NAME = "config.json"
 
 
 def text_tower(model) -> Optional[CXRTextModel]:
@@ -68,6 +78,106 @@ def export_folder(model, model_cfg: dict, tokenizer, out_dir, *, preprocess_cfg:
     if hf_tok is None or not hasattr(hf_tok, "save_pretrained"):
         raise TypeError("export needs OpenCLIP's HFTokenizer (ours); got " + type(tokenizer).__name__)
     hf_tok.save_pretrained(out)
+    if tower is not None:
+        (out / TEXT_CONFIG_NAME).write_text(tower.config.to_json_string())
     if card is not None:
         (out / "README.md").write_text(card)
     return out
+
+
+# -- round-trip check ---------------------------------------------------------------------------
+# Generic finding phrases (no patient text) and an empty string, which must embed too.
+PROBE_TEXTS = ("no acute cardiopulmonary abnormality", "small left pleural effusion", "cardiomegaly", "")
+
+
+def probe_images(model, n: int = 2, seed: int = 0) -> torch.Tensor:
+    size = (getattr(model.visual, "preprocess_cfg", None) or {}).get("size") or model.visual.image_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def embeddings(model, tokenizer, texts: Sequence[str] = PROBE_TEXTS, images: Optional[torch.Tensor] = None) -> Dict:
+    """Unnormalised text / image embeddings of fixed probes (and the tokens, to compare tokenizers)."""
+    model.eval()
+    tokens = tokenizer(list(texts))
+    images = probe_images(model) if images is None else images
+    return {"tokens": tokens, "text": model.encode_text(tokens).float(), "image": model.encode_image(images).float(),
+            "images": images, "logit_scale": model.logit_scale.detach().float()}
+
+
+class ExportMismatchError(RuntimeError):
+    """The exported folder does not reproduce the source model."""
+
+
+@torch.no_grad()
+def verify_export(folder, reference: Dict, atol: float = 1e-4) -> Dict[str, float]:
+    """Load `folder` with `open_clip` (`local-dir:`) and compare with `reference` (from `embeddings`
+    on the source model, before export). Returns max abs diffs; raises if any exceeds `atol`."""
+    import open_clip
+    import open_clip_cxr  # noqa: F401  (registers our text tower)
+    name = "local-dir:" + str(Path(folder))
+    model, _, _ = open_clip.create_model_and_transforms(name)
+    tokenizer = open_clip.get_tokenizer(name)
+    got = embeddings(model, tokenizer, PROBE_TEXTS, reference["images"])
+    if not torch.equal(got["tokens"], reference["tokens"]):
+        raise ExportMismatchError(f"{folder}: its tokenizer gives other token ids than the source's")
+    diffs = {k: float((got[k] - reference[k]).abs().max()) for k in ("text", "image", "logit_scale")}
+    bad = {k: v for k, v in diffs.items() if not v <= atol}  # `not <=` also catches NaN
+    if bad:
+        raise ExportMismatchError(f"{folder} does not reproduce the source model: max abs diff {bad} > {atol}")
+    return diffs
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+def add_arguments(parser):
+    parser.add_argument("--model", required=True,
+                        help="built-in name (cxr-llm, cxr-llm-small, ...), local-dir:DIR or a folder, hf-hub:ORG/NAME")
+    parser.add_argument("--pretrained", default=None,
+                        help="full CLIP checkpoint (.safetensors / .pt / .bin / DeepSpeed folder) to load into it")
+    parser.add_argument("--out", required=True, help="folder to write")
+    parser.add_argument("--no-merge", action="store_true", help="keep LoRA unmerged (for fine-tuners)")
+    parser.add_argument("--eval-json", default=None, help="retrieval results (open-clip-cxr eval output) for the card")
+    parser.add_argument("--recipe", default=None, help="training recipe (YAML or JSON) for the card")
+    parser.add_argument("--repo-id", default=None, help="ORG/NAME the folder will be pushed to")
+    parser.add_argument("--license", default=None,
+                        help="license id for the card (default: from the recipe or the base model)")
+    parser.add_argument("--no-card", action="store_true", help="do not write README.md")
+    parser.add_argument("--atol", type=float, default=1e-4, help="max abs embedding difference accepted on reload")
+
+
+def load_source(model_name: str, pretrained: Optional[str] = None):
+    """(model in eval mode, tokenizer, model_cfg) for a name / folder, with an optional checkpoint."""
+    import open_clip
+    import open_clip_cxr
+    from .checkpoints import load_clip_checkpoint
+    if Path(model_name).is_dir() and not model_name.startswith(("local-dir:", "hf-hub:")):
+        model_name = "local-dir:" + model_name
+    schema, _ = open_clip.factory.parse_model_name(model_name)
+    kwargs = {} if schema else {"pretrained": None, "pretrained_hf": pretrained is None}
+    model = open_clip_cxr.create_model(model_name, **kwargs)
+    if pretrained:
+        load_clip_checkpoint(model, pretrained)
+    model_cfg = open_clip.get_model_config(model_name)
+    return model.eval(), open_clip.get_tokenizer(model_name), model_cfg
+
+
+def run(args) -> int:
+    from hub_cards.card import load_eval_results, load_recipe, render_card
+    model, tokenizer, model_cfg = load_source(args.model, args.pretrained)
+    if not args.pretrained and not args.model.startswith(("local-dir:", "hf-hub:")) and not Path(args.model).is_dir():
+        logging.warning(f"no --pretrained checkpoint: exporting {args.model} with its base weights only")
+    reference = embeddings(model, tokenizer)
+    card = None
+    if not args.no_card:
+        card = render_card(
+            repo_id=args.repo_id, model_cfg=model_cfg, preprocess_cfg=dict(model.visual.preprocess_cfg),
+            eval_results=load_eval_results(args.eval_json) if args.eval_json else None,
+            recipe=load_recipe(args.recipe) if args.recipe else None, license=args.license,
+            lora_merged=not args.no_merge)
+    out = export_folder(model, model_cfg, tokenizer, args.out, merge_lora=not args.no_merge,
+                        repo_id=args.repo_id, card=card)
+    diffs = verify_export(out, reference, atol=args.atol)
+    print(f"wrote {out} (LoRA {'unmerged' if args.no_merge else 'merged'})")
+    print("reload via local-dir: max abs diff " + ", ".join(f"{k} {v:.3g}" for k, v in diffs.items()))
+    return 0

@@ -141,3 +141,22 @@ def test_lora_merge_equals_unmerged_and_adapter_round_trip():
     # a merged tower's spec rebuilds a LoRA-free architecture with the same keys
     rebuilt = CXRTextModel(config_from_spec(spec_for(model.config)))
     assert set(rebuilt.state_dict()) == set(model.state_dict())
+
+
+def test_base_weights_from_a_saved_tower_keep_both_norms(tmp_path):
+    """A folder saved from our tower has `llm.norm.*` (decoder) and `norm.*` (output LayerNorm)."""
+    from safetensors.torch import save_file
+    src = tower(lora=None)
+    with torch.no_grad():
+        src.norm.weight.normal_()
+        src.base_llm().norm.weight.normal_()
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    config = config_from_spec("cxr-text:cxr-llm-tiny")
+    config.base_weights = str(tmp_path)
+    loaded = CXRTextModel.from_base(config).eval()
+    assert torch.equal(loaded.norm.weight, src.norm.weight)
+    assert torch.equal(loaded.base_llm().norm.weight, src.base_llm().norm.weight)
+    assert loaded.load_report["pooler_loaded"] and loaded.has_lora
+    x = ids([[5, 6, 7], [8, 9]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x).pooler_output, src(input_ids=x).pooler_output, atol=1e-5)

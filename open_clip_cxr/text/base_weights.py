@@ -73,6 +73,12 @@ def _gguf_to_cache(spec: str) -> Path:
     return out
 
 
+def iter_keys(folder: Path) -> Iterator[str]:
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as sf:
+            yield from sf.keys()
+
+
 def iter_tensors(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
@@ -83,11 +89,27 @@ def iter_tensors(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
                 yield key, sf.get_tensor(key)
 
 
-def route_key(key: str):
-    """Source key -> ("llm" | "pooler", our key) or None to skip."""
+def _pooler_mappers() -> List[Callable[[str], str]]:
+    """Registered mappers plus the authors' `latent_attn.*` layout (imported late: `conversion`
+    imports this package, so importing it at module load would be circular)."""
+    try:
+        from conversion.pooler_layouts import pooler_key
+    except ImportError:  # an install without the conversion package
+        return list(POOLER_KEY_MAPPERS)
+    return [*POOLER_KEY_MAPPERS, pooler_key]
+
+
+def route_key(key: str, ours: bool = False, mappers=()):
+    """Source key -> ("llm" | "pooler" | "norm", our key) or None to skip.
+
+    `ours`: the folder was saved from a `CXRTextModel` (keys `llm.*`, `pooler.*`, `norm.*`), where a
+    top-level `norm.*` is the output LayerNorm, not the decoder's final norm.
+    """
     if key.startswith(_DROP_PREFIXES):
         return None
-    for mapper in POOLER_KEY_MAPPERS:
+    if ours and key.startswith("norm."):
+        return "norm", key[len("norm."):]
+    for mapper in mappers:
         mapped = mapper(key)
         if mapped is not None:
             return "pooler", mapped
@@ -104,11 +126,14 @@ def route_key(key: str):
 def load_into(model, source: str) -> Dict[str, list]:
     """Copy `source` weights into `model.llm` (before LoRA) and, when present, `model.pooler`."""
     folder = resolve(source)
-    targets = {"llm": dict(model.base_llm().named_parameters()), "pooler": dict(model.pooler.named_parameters())}
+    targets = {"llm": dict(model.base_llm().named_parameters()), "pooler": dict(model.pooler.named_parameters()),
+               "norm": dict(model.norm.named_parameters())}
     targets["llm"].update(dict(model.base_llm().named_buffers()))
+    ours = any(k.startswith("llm.") for k in iter_keys(folder))
+    mappers = _pooler_mappers()
     loaded, unexpected = set(), []
     for key, tensor in iter_tensors(folder):
-        routed = route_key(key)
+        routed = route_key(key, ours=ours, mappers=mappers)
         if routed is None:
             continue
         part, name = routed
@@ -125,3 +150,4 @@ def load_into(model, source: str) -> Dict[str, list]:
         raise ValueError(f"text weights from {source} miss {len(missing)} decoder tensors, e.g. {missing[:5]}")
     pooler_loaded = any(part == "pooler" for part, _ in loaded)
     return {"unexpected": unexpected, "pooler_loaded": pooler_loaded, "folder": str(folder)}
+
