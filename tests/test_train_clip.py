@@ -1,0 +1,349 @@
+"""training/clip_stage.py + cached_text.py on `cxr-llm-tiny` (random, ~240k params, 64 px), CPU.
+
+Shards are written here with webdataset's TarWriter: tiny grey images whose brightness
+encodes one of eight findings, and matching hand-written reports.
+"""
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training import common
+from training.clip_stage import (ContrastiveModel, add_vision_lora, build_loss, build_model, compute_loss,
+                                 epoch_batches, merge_vision_lora, param_groups, train, with_defaults)
+
+ROOT = Path(__file__).resolve().parents[1]
+FINDINGS = ["no acute cardiopulmonary process", "right lower lobe pneumonia", "large left pleural effusion",
+            "cardiomegaly with mild pulmonary edema", "small right apical pneumothorax",
+            "left upper lobe pulmonary nodule", "bibasilar atelectasis", "endotracheal tube in good position"]
+
+
+def write_shards(out: Path, split: str, n: int, per_shard: int = 8, seed: int = 0):
+    import webdataset as wds
+    from PIL import Image
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for s in range(0, n, per_shard):
+        with wds.TarWriter(str(out / f"{split}-{s // per_shard:06d}.tar")) as w:
+            for i in range(s, min(n, s + per_shard)):
+                c = i % len(FINDINGS)
+                img = (np.full((48, 40), 28 * c, np.uint8) + rng.integers(0, 16, (48, 40), dtype=np.uint8))
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="PNG")
+                w.write({"__key__": f"{split}{i:05d}", "png": buf.getvalue(),
+                         "txt": f"FINDINGS: {FINDINGS[c]}. IMPRESSION: {FINDINGS[c]}.".encode(),
+                         "json": json.dumps({"study_id": f"{split}-s{i}", "split": split}).encode()})
+    last = (n - 1) // per_shard
+    return str(out / f"{split}-{{000000..{last:06d}}}.tar") if last else str(out / f"{split}-000000.tar")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    return {"train": write_shards(d, "train", 32), "val": write_shards(d, "val", 8, seed=1)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_fresh_accelerate():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # 2 shared cores: threading only adds contention
+    common.reset_accelerator_state()
+    yield
+    common.reset_accelerator_state()
+    torch.set_num_threads(threads)
+
+
+def recipe(shards, out, **over):
+    r = {"model": "cxr-llm-tiny", "pretrained_image": False, "output_dir": str(out), "seed": 0,
+         "data": {"train": shards["train"], "val": None, "epoch_samples": 32, "batch_size": 8,
+                  "shuffle_buffer": 16, "resume": "skip"},
+         "text": {"lr": 2e-3, "head_lr": 2e-3}, "vision": {"lr": 2e-3},
+         "schedule": {"warmup_steps": 1},
+         "train": {"epochs": 1, "log_every": 1, "checkpoint_every": 100, "log_with": None, "export": False}}
+    for key, value in over.items():
+        common.set_by_path(r, key.replace("__", "."), value)
+    return r
+
+
+def read_metrics(out):
+    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- end to end
+
+def test_train_end_to_end_with_val_and_export(shards, tmp_path):
+    import open_clip
+    r = recipe(shards, tmp_path / "run", data__val=shards["val"], train__epochs=2, train__export=True,
+               train__log_with="tensorboard", train__grad_accum_steps=2)
+    final = train(r)
+    assert final["step"] == 4 and final["epoch"] == 2 and final["samples_seen"] == 64   # 32/8 /2 accum x 2
+    for k in ("val/i2t_R@1", "val/i2t_R@5", "val/t2i_R@10", "val/mean_recall"):
+        assert 0.0 <= final[k] <= 1.0
+    rows = read_metrics(tmp_path / "run")
+    steps = [x for x in rows if "loss" in x]
+    assert [x["step"] for x in steps] == [1, 2, 3, 4]
+    assert all(np.isfinite(x["loss"]) and x["samples_per_s"] > 0 and x["mfu"] > 0 and x["tokens_per_s"] > 0
+               for x in steps)
+    assert sum("val/mean_recall" in x for x in rows) == 2
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents*"))          # TensorBoard
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["checkpoint-4"]
+    # the export loads back as an OpenCLIP model with the same embeddings
+    exported = open_clip.create_model(f"local-dir:{final['export_dir']}")
+    assert exported.text.transformer.has_lora is False
+    assert (tmp_path / "run" / "final_metrics.json").exists()
+
+
+def test_loss_falls_overfitting_one_batch(shards):
+    r = with_defaults(recipe(shards, "unused"))
+    acc = common.setup_accelerator(r)
+    model, pre_train, _, tok, _ = build_model(r)
+    images, tokens, _ = next(epoch_batches(r, pre_train, tok, acc, 0, 0, False))
+    net, loss_fn = ContrastiveModel(model), build_loss(r, acc)
+    opt = torch.optim.AdamW(param_groups(model, r))
+    losses = []
+    for _ in range(15):
+        loss = compute_loss(loss_fn, net(images, tokens))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_trainable_parts_and_param_groups(shards):
+    r = with_defaults(recipe(shards, "unused"))
+    model, *_ = build_model(r)
+    tower = model.text.transformer
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in n for n in trainable if n.startswith("text.transformer.llm"))
+    assert any("lora_" in n for n in trainable)
+    assert not any(p.requires_grad for n, p in tower.llm.named_parameters() if "lora_" not in n)
+    assert all(p.requires_grad for p in tower.norm.parameters()) and model.text.proj.weight.requires_grad
+    assert all(p.requires_grad for p in model.visual.parameters())
+    groups = {g["name"]: g for g in param_groups(model, r)}
+    assert set(groups) >= {"text_lora", "text_head", "vision", "vision_no_decay", "logit"}
+    assert groups["logit"]["weight_decay"] == 0 and groups["text_head_no_decay"]["weight_decay"] == 0
+    assert any(p is tower.norm.weight for p in groups["text_head_no_decay"]["params"])
+    assert sum(len(g["params"]) for g in groups.values()) == len(trainable)
+
+
+def _lora_grads(r):
+    torch.manual_seed(0)
+    model, *_ = build_model(r)
+    acc = common.setup_accelerator(r)
+    g = torch.Generator().manual_seed(0)
+    out = ContrastiveModel(model)(torch.randn(4, 3, 64, 64, generator=g), torch.randint(4, 200, (4, 10), generator=g))
+    compute_loss(build_loss(r, acc), out).backward()
+    return model, {n: p.grad for n, p in model.named_parameters() if "lora_B" in n}
+
+
+def test_grad_checkpointing_keeps_lora_grads(shards):
+    model, with_ckpt = _lora_grads(with_defaults(recipe(shards, "unused", train__grad_checkpointing=True)))
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.text.transformer.modules())
+    _, without = _lora_grads(with_defaults(recipe(shards, "unused")))
+    assert with_ckpt and all(g is not None and g.abs().sum() > 0 for g in with_ckpt.values())
+    for n in without:
+        torch.testing.assert_close(with_ckpt[n], without[n], msg=n)
+
+
+def test_siglip_and_vision_lora(shards):
+    r = with_defaults(recipe(shards, "unused", loss__name="siglip", vision__mode="lora",
+                             vision__lora={"r": 2, "alpha": 4, "dropout": 0.0,
+                                           "target_modules": ["conv_pw", "conv_pwl"]}))
+    model, *_ = build_model(r)
+    acc = common.setup_accelerator(r)
+    assert model.logit_bias is not None
+    trunk_trainable = [n for n, p in model.visual.trunk.named_parameters() if p.requires_grad]
+    assert trunk_trainable and all("lora_" in n for n in trunk_trainable)
+    model.eval()
+    x = torch.randn(2, 3, 64, 64)
+    loss = compute_loss(build_loss(r, acc), ContrastiveModel(model)(x, torch.randint(4, 200, (2, 8))))
+    loss.backward()
+    for n, p in model.visual.trunk.named_parameters():   # make the adapters non-trivial
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)
+    before = model.encode_image(x)
+    merge_vision_lora(model)
+    assert not any("lora_" in n for n, _ in model.visual.named_parameters())
+    torch.testing.assert_close(model.encode_image(x), before, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- resume
+
+def test_kill_and_resume_matches_uninterrupted(shards, tmp_path):
+    base = dict(train__checkpoint_every=2, train__epochs=2)    # 8 steps, 4 per epoch
+    full = train(recipe(shards, tmp_path / "full", **base))
+    assert full["step"] == 8
+    # "killed" right after the checkpoint at step 3 (mid-epoch), then resumed in a new process state
+    stopped = train(recipe(shards, tmp_path / "cut", **{**base, "train__checkpoint_every": 3, "train__stop_after": 3}))
+    assert stopped["stopped_at"] == 3
+    common.reset_accelerator_state()
+    resumed = train(recipe(shards, tmp_path / "cut", **{**base, "train__checkpoint_every": 3}))
+    assert resumed["step"] == 8 and resumed["samples_seen"] == full["samples_seen"]
+    a = {x["step"]: x["loss"] for x in read_metrics(tmp_path / "full") if "loss" in x}
+    b = {x["step"]: x["loss"] for x in read_metrics(tmp_path / "cut") if "loss" in x}
+    assert sorted(b) == list(range(1, 9))
+    for step in range(4, 9):          # every step after the interruption, across the epoch boundary
+        assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])
+
+
+def test_reseed_resume_draws_new_batches(shards):
+    r = with_defaults(recipe(shards, "unused"))
+    acc = common.setup_accelerator(r)
+    model, pre, _, tok, _ = build_model(r)
+    first = [k for _, _, keys in list(epoch_batches(r, pre, tok, acc, 0, 0, False))[:3] for k in keys]
+    skip = next(epoch_batches(r, pre, tok, acc, 0, 2, False))[2]
+    assert skip == first[16:24]                    # "skip": the stream continues where it stopped
+    r["data"]["resume"] = "reseed"
+    reseeded = next(epoch_batches(r, pre, tok, acc, 0, 2, False))[2]
+    assert reseeded != skip                        # "reseed": a fresh stream, not a replay
+
+
+# ---------------------------------------------------------------- cached text
+
+def test_cached_text_mode(shards, tmp_path):
+    from training import cached_text
+    r = recipe(shards, tmp_path / "cached", text__cached=True, data__val=shards["val"])
+    final = train(r)
+    assert final["step"] == 4 and np.isfinite(final["loss"]) and "val/mean_recall" in final
+    cache = cached_text.TextFeatureCache(tmp_path / "cached" / "text_cache")
+    assert len(cache) == 32 and cache.features.shape[1] == 64
+    # the cached vector is the pooled output before tower.norm: norm+proj of it == the full tower
+    common.reset_accelerator_state()
+    rr = with_defaults(r)
+    common.setup_accelerator(rr)          # same seed -> the same random tower as the run's
+    model, _, _, tok, _ = build_model(rr)
+    model.eval()
+    text = next(cached_text.iter_reports(shards["train"]))
+    pooled = cached_text.pooled_before_norm(model, tok([text[1]]))
+    torch.testing.assert_close(cached_text.text_head(model, pooled), model.encode_text(tok([text[1]])))
+    torch.testing.assert_close(cache([text[0]]), pooled, rtol=1e-2, atol=1e-2)   # stored as float16
+    with pytest.raises(KeyError, match="not in the text cache"):
+        cache(["nope"])
+
+
+# ---------------------------------------------------------------- two processes
+
+DDP_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    torch.set_num_threads(1)
+    from accelerate import Accelerator
+    from training.clip_stage import with_defaults, build_model, ContrastiveModel, build_loss, compute_loss, param_groups
+
+    def grads_after_one_step(out_path, global_batch=8):
+        recipe = with_defaults({"model": "cxr-llm-tiny", "pretrained_image": False})
+        acc = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model, *_ = build_model(recipe)
+        model.eval()    # BatchNorm batch statistics and dropout off: compare the loss's gathering only
+        g = torch.Generator().manual_seed(1)
+        images = torch.randn(global_batch, 3, 64, 64, generator=g)
+        tokens = torch.randint(4, 260, (global_batch, 12), generator=g)
+        n, r = global_batch // acc.num_processes, acc.process_index
+        opt = torch.optim.SGD(param_groups(model, recipe), lr=0.1)
+        net, opt = acc.prepare(ContrastiveModel(model), opt)
+        loss = compute_loss(build_loss(recipe, acc), net(images[r * n:(r + 1) * n], tokens[r * n:(r + 1) * n]))
+        acc.backward(loss)
+        clip = acc.unwrap_model(net).clip
+        grads = {k: p.grad.detach().clone() for k, p in clip.named_parameters() if p.grad is not None}
+        opt.step()
+        params = {k: p.detach().clone() for k, p in clip.named_parameters() if p.requires_grad}
+        loss = acc.reduce(loss.detach(), "mean")
+        if acc.is_main_process:
+            torch.save({"grads": grads, "params": params, "loss": loss.item(), "world": acc.num_processes}, out_path)
+
+    if __name__ == "__main__":
+        grads_after_one_step(sys.argv[1])
+        if len(sys.argv) > 2:   # then the whole training loop on 2 ranks: reduce, checkpoint, validation, export
+            import json
+            from training.clip_stage import train
+            final = train(json.loads(sys.argv[2]))
+            print("FINAL", json.dumps(final))
+''')
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow   # ~45 s on the shared 2-core CPU: two fresh Python processes importing torch + transformers
+def test_two_process_gradients_match_single_process(shards, tmp_path):
+    script = tmp_path / "ddp_step.py"
+    script.write_text(DDP_SCRIPT)
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    # `--cpu` alone would start ONE process (accelerate wants mpirun for multi-CPU); torchrun
+    # (`--multi_gpu`) starts two, and `Accelerator(cpu=True)` makes them a gloo (MULTI_CPU) group.
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(script), str(tmp_path / "ddp.pt"),
+           json.dumps(recipe(shards, tmp_path / "ddp_run", data__val=shards["val"], train__cpu=True,
+                             train__export=True, train__checkpoint_every=1, data__resume="reseed"))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    # the single-process reference on the whole global batch, computed while the launch runs
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import ddp_step
+        ddp_step.grads_after_one_step(str(tmp_path / "single.pt"))
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("ddp_step", None)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-4000:]
+    finals = [json.loads(l[6:]) for l in out.splitlines() if l.startswith("FINAL ")]
+    assert len(finals) == 2 and all(f["step"] == 2 for f in finals)
+    final = max(finals, key=len)                                            # the main process's (with validation)
+    assert final["step"] == 2 and final["samples_seen"] == 32 and "val/mean_recall" in final   # 8 x 2 ranks x 2
+    assert len(read_metrics(tmp_path / "ddp_run")) == 3                      # one writer: 2 steps + 1 validation
+    assert (tmp_path / "ddp_run" / "export" / "open_clip_model.safetensors").exists()
+    ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
+    assert ddp["world"] == 2 and single["world"] == 1
+    assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-5)
+    assert set(ddp["grads"]) == set(single["grads"]) and len(ddp["grads"]) > 10
+    for k in single["grads"]:
+        torch.testing.assert_close(ddp["grads"][k], single["grads"][k], rtol=1e-4, atol=1e-5, msg=k)
+    for k in single["params"]:
+        torch.testing.assert_close(ddp["params"][k], single["params"][k], rtol=0, atol=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------- recipes and CLI
+
+@pytest.mark.parametrize("name", ["clip-cxr-llm.yaml", "clip-cxr-llm-small-cpu.yaml"])
+def test_recipe_files_are_complete(name):
+    from training.clip_stage import DEFAULT_RECIPE
+    r = common.load_recipe(str(ROOT / "training" / "recipes" / name))
+    for section, values in r.items():
+        assert section in DEFAULT_RECIPE, section
+        if isinstance(values, dict) and isinstance(DEFAULT_RECIPE[section], dict):
+            assert set(values) <= set(DEFAULT_RECIPE[section]), (section, set(values) - set(DEFAULT_RECIPE[section]))
+    assert r["text"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.1,
+                                 "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    assert isinstance(r["text"]["lr"], float) and r["train"]["mixed_precision"] in ("no", "bf16")
+    for cfg in ("ddp_1node", "ddp_multinode", "fsdp", "deepspeed_zero2"):
+        acc_cfg = common.load_recipe(str(ROOT / "training" / "recipes" / "accelerate" / f"{cfg}.yaml"))
+        assert acc_cfg["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and acc_cfg["num_processes"] >= 8
+
+
+def test_cli_train_clip(shards, tmp_path, capsys):
+    from open_clip_cxr.cli import main
+    out = tmp_path / "cli"
+    rc = main(["train-clip", "--recipe", str(ROOT / "training" / "recipes" / "clip-cxr-llm-small-cpu.yaml"),
+               "--set", "model=cxr-llm-tiny", "--set", "pretrained_image=false", "--set", f"data.train={shards['train']}",
+               "--set", "data.epoch_samples=16", "--set", "train.export=false", "--set", "train.log_with=none",
+               "--output-dir", str(out), "--max-steps", "2"])
+    assert rc == 0
+    assert '"step": 2' in capsys.readouterr().out
+    assert json.loads((out / "final_metrics.json").read_text())["step"] == 2
+    assert (out / "recipe.yaml").exists() and (out / "checkpoints" / "checkpoint-2").is_dir()
