@@ -5,7 +5,9 @@ Source layout (from the authors' modeling code; the weights themselves could not
 offline): a Llama decoder, stored with a `model.` prefix (`LLM2Vec4CXRModel` wraps
 `self.model = LlamaBiModel(...)`) or without one (older `LlamaBiModel` subclass), an optional
 `lm_head.*` (dropped), and the pooler under `latent_attn.*` in one of the layouts described in
-`pooler_layouts.py`. Latent attention heads cannot be read off the weights: the authors use 8.
+`pooler_layouts.py`, whose options (pre-norm, GEGLU, head width, output bias) are read off the
+tensors into the output config. Latent attention heads cannot be read off the weights: the
+authors use 8.
 
 Output: a folder `save_pretrained` writes for our tower (config.json + model.safetensors, plus
 the source's tokenizer files), loadable with `transformers.AutoModel` after `import
@@ -21,7 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .checkpoints import read_state_dict
-from .pooler_layouts import convert_pooler_state, split_prefix
+from .pooler_layouts import convert_pooler, split_prefix
 
 _DECODER_PREFIXES = ("model.", "llm.", "transformer.")
 _DROP = ("lm_head.",)
@@ -71,18 +73,14 @@ def llm_config_dict(src: Path) -> dict:
     return cfg
 
 
-def text_config(llm: dict, pooler: Optional[Dict[str, torch.Tensor]], latent_heads: int = 8,
-                instruction_separator_id: Optional[int] = None):
-    """Our `CXRTextConfig` for the imported encoder (pooling read off the pooler's shapes)."""
+def text_config(llm: dict, pooler_options: Optional[dict], instruction_separator_id: Optional[int] = None):
+    """Our `CXRTextConfig` for the imported encoder: `pooler_options` (from `convert_pooler`, read
+    off the pooler's tensors) for latent attention, None for mean pooling."""
     from open_clip_cxr.text.config import CXRTextConfig
     kwargs = dict(llm=llm, output_norm=False, lora=None, instruction_separator_id=instruction_separator_id,
                   base_weights=None)
-    if pooler:
-        hidden = pooler["latents"].shape[1]
-        kwargs.update(pooling="latent_attention", num_latents=pooler["latents"].shape[0], latent_heads=latent_heads,
-                      latent_mlp_ratio=pooler["mlp.0.weight"].shape[0] // hidden)
-        if pooler["mlp.0.weight"].shape[0] % hidden:
-            raise ValueError(f"pooler MLP width {pooler['mlp.0.weight'].shape[0]} is not a multiple of {hidden}")
+    if pooler_options:
+        kwargs.update(pooling="latent_attention", **pooler_options)
     else:
         kwargs.update(pooling="mean")
     return CXRTextConfig(**kwargs)
@@ -93,8 +91,9 @@ def convert_llm2vec(src, pooler: str = "convert", latent_heads: int = 8,
                     instruction_separator_id: Optional[int] = None, dtype: torch.dtype = torch.float32):
     """Build our `CXRTextModel` holding the weights of an LLM2Vec-style checkpoint.
 
-    `pooler`: "convert" maps the `latent_attn.*` pooler (a clear `PoolerLayoutError` if it cannot
-    be represented), "drop" keeps only the decoder and pools by mean.
+    `pooler`: "convert" maps the `latent_attn.*` pooler and sets the config's pooling options to
+    match it (a clear `PoolerLayoutError` if it cannot be represented), "drop" keeps only the
+    decoder and pools by mean. `latent_heads` cannot be read off the weights.
     """
     from open_clip_cxr.text.model import CXRTextModel
     if pooler not in ("convert", "drop"):
@@ -102,12 +101,12 @@ def convert_llm2vec(src, pooler: str = "convert", latent_heads: int = 8,
     src = Path(src).expanduser()
     decoder, pooler_src = split_llm2vec_state(read_state_dict(src))
     llm = llm_config_dict(src)
-    ours = None
+    ours, options = None, None
     if pooler == "convert":
         if not pooler_src:
             raise ValueError(f"{src} has no latent_attn.* pooler tensors; use pooler='drop' for mean pooling")
-        ours = convert_pooler_state(pooler_src, hidden_size=llm.get("hidden_size"))
-    config = text_config(llm, ours, latent_heads, instruction_separator_id)
+        ours, options = convert_pooler(pooler_src, hidden_size=llm.get("hidden_size"), heads=latent_heads)
+    config = text_config(llm, options, instruction_separator_id)
     model = CXRTextModel(config, with_lora=False)
     result = model.llm.load_state_dict(decoder, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(_DROP_SUFFIXES)]

@@ -1,13 +1,18 @@
-"""Latent-attention pooler layouts found in LLM2Vec-style checkpoints -> our pooler's keys.
+"""Latent-attention pooler layouts found in LLM2Vec-style checkpoints -> our pooler's keys + options.
 
 Our `LatentAttentionPooling` (open_clip_cxr/text/pooling.py) computes, per token x:
 
-    a = x + to_out(attn(q=to_q(x), k|v=to_kv(latents)))      (to_out has a bias)
-    y = a + mlp.2(gelu(mlp.0(a)))                              then a masked mean over tokens
+    n(.) = LayerNorm if pre_norm else identity (norm_tokens / norm_latents / ff_norm)
+    a = x + to_out(attn(q=to_q(n(x)), k|v=to_kv(n(latents))))   heads * head_dim wide; to_out bias optional
+    y = a + mlp.2(act(mlp.0(n(a))))                              act: GELU, or GEGLU (mlp.0 twice as wide)
+
+then a masked mean over tokens. The options are `CXRTextConfig.latent_pre_norm`, `latent_ff`,
+`latent_head_dim` and `latent_out_bias`; their defaults are our original layout.
 
 Checkpoints store latent attention in several ways (all under `latent_attn.` unless noted):
 
-- "cxr": our own names (`latents`, `to_q`, `to_kv`, `to_out`, `mlp.0`, `mlp.2`);
+- "cxr": our own names (`latents`, `to_q`, `to_kv`, `to_out`, `mlp.0`, `mlp.2`, and with pre-norm
+  `norm_tokens`, `norm_latents`, `ff_norm`);
 - "nv_embed": NV-Embed's `LatentAttentionModel` (`latents`, `cross_attend_blocks.0.fn.to_q|to_kv|to_out`,
   `cross_attend_blocks.0.norm|norm_context`, `cross_attend_blocks.1.norm`, `cross_attend_blocks.1.fn.net.0|2`),
   usually under `latent_attention_model.`;
@@ -17,15 +22,28 @@ Checkpoints store latent attention in several ways (all under `latent_attn.` unl
 - "mha": the LLM2Vec fork in the authors' llm2vec4cxr GitHub repo (`latents`,
   `multihead_attn.in_proj_weight|in_proj_bias|out_proj`, `mlp.0|2`; no residual connections).
 
-Which one `lukeingawesome/llm2vec4cxr` ships could not be checked offline. So every layout is
-detected and mapped exactly where the maths allows, and otherwise refused with the reason:
+Every option is read off the tensors, exactly: pre-norm from the token LayerNorms' presence,
+GEGLU from `mlp.0` being twice as wide as `mlp.2`'s input, the attention width (heads x
+head_dim) from `to_q`'s rows, the output bias from its presence. Heads alone cannot be read off
+the weights (the authors use 8). Other exact rewrites: `to_k`+`to_v` -> `to_kv` (stacked, keys
+first, as ours splits it); without token norms, a `norm_context` LayerNorm on the constant latents
+is folded into `latents`.
 
-- exact: `to_k`+`to_v` -> `to_kv` (stacked, keys first, as ours splits it); `norm_context` (a
-  LayerNorm on the constant latents) folded into `latents`; a missing `to_out` bias -> zeros;
-- refused (`PoolerLayoutError`): a LayerNorm on the tokens before the attention or the
-  feed-forward (per-token normalisation is not linear), a GEGLU feed-forward (Linear to 2x, then
-  x * gelu(gate)), an attention width other than the hidden size, and the "mha" layout (no
-  residuals, query bias). Supporting them needs a pooling option in `text/pooling.py`.
+Still refused (`PoolerLayoutError`, with the reason): a LayerNorm on the tokens before only one
+of the two sub-layers, or token norms without a latent norm (our `pre_norm` has all three), and
+the "mha" layout (no residual connections, and a query bias: a fixed per-latent score offset
+our attention has no slot for).
+
+The `cxr-llm` architecture default (text/archs/cxr-llm.json). The released llm2vec4cxr builds its
+pooler as `LatentAttentionPooling(d_model=hidden, num_heads=8, num_latents=512)` imported from
+`llm2vec.pooling`, i.e. the NV-style "prenorm" module with its own defaults for everything else:
+PreNorm (token, latent and FF LayerNorms), GEGLU feed-forward with mult 4, `to_out` without bias.
+Its head_dim default is the one thing public versions of that module disagree on: an earlier one
+uses 64 (inner width 512 at hidden 2048), a later one hidden / heads (inner = hidden). We take
+the later (`latent_head_dim: null`), which also keeps `cxr-llm`'s attention at the hidden size.
+The released weights could not be inspected offline: `open-clip-cxr convert --from llm2vec`
+reads the real values off the checkpoint regardless; only a `cxr-llm` built from scratch or
+loaded through `base_weights` relies on this default (a mismatch there fails on shapes, loudly).
 """
 from typing import Dict, List, Optional, Tuple
 
@@ -34,8 +52,14 @@ import torch.nn.functional as F
 
 OUR_KEYS = ("latents", "to_q.weight", "to_kv.weight", "to_out.weight", "to_out.bias",
             "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
+NORM_KEYS = ("norm_tokens.weight", "norm_tokens.bias", "norm_latents.weight", "norm_latents.bias",
+             "ff_norm.weight", "ff_norm.bias")
+ALL_KEYS = OUR_KEYS + NORM_KEYS   # every key our pooler has under some option
 SOURCE_PREFIXES = ("latent_attn.", "latent_attention_model.")
 LAYOUTS = ("cxr", "nv_embed", "prenorm", "mha")
+# The `CXRTextConfig` fields a pooler checkpoint determines.
+OPTION_FIELDS = ("num_latents", "latent_heads", "latent_mlp_ratio", "latent_pre_norm", "latent_ff",
+                 "latent_head_dim", "latent_out_bias")
 
 
 class PoolerLayoutError(ValueError):
@@ -44,7 +68,7 @@ class PoolerLayoutError(ValueError):
 
 # Per layout: source sub-key -> our key for the tensors that map one to one.
 _RENAMES = {
-    "cxr": {k: k for k in OUR_KEYS},
+    "cxr": {k: k for k in ALL_KEYS},
     "nv_embed": {
         "latents": "latents",
         "cross_attend_blocks.0.fn.to_q.weight": "to_q.weight",
@@ -70,13 +94,17 @@ _RENAMES = {
         "cross_ff.fn.net.3.bias": "mlp.2.bias",
     },
 }
-# Split key/value projections (stacked into `to_kv`), and the latent-side LayerNorm (folded).
+# Split key/value projections (stacked into `to_kv`).
 _SPLIT_KV = {"nv_embed": ("cross_attend_blocks.0.fn.to_k.weight", "cross_attend_blocks.0.fn.to_v.weight"),
              "prenorm": ("cross_attn.fn.to_k.weight", "cross_attn.fn.to_v.weight")}
-_CONTEXT_NORM = {"nv_embed": "cross_attend_blocks.0.norm_context.", "prenorm": "cross_attn.norm_context."}
-# LayerNorms on the token path: no linear equivalent.
-_TOKEN_NORMS = {"nv_embed": ("cross_attend_blocks.0.norm.", "cross_attend_blocks.1.norm."),
-                "prenorm": ("cross_attn.norm.", "cross_ff.norm.")}
+# LayerNorm prefixes per layout: (before attention on tokens, on latents, before the FF) -> ours.
+_NORMS = {"cxr": ("norm_tokens.", "norm_latents.", "ff_norm."),
+          "nv_embed": ("cross_attend_blocks.0.norm.", "cross_attend_blocks.0.norm_context.",
+                       "cross_attend_blocks.1.norm."),
+          "prenorm": ("cross_attn.norm.", "cross_attn.norm_context.", "cross_ff.norm.")}
+_OUR_NORMS = ("norm_tokens.", "norm_latents.", "ff_norm.")
+_HINT = (". Import the decoder alone with `open-clip-cxr convert --from llm2vec --pooler drop`, or add a "
+         "matching pooling option to open_clip_cxr/text/pooling.py (see conversion/pooler_layouts.py).")
 
 
 def detect_layout(keys) -> str:
@@ -99,79 +127,154 @@ def split_prefix(key: str) -> Optional[Tuple[str, str]]:
     return None
 
 
-def _problems(layout: str, sub: Dict[str, torch.Tensor], hidden_size: Optional[int]) -> List[str]:
-    out = []
-    if layout == "mha":
-        out.append("'mha' layout (torch MultiheadAttention + MLP): its output has no residual connections "
-                   "and its query projection has a bias; ours adds both residuals and has no query bias")
-        return out
-    for prefix in _TOKEN_NORMS.get(layout, ()):
-        if any(k.startswith(prefix) for k in sub):
-            out.append(f"a LayerNorm on the tokens ({prefix}*) before a sub-layer; ours has none and a "
-                       f"per-token normalisation has no linear equivalent")
-    renames = _RENAMES[layout]
-    ff_in = next((sub[k] for k, v in renames.items() if v == "mlp.0.weight" and k in sub), None)
-    ff_out = next((sub[k] for k, v in renames.items() if v == "mlp.2.weight" and k in sub), None)
-    if ff_in is not None and ff_out is not None and ff_in.shape[0] == 2 * ff_out.shape[1]:
-        out.append(f"a GEGLU feed-forward (Linear {ff_in.shape[1]}->{ff_in.shape[0]}, x * gelu(gate), Linear "
-                   f"{ff_out.shape[1]}->{ff_out.shape[0]}); ours is Linear -> GELU -> Linear")
-    q = next((sub[k] for k, v in renames.items() if v == "to_q.weight" and k in sub), None)
-    if q is not None and hidden_size is not None and q.shape[0] != hidden_size:
-        out.append(f"an attention width of {q.shape[0]} (heads x head_dim) instead of the hidden size "
-                   f"{hidden_size}; ours attends at the hidden size")
-    return out
+def _refuse(layout: str, problems: List[str]):
+    raise PoolerLayoutError(
+        f"the checkpoint's latent-attention pooler ({layout!r} layout) cannot be represented by "
+        f"open_clip_cxr's LatentAttentionPooling: " + "; ".join(problems) + _HINT)
+
+
+def _norm_params(sub: Dict[str, torch.Tensor], prefix: str) -> Dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sub.items() if k.startswith(prefix)}
+
+
+def _infer_options(layout: str, out: Dict[str, torch.Tensor], norms: Tuple[dict, dict, dict],
+                   hidden: int, heads: int) -> Tuple[dict, List[str]]:
+    """Config values for the mapped tensors, and the reasons they cannot be represented (if any)."""
+    problems = []
+    tokens, latents, ff = norms
+    if bool(tokens) != bool(ff):
+        have, lack = ("attention", "feed-forward") if tokens else ("feed-forward", "attention")
+        problems.append(f"a LayerNorm on the tokens before the {have} but none before the {lack}; our "
+                        f"pre_norm option normalises before both")
+    elif tokens and not latents:
+        problems.append("LayerNorms on the tokens but none on the latents; our pre_norm option "
+                        "normalises both (a LayerNorm is not the identity, so it cannot be switched off)")
+    ff_in, ff_out = out.get("mlp.0.weight"), out.get("mlp.2.weight")
+    kind, ratio = "gelu", None
+    if ff_in is not None and ff_out is not None:
+        if ff_in.shape[0] == 2 * ff_out.shape[1]:
+            kind = "geglu"
+        elif ff_in.shape[0] != ff_out.shape[1]:
+            problems.append(f"a feed-forward of Linear {ff_in.shape[1]}->{ff_in.shape[0]} then Linear "
+                            f"{ff_out.shape[1]}->{ff_out.shape[0]}: neither Linear-GELU-Linear nor GEGLU")
+        if ff_out.shape[1] % hidden:
+            problems.append(f"a feed-forward width of {ff_out.shape[1]}, not a multiple of the hidden size {hidden}")
+        ratio = ff_out.shape[1] // hidden
+    head_dim = None
+    q = out.get("to_q.weight")
+    if q is not None:
+        inner = q.shape[0]
+        if inner % heads:
+            problems.append(f"an attention width of {inner}, not divisible by {heads} heads (pass the "
+                            f"right latent_heads)")
+        elif inner != hidden:
+            head_dim = inner // heads
+        kv, o = out.get("to_kv.weight"), out.get("to_out.weight")
+        if (kv is not None and kv.shape[0] != 2 * inner) or (o is not None and o.shape[1] != inner):
+            problems.append(f"query, key/value and output projections of inconsistent widths "
+                            f"({inner}, {None if kv is None else kv.shape[0]}, {None if o is None else o.shape[1]})")
+    options = {"latent_heads": heads, "latent_mlp_ratio": ratio, "latent_pre_norm": bool(tokens),
+               "latent_ff": kind, "latent_head_dim": head_dim, "latent_out_bias": "to_out.bias" in out}
+    if "latents" in out:
+        options["num_latents"] = out["latents"].shape[0]
+    return options, problems
 
 
 @torch.no_grad()
-def convert_pooler_state(sub: Dict[str, torch.Tensor], hidden_size: Optional[int] = None,
-                         layout: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """Pooler tensors (sub-keys, prefix removed) -> our `LatentAttentionPooling` state dict.
+def convert_pooler(sub: Dict[str, torch.Tensor], hidden_size: Optional[int] = None, heads: int = 8,
+                   layout: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """Pooler tensors (sub-keys, prefix removed) -> (our `LatentAttentionPooling` state dict,
+    the `CXRTextConfig` pooling fields that build a pooler holding it exactly).
 
     Raises `PoolerLayoutError` naming every feature that cannot be represented exactly.
     """
     layout = layout or detect_layout(sub)
-    problems = _problems(layout, sub, hidden_size)
-    if problems:
-        raise PoolerLayoutError(
-            f"the checkpoint's latent-attention pooler ({layout!r} layout) cannot be represented by "
-            f"open_clip_cxr's LatentAttentionPooling: " + "; ".join(problems) + ". Import the decoder "
-            f"alone with `open-clip-cxr convert --from llm2vec --pooler drop`, or add a matching pooling "
-            f"option to open_clip_cxr/text/pooling.py (see conversion/pooler_layouts.py).")
+    if layout == "mha":
+        _refuse(layout, ["'mha' layout (torch MultiheadAttention + MLP): its output has no residual connections "
+                         "and its query projection has a bias; ours adds both residuals and has no query bias"])
     renames = _RENAMES[layout]
     out, used = {}, set()
     for key, tensor in sub.items():
-        if key in renames:
+        if key in renames and not key.startswith(_OUR_NORMS):
             out[renames[key]] = tensor
             used.add(key)
     if layout in _SPLIT_KV and all(k in sub for k in _SPLIT_KV[layout]):
         k_w, v_w = (sub[k] for k in _SPLIT_KV[layout])
         out["to_kv.weight"] = torch.cat([k_w, v_w], dim=0)
         used.update(_SPLIT_KV[layout])
-    norm = _CONTEXT_NORM.get(layout)
-    if norm and norm + "weight" in sub and "latents" in out:
-        # The latents are constants, so LayerNorm(latents) can be stored in their place.
+    norms = tuple(_norm_params(sub, prefix) for prefix in _NORMS[layout])
+    for prefix in _NORMS[layout]:
+        used.update(k for k in sub if k.startswith(prefix))
+    if "latents" not in out:
+        raise PoolerLayoutError(f"pooler checkpoint ({layout!r} layout) has no `latents`")
+    hidden = hidden_size or out["latents"].shape[1]
+    options, problems = _infer_options(layout, out, norms, hidden, heads)
+    if problems:
+        _refuse(layout, problems)
+    tokens, latents, ff = norms
+    if options["latent_pre_norm"]:
+        for ours, params in zip(_OUR_NORMS, norms):
+            out.update({ours + k: v for k, v in params.items()})
+    elif latents:
+        # Without token norms, LayerNorm(latents) is a constant and can be stored in their place.
         lat = out["latents"]
-        out["latents"] = F.layer_norm(lat.float(), lat.shape[-1:], sub[norm + "weight"].float(),
-                                      sub.get(norm + "bias", torch.zeros_like(lat[0])).float()).to(lat.dtype)
-        used.update(k for k in sub if k.startswith(norm))
-    if "to_out.weight" in out and "to_out.bias" not in out:
-        out["to_out.bias"] = torch.zeros(out["to_out.weight"].shape[0], dtype=out["to_out.weight"].dtype)
+        out["latents"] = F.layer_norm(lat.float(), lat.shape[-1:], latents["weight"].float(),
+                                      latents.get("bias", torch.zeros_like(lat[0])).float()).to(lat.dtype)
     unused = sorted(set(sub) - used)
     if unused:
         raise PoolerLayoutError(f"pooler tensors with no counterpart in our LatentAttentionPooling "
                                 f"({layout!r} layout): {unused[:8]}")
-    missing = [k for k in OUR_KEYS if k not in out]
+    missing = [k for k in expected_keys(options) if k not in out]
     if missing:
         raise PoolerLayoutError(f"pooler checkpoint ({layout!r} layout) lacks {missing}")
-    return out
+    return out, options
+
+
+def expected_keys(options: dict) -> List[str]:
+    """Our pooler's state-dict keys under `options` (CXRTextConfig field names)."""
+    keys = [k for k in OUR_KEYS if k != "to_out.bias" or options.get("latent_out_bias", True)]
+    if options.get("latent_pre_norm", False):
+        keys += list(NORM_KEYS)
+    return keys
+
+
+def pooler_options(config) -> dict:
+    """The pooling fields of a `CXRTextConfig` (to compare with, or pass to, `convert_pooler_state`)."""
+    return {k: getattr(config, k) for k in OPTION_FIELDS}
+
+
+@torch.no_grad()
+def convert_pooler_state(sub: Dict[str, torch.Tensor], hidden_size: Optional[int] = None,
+                         layout: Optional[str] = None, options: Optional[dict] = None,
+                         heads: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    """`convert_pooler`'s state dict alone. With `options` (a target config's `pooler_options`),
+    the state is made to fit that pooler: a missing `to_out` bias becomes zeros where the target
+    has one (exact); any other difference raises `PoolerLayoutError` naming it."""
+    heads = heads or (options or {}).get("latent_heads") or 8
+    state, found = convert_pooler(sub, hidden_size, heads, layout)
+    if options is None:
+        return state
+    if options.get("latent_out_bias", True) and not found["latent_out_bias"]:
+        state["to_out.bias"] = torch.zeros(state["to_out.weight"].shape[0], dtype=state["to_out.weight"].dtype)
+        found["latent_out_bias"] = True
+    hidden = state["latents"].shape[1]
+    width = lambda o: o.get("latent_head_dim") or hidden // heads  # noqa: E731  (None means hidden / heads)
+    same = lambda k: found.get(k) == options[k] or (k == "latent_head_dim" and width(found) == width(options))  # noqa: E731
+    diff = {k: (found[k], options[k]) for k in OPTION_FIELDS if k in options and not same(k)}
+    if diff:
+        raise PoolerLayoutError(
+            "the checkpoint's latent-attention pooler does not fit the target text tower: "
+            + ", ".join(f"{k}: checkpoint {a!r}, tower {b!r}" for k, (a, b) in diff.items())
+            + ". Set these fields in the tower's architecture (e.g. `cxr-text:<name>{\"latent_ff\": ...}`).")
+    return state
 
 
 def _check_one_to_one(sub_key: str) -> str:
-    if sub_key in OUR_KEYS:
+    if sub_key in ALL_KEYS:
         return sub_key
     layout = detect_layout([sub_key])
     if layout == "cxr":
-        raise PoolerLayoutError(f"unknown latent-attention tensor {sub_key!r}; known: {OUR_KEYS}")
+        raise PoolerLayoutError(f"unknown latent-attention tensor {sub_key!r}; known: {ALL_KEYS}")
     raise PoolerLayoutError(
         f"latent-attention tensor {sub_key!r} is in the {layout!r} layout, which needs a whole-checkpoint "
         f"conversion (or cannot be represented); run `open-clip-cxr convert --from llm2vec` on the "
@@ -184,4 +287,3 @@ def pooler_key(key: str) -> Optional[str]:
     worse: with LoRA on, it stays frozen)."""
     split = split_prefix(key)
     return None if split is None else _check_one_to_one(split[1])
-

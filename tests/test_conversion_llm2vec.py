@@ -1,5 +1,6 @@
 """Importing LLM2Vec-style text encoders (llm2vec4cxr layout) into our CXRTextModel."""
 import json
+import math
 import shutil
 
 import pytest
@@ -10,10 +11,12 @@ from safetensors.torch import save_file
 from transformers import AutoModel
 
 from conversion.llm2vec import convert_llm2vec, save_text_tower
-from conversion.pooler_layouts import PoolerLayoutError, convert_pooler_state, detect_layout
+from conversion.pooler_layouts import (PoolerLayoutError, convert_pooler, convert_pooler_state, detect_layout,
+                                       pooler_options)
 from conversion_fixtures import BYTE_TOKENIZER, PROBE_IDS
 from open_clip_cxr.cli import main as cli_main
 from open_clip_cxr.text import CXRTextModel, config_from_spec
+from open_clip_cxr.text.pooling import build_pooler
 
 D, HEADS = 64, 4
 
@@ -147,14 +150,115 @@ def _mha(d=D, n=16):
             "mlp.2.weight": torch.randn(d, d), "mlp.2.bias": torch.zeros(d)}
 
 
-@pytest.mark.parametrize("layout,state,words", [
-    ("prenorm", _geglu_prenorm(), ["LayerNorm on the tokens", "GEGLU", "attention width"]),
-    ("prenorm", _geglu_prenorm(head_dim=D // HEADS, dropout_layers=True), ["LayerNorm on the tokens", "GEGLU"]),
-    ("nv_embed", _nv_embed(), ["LayerNorm on the tokens", "GEGLU", "attention width"]),
-    ("mha", _mha(), ["no residual"]),
+class RefNVPooler(nn.Module):
+    """NV-Embed-style latent attention written out independently of our pooler: PreNorm
+    cross-attention (tokens query the LayerNormed latents, explicit softmax), PreNorm GEGLU
+    feed-forward, residuals around both, masked mean."""
+
+    def __init__(self, d=D, n=16, heads=HEADS, head_dim=None, mult=2, out_bias=False):
+        super().__init__()
+        self.heads = heads
+        inner = heads * (head_dim or d // heads)
+        self.latents = nn.Parameter(torch.randn(n, d))
+        self.attn_norm, self.ctx_norm, self.ff_norm = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.to_q, self.to_k, self.to_v = (nn.Linear(d, inner, bias=False) for _ in range(3))
+        self.to_out = nn.Linear(inner, d, bias=out_bias)
+        self.ff_in, self.ff_out = nn.Linear(d, 2 * mult * d), nn.Linear(mult * d, d)
+        with torch.no_grad():  # non-trivial norms and biases, so a dropped one shows
+            for norm in (self.attn_norm, self.ctx_norm, self.ff_norm):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(std=0.1)
+            for p in (self.ff_in.bias, self.ff_out.bias) + ((self.to_out.bias,) if out_bias else ()):
+                p.normal_(std=0.1)
+
+    def forward(self, x, mask):
+        b, L, _ = x.shape
+        h = self.heads
+        lat = self.ctx_norm(self.latents)
+        q = self.to_q(self.attn_norm(x)).reshape(b, L, h, -1).permute(0, 2, 1, 3)  # B H L dh
+        k = self.to_k(lat).reshape(lat.shape[0], h, -1).permute(1, 0, 2)          # H N dh
+        v = self.to_v(lat).reshape(lat.shape[0], h, -1).permute(1, 0, 2)
+        weights = (torch.einsum("bhld,hnd->bhln", q, k) / math.sqrt(q.shape[-1])).softmax(-1)
+        attended = torch.einsum("bhln,hnd->bhld", weights, v).permute(0, 2, 1, 3).reshape(b, L, -1)
+        x = x + self.to_out(attended)
+        value, gate = self.ff_in(self.ff_norm(x)).chunk(2, dim=-1)
+        x = x + self.ff_out(value * F.gelu(gate))
+        m = mask.unsqueeze(-1).float()
+        return (x * m).sum(1) / m.sum(1)
+
+    def checkpoint(self, layout="prenorm", dropout_layers=False):
+        """Its tensors under the "prenorm" (split k/v) or "nv_embed" (fused k/v) names."""
+        if layout == "prenorm":
+            attn, ff, last = "cross_attn.", "cross_ff.", "3" if dropout_layers else "2"
+            kv = {attn + "fn.to_k.weight": self.to_k.weight, attn + "fn.to_v.weight": self.to_v.weight}
+        else:
+            attn, ff, last = "cross_attend_blocks.0.", "cross_attend_blocks.1.", "2"
+            kv = {attn + "fn.to_kv.weight": torch.cat([self.to_k.weight, self.to_v.weight])}
+        out = {"latents": self.latents, attn + "fn.to_q.weight": self.to_q.weight, **kv,
+               attn + "fn.to_out.weight": self.to_out.weight,
+               ff + "fn.net.0.weight": self.ff_in.weight, ff + "fn.net.0.bias": self.ff_in.bias,
+               f"{ff}fn.net.{last}.weight": self.ff_out.weight, f"{ff}fn.net.{last}.bias": self.ff_out.bias}
+        if self.to_out.bias is not None:
+            out[attn + "fn.to_out.bias"] = self.to_out.bias
+        for prefix, norm in ((attn + "norm.", self.attn_norm), (attn + "norm_context.", self.ctx_norm),
+                             (ff + "norm.", self.ff_norm)):
+            out.update({prefix + "weight": norm.weight, prefix + "bias": norm.bias})
+        return {k: v.detach() for k, v in out.items()}
+
+
+@pytest.mark.parametrize("layout,head_dim,out_bias,dropout_layers", [
+    ("prenorm", None, False, False),   # the later fork: inner width = hidden
+    ("prenorm", 32, False, True),      # the earlier fork: fixed head_dim (inner 128 != hidden 64), Dropout layers
+    ("nv_embed", D, True, False),      # NV-Embed: head_dim = hidden (inner = heads x hidden), fused to_kv
 ])
-def test_unrepresentable_poolers_are_refused_with_reasons(tmp_path, layout, state, words):
+@torch.no_grad()
+def test_nv_style_pooler_converts_exactly(tmp_path, layout, head_dim, out_bias, dropout_layers):
+    tower = source_tower()
+    torch.manual_seed(1)
+    ref = RefNVPooler(head_dim=head_dim, out_bias=out_bias).eval()
+    state = ref.checkpoint(layout, dropout_layers)
     assert detect_layout(state) == layout
+    src = write_source(tmp_path, tower, state)
+    model = convert_llm2vec(src, latent_heads=HEADS)
+    cfg = model.config
+    assert (cfg.latent_pre_norm, cfg.latent_ff, cfg.latent_mlp_ratio) == (True, "geglu", 2)
+    assert cfg.latent_out_bias == out_bias
+    assert cfg.latent_head_dim == (None if head_dim in (None, D // HEADS) else head_dim)
+    expected = ref(tower(input_ids=PROBE_IDS).last_hidden_state, PROBE_IDS != 0)
+    assert torch.allclose(pooled(model), expected, atol=1e-5)
+    # The options travel in the saved config: the folder reloads to the same embeddings.
+    again = AutoModel.from_pretrained(save_text_tower(model, tmp_path / "out")).eval()
+    assert again.config.latent_ff == "geglu" and torch.allclose(pooled(again), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout,state,options", [
+    ("prenorm", _geglu_prenorm(), {"latent_head_dim": 32, "latent_mlp_ratio": 4}),
+    ("prenorm", _geglu_prenorm(head_dim=D // HEADS, dropout_layers=True), {"latent_head_dim": None}),
+    ("nv_embed", _nv_embed(), {"latent_head_dim": 8 * D // HEADS, "latent_mlp_ratio": 4}),
+])
+def test_nv_layouts_infer_their_options(layout, state, options):
+    assert detect_layout(state) == layout
+    ours, found = convert_pooler(state, hidden_size=D, heads=HEADS)
+    assert found["latent_pre_norm"] and found["latent_ff"] == "geglu" and not found["latent_out_bias"]
+    assert {k: found[k] for k in options} == options
+    config = config_from_spec('cxr-text:cxr-llm-tiny{"lora": null}')
+    for k, v in found.items():
+        setattr(config, k, v)
+    build_pooler(config).load_state_dict(ours)  # strict: every key and shape fits
+
+
+def _drop(state, *prefixes):
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)}
+
+
+@pytest.mark.parametrize("state,words", [
+    (_mha(), ["no residual"]),
+    (_drop(_geglu_prenorm(), "cross_ff.norm."), ["before the attention but none before the feed-forward"]),
+    (_drop(_nv_embed(), "cross_attend_blocks.0.norm."), ["before the feed-forward but none before the attention"]),
+    (_drop(_geglu_prenorm(), "cross_attn.norm_context."), ["none on the latents"]),
+    (_geglu_prenorm(head_dim=5, heads=3), ["width of 15, not divisible by 8 heads"]),
+])
+def test_unrepresentable_poolers_are_refused_with_reasons(tmp_path, state, words):
     with pytest.raises(PoolerLayoutError) as err:
         convert_pooler_state(state, hidden_size=D)
     for word in words:
@@ -163,6 +267,19 @@ def test_unrepresentable_poolers_are_refused_with_reasons(tmp_path, layout, stat
     src = write_source(tmp_path, source_tower(), state)
     with pytest.raises(PoolerLayoutError):
         convert_llm2vec(src)
+
+
+def test_state_for_a_target_tower():
+    """`options=` fits the state to a given tower: a missing output bias becomes zeros (exact),
+    other differences are named."""
+    ref = RefPrenormFreePooler()
+    state = {k: v.detach() for k, v in ref.checkpoint().items()}
+    tiny = config_from_spec('cxr-text:cxr-llm-tiny{"lora": null}')
+    ours = convert_pooler_state(state, hidden_size=D, options=pooler_options(tiny))
+    assert torch.equal(ours["to_out.bias"], torch.zeros(D))
+    build_pooler(tiny).load_state_dict(ours)
+    with pytest.raises(PoolerLayoutError, match="latent_pre_norm: checkpoint True, tower False"):
+        convert_pooler_state(_geglu_prenorm(head_dim=D // HEADS), hidden_size=D, options=pooler_options(tiny))
 
 
 @torch.no_grad()
@@ -184,10 +301,26 @@ def test_base_weights_read_the_llm2vec_layout(tmp_path):
     model = CXRTextModel.from_base(config).eval()
     assert model.load_report["pooler_loaded"]
     assert torch.allclose(pooled(model), pooled(tower), atol=1e-6)
-    # A layout our pooler cannot hold is refused, not silently left random.
+    # A layout that needs a whole-checkpoint conversion (split k/v) is refused, not silently left random.
     config.base_weights = str(write_source(tmp_path, tower, _geglu_prenorm(), name="nv_style"))
     with pytest.raises(PoolerLayoutError, match="convert --from llm2vec"):
         CXRTextModel.from_base(config)
+
+
+@torch.no_grad()
+def test_base_weights_read_our_nv_style_options(tmp_path):
+    """Our own key names under `latent_attn.`, with the NV-style options, load key by key."""
+    spec = ('cxr-text:cxr-llm-tiny{"lora": null, "output_norm": false, "latent_pre_norm": true, '
+            '"latent_ff": "geglu", "latent_head_dim": 8, "latent_out_bias": false}')
+    torch.manual_seed(0)
+    tower = CXRTextModel(config_from_spec(spec)).eval()
+    for name in ("norm_tokens", "norm_latents", "ff_norm"):
+        getattr(tower.pooler, name).weight.uniform_(0.5, 1.5)
+    config = config_from_spec(spec)
+    config.base_weights = str(write_source(tmp_path, tower, tower.pooler.state_dict()))
+    model = CXRTextModel.from_base(config).eval()
+    assert model.load_report["pooler_loaded"] and not model.load_report["unexpected"]
+    assert torch.allclose(pooled(model), pooled(tower), atol=1e-6)
 
 
 @torch.no_grad()

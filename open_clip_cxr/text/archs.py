@@ -15,8 +15,9 @@ from .config import CXRTextConfig
 SPEC_PREFIX = "cxr-text:"
 ARCH_DIR = Path(__file__).parent / "archs"
 # The fields that define a tower; everything else in a transformers config is derived.
-ARCH_FIELDS = ("llm", "pooling", "num_latents", "latent_heads", "latent_mlp_ratio", "output_norm",
-               "lora", "train_pooling", "instruction_separator_id", "base_weights")
+ARCH_FIELDS = ("llm", "pooling", "num_latents", "latent_heads", "latent_mlp_ratio", "latent_pre_norm", "latent_ff",
+               "latent_head_dim", "latent_out_bias", "output_norm", "lora", "train_pooling",
+               "instruction_separator_id", "base_weights")
 
 _ARCHS: Dict[str, dict] = {}
 

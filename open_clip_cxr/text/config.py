@@ -9,6 +9,7 @@ from typing import Optional
 from transformers import AutoConfig, PretrainedConfig
 
 POOLING_MODES = ("mean", "last_token", "latent_attention")
+LATENT_FF_KINDS = ("gelu", "geglu")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -21,7 +22,11 @@ class CXRTextConfig(PretrainedConfig):
             pooling: str = "latent_attention",   # one of POOLING_MODES
             num_latents: int = 512,              # latent attention: size of the learned latent array
             latent_heads: int = 8,               # latent attention: heads of the cross-attention
-            latent_mlp_ratio: int = 4,           # latent attention: MLP width / hidden size
+            latent_mlp_ratio: int = 4,           # latent attention: MLP width (after any gating) / hidden size
+            latent_pre_norm: bool = False,       # latent attention: LayerNorms on tokens (attn, FF) and latents
+            latent_ff: str = "gelu",             # latent attention: feed-forward, "gelu" or "geglu" (gated, NV-Embed)
+            latent_head_dim: Optional[int] = None,  # latent attention: width per head; None = hidden / heads
+            latent_out_bias: bool = True,        # latent attention: bias on the attention's output projection
             output_norm: bool = True,            # LayerNorm on the pooled vector (OpenCLIP's Linear proj follows)
             lora: Optional[dict] = None,         # {"r", "alpha", "dropout", "target_modules"}; None = no LoRA
             train_pooling: bool = False,         # with LoRA on, also train the pooling weights
@@ -32,6 +37,8 @@ class CXRTextConfig(PretrainedConfig):
         llm = dict(llm or {"model_type": "llama"})
         if pooling not in POOLING_MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+        if latent_ff not in LATENT_FF_KINDS:
+            raise ValueError(f"latent_ff must be one of {LATENT_FF_KINDS}, got {latent_ff!r}")
         if lora is not None:
             lora = {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": list(DEFAULT_LORA_TARGETS), **lora}
         self.llm = llm
@@ -39,6 +46,10 @@ class CXRTextConfig(PretrainedConfig):
         self.num_latents = num_latents
         self.latent_heads = latent_heads
         self.latent_mlp_ratio = latent_mlp_ratio
+        self.latent_pre_norm = latent_pre_norm
+        self.latent_ff = latent_ff
+        self.latent_head_dim = latent_head_dim
+        self.latent_out_bias = latent_out_bias
         self.output_norm = output_norm
         self.lora = lora
         self.train_pooling = train_pooling

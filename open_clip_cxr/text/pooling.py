@@ -2,9 +2,13 @@
 
 All modes are batched; none loops over samples in Python.
 """
+from typing import Optional
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .config import LATENT_FF_KINDS
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -26,28 +30,58 @@ class LastTokenPooling(nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
+class GEGLU(nn.Module):
+    """Gated GELU: the input's first half, gated by GELU of its second half (NV-Embed's order)."""
+
+    def forward(self, x):
+        value, gate = x.chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
 class LatentAttentionPooling(nn.Module):
     """NV-Embed-style latent attention: each token attends over a learned latent array
-    (keys and values), an MLP follows, then a masked mean.
+    (keys and values), a feed-forward follows (residuals around both), then a masked mean.
+
+    Options (defaults = our original layout, whose state-dict keys they leave unchanged):
+    `pre_norm` adds LayerNorms on the tokens before the attention (`norm_tokens`) and before the
+    feed-forward (`ff_norm`), and on the latents used as keys/values (`norm_latents`);
+    `ff="geglu"` makes `mlp.0` project to twice the width and gate it (x * gelu(gate));
+    `head_dim` sets the attention's inner width to heads * head_dim (default hidden / heads);
+    `out_bias` gives `to_out` a bias.
 
     Tokens only attend to the latents, never to each other, so we gather the pooled tokens of
     the whole batch into one packed (T, D) matrix: padding costs nothing and one call serves
-    every sample.
+    every sample. Every option acts per token, so packing stays exact.
     """
 
-    def __init__(self, hidden_size: int, num_latents: int = 512, heads: int = 8, mlp_ratio: int = 4):
+    def __init__(self, hidden_size: int, num_latents: int = 512, heads: int = 8, mlp_ratio: int = 4, *,
+                 pre_norm: bool = False, ff: str = "gelu", head_dim: Optional[int] = None, out_bias: bool = True):
         super().__init__()
-        if hidden_size % heads:
-            raise ValueError(f"hidden size {hidden_size} is not divisible by {heads} heads")
-        self.heads = heads
+        if ff not in LATENT_FF_KINDS:
+            raise ValueError(f"ff must be one of {LATENT_FF_KINDS}, got {ff!r}")
+        if head_dim is None:
+            if hidden_size % heads:
+                raise ValueError(f"hidden size {hidden_size} is not divisible by {heads} heads "
+                                 f"(set head_dim to choose the attention width)")
+            head_dim = hidden_size // heads
+        self.heads, self.head_dim = heads, head_dim
+        self.pre_norm, self.ff = pre_norm, ff
+        inner = heads * head_dim
         self.latents = nn.Parameter(torch.empty(num_latents, hidden_size))
-        self.to_q = nn.Linear(hidden_size, hidden_size, bias=False)
-        self.to_kv = nn.Linear(hidden_size, 2 * hidden_size, bias=False)
-        self.to_out = nn.Linear(hidden_size, hidden_size)
+        if pre_norm:
+            self.norm_tokens = nn.LayerNorm(hidden_size)
+            self.norm_latents = nn.LayerNorm(hidden_size)
+        self.to_q = nn.Linear(hidden_size, inner, bias=False)
+        self.to_kv = nn.Linear(hidden_size, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, hidden_size, bias=out_bias)
+        if pre_norm:
+            self.ff_norm = nn.LayerNorm(hidden_size)
+        width = mlp_ratio * hidden_size
+        # `mlp.0` / `mlp.2` keep their names for both kinds, so checkpoints map the same way.
         self.mlp = nn.Sequential(
-            nn.Linear(hidden_size, mlp_ratio * hidden_size),
-            nn.GELU(),
-            nn.Linear(mlp_ratio * hidden_size, hidden_size),
+            nn.Linear(hidden_size, 2 * width if ff == "geglu" else width),
+            GEGLU() if ff == "geglu" else nn.GELU(),
+            nn.Linear(width, hidden_size),
         )
         self.reset_parameters()
 
@@ -58,18 +92,24 @@ class LatentAttentionPooling(nn.Module):
                 nn.init.normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
 
     def attend(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(T, D) token states -> (T, D) after latent cross-attention and MLP (residual)."""
-        t, d = tokens.shape
-        h = self.heads
-        q = self.to_q(tokens).view(t, h, d // h).transpose(0, 1)                     # (H, T, dh)
-        k, v = self.to_kv(self.latents.to(tokens.dtype)).chunk(2, dim=-1)           # (N, D) each
-        k = k.view(-1, h, d // h).transpose(0, 1)                                    # (H, N, dh)
-        v = v.view(-1, h, d // h).transpose(0, 1)
-        attended = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(t, d)
-        x = tokens + self.to_out(attended)
-        return x + self.mlp(x)
+        """(T, D) token states -> (T, D) after latent cross-attention and feed-forward (residuals)."""
+        t = tokens.shape[0]
+        h, dh = self.heads, self.head_dim
+        latents = self.latents.to(tokens.dtype)
+        queries = tokens
+        if self.pre_norm:
+            queries, latents = self.norm_tokens(tokens), self.norm_latents(latents)
+        q = self.to_q(queries).view(t, h, dh).transpose(0, 1)                        # (H, T, dh)
+        k, v = self.to_kv(latents).chunk(2, dim=-1)                                  # (N, H*dh) each
+        k = k.view(-1, h, dh).transpose(0, 1)                                        # (H, N, dh)
+        v = v.view(-1, h, dh).transpose(0, 1)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(t, h * dh)
+        x = tokens + self.to_out(attended)   # the residual takes the un-normalised tokens (PreNorm)
+        return x + self.mlp(self.ff_norm(x) if self.pre_norm else x)
 
     def forward(self, hidden, mask):
         b = hidden.shape[0]
@@ -86,4 +126,6 @@ def build_pooler(config) -> nn.Module:
     if config.pooling == "last_token":
         return LastTokenPooling()
     return LatentAttentionPooling(
-        config.hidden_size, config.num_latents, config.latent_heads, config.latent_mlp_ratio)
+        config.hidden_size, config.num_latents, config.latent_heads, config.latent_mlp_ratio,
+        pre_norm=config.latent_pre_norm, ff=config.latent_ff, head_dim=config.latent_head_dim,
+        out_bias=config.latent_out_bias)
