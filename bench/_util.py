@@ -21,6 +21,20 @@ def timeit(fn, repeat=5, warmup=1):
     return times[len(times) // 2]
 
 
+def timeit_interleaved(fns: dict, repeat=5, warmup=1) -> dict:
+    """Median seconds of each `fns[name]()`, measured round-robin so load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
 def peak_rss_gb() -> float:
     """This process's peak resident memory (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModel
 
 import open_clip_cxr  # noqa: F401  (registers the models)
-from _util import machine, table, timeit
+from _util import machine, table, timeit_interleaved
 from open_clip_cxr.text.pooling import masked_mean
 
 REPORTS = [
@@ -46,12 +46,13 @@ def main():
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).replace("torch.", "")
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            t_plain = timeit(lambda: masked_mean(plain(input_ids=ids, attention_mask=mask).last_hidden_state, mask),
-                             repeat=args.repeat)
-            t_ours_mean = timeit(lambda: masked_mean(
-                tower.llm(**_bidir_inputs(tower, ids, mask)).last_hidden_state, mask), repeat=args.repeat)
-            t_tower = timeit(lambda: tower(input_ids=ids), repeat=args.repeat)
-            t_padded = timeit(lambda: tower(input_ids=full), repeat=args.repeat)
+            t = timeit_interleaved({
+                "plain": lambda: masked_mean(plain(input_ids=ids, attention_mask=mask).last_hidden_state, mask),
+                "ours_mean": lambda: masked_mean(tower.llm(**_bidir_inputs(tower, ids, mask)).last_hidden_state, mask),
+                "tower": lambda: tower(input_ids=ids),
+                "padded": lambda: tower(input_ids=full),
+            }, repeat=args.repeat)
+        t_plain, t_ours_mean, t_tower, t_padded = t["plain"], t["ours_mean"], t["tower"], t["padded"]
         speeds[name] = args.batch / t_tower
         rows += [
             [name, "plain AutoModel (causal) + mean pool", f"{t_plain * 1e3:.0f}", f"{args.batch / t_plain:.1f}", "-"],

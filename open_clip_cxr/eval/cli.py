@@ -1,0 +1,220 @@
+"""`open-clip-cxr eval`: retrieval, zero-shot findings, retrieval-based report generation, text robustness.
+
+Every task writes OUT/results.json (metrics plus the settings used); retrieval also writes the
+top-k of every query as CSV, report-gen one JSON line per generated report.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+TASKS = ("retrieval", "zeroshot", "report-gen", "text-robustness")
+
+EPILOG = """examples:
+  open-clip-cxr eval --task retrieval --model cxr-llm-small --pretrained ckpt.pt \\
+      --shards 'shards/test-{000000..000004}.tar' --out runs/eval --gallery runs/eval/gallery
+  open-clip-cxr eval --task zeroshot --model local-dir:exported/ --shards 'shards/test-{000000..000004}.tar' --out runs/zs
+  open-clip-cxr eval --task report-gen --model hf-hub:org/model --shards 'shards/test-*.tar' \\
+      --bank-shards 'shards/train-{000000..000099}.tar' --judge StanfordAIMI/GREEN-radllama2-7b --out runs/rg
+  open-clip-cxr eval --task text-robustness --model cxr-llm-small --baselines bow,minilm --out runs/robust
+
+Shard patterns use braces ({000000..000009}); join several with '::' or give the option twice.
+Retrieval is study-level: image->report is correct when the study's report is in the top K,
+report->image when ANY image of the study is. Ties count against the model (--ties)."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.description = __doc__.splitlines()[0]
+    p.epilog = EPILOG
+    p.add_argument("--task", choices=TASKS, default="retrieval", help="what to evaluate (default: retrieval)")
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="OpenCLIP model: a name, 'local-dir:PATH' or 'hf-hub:ORG/REPO' "
+                                   "(text-robustness: optional when --baselines are given)")
+    m.add_argument("--pretrained", default=None, help="checkpoint file or pretrained tag (ignored for local-dir:/hf-hub:)")
+    m.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    m.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "pure_fp16", "pure_bf16"],
+                   help="model precision (default: fp32)")
+    m.add_argument("--batch-size", type=int, default=64, help="images or reports per forward pass")
+    d = p.add_argument_group("data")
+    d.add_argument("--shards", action="append", help="WebDataset shards to evaluate (brace pattern)")
+    d.add_argument("--split", default=None, help="keep only samples whose metadata split is this (default: all)")
+    d.add_argument("--bank-shards", action="append", help="report-gen: shards whose reports form the bank")
+    d.add_argument("--bank-split", default="train", help="report-gen: split of the bank ('any': all; default train)")
+    d.add_argument("--limit", type=int, default=None, help="read at most this many images (each of test and bank)")
+    d.add_argument("--workers", type=int, default=0, help="shard-reading worker processes")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, help="folder for results.json and per-query files")
+    o.add_argument("--gallery", default=None, help="retrieval: also write an HTML gallery into this folder")
+    o.add_argument("--gallery-queries", type=int, default=12, help="image queries shown in the gallery")
+    r = p.add_argument_group("retrieval")
+    r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs (default: 1 5 10)")
+    r.add_argument("--ties", choices=["pessimistic", "optimistic"], default="pessimistic",
+                   help="tied non-matching items count against the query (pessimistic, default) or not")
+    r.add_argument("--storage-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype embeddings are held in during search (scores are always float32)")
+    r.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block")
+    g = p.add_argument_group("report generation")
+    g.add_argument("--top-k-reports", type=int, default=1, help="join this many distinct retrieved reports")
+    g.add_argument("--judge", default=None, help="GREEN judge: model id or folder (e.g. StanfordAIMI/GREEN-radllama2-7b)")
+    g.add_argument("--judge-gguf-file", default=None, help="GGUF file inside --judge (for a small stand-in judge)")
+    g.add_argument("--judge-batch-size", type=int, default=4)
+    g.add_argument("--judge-max-new-tokens", type=int, default=1024)
+    g.add_argument("--bertscore-model", default="minilm",
+                   help="encoder folder for BERTScore ('minilm': the shipped MiniLM; 'none': skip)")
+    g.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
+    t = p.add_argument_group("text robustness")
+    t.add_argument("--baselines", default="", help="comma list from: bow, minilm (compared side by side)")
+    t.add_argument("--reports-split", default="test", help="Open-I hash split to use ('all': every report)")
+    t.add_argument("--reports-limit", type=int, default=None, help="at most this many reports")
+    t.add_argument("--seed", type=int, default=0, help="variant and gallery sampling seed")
+
+
+def _urls(patterns):
+    return "::".join(patterns) if patterns else None
+
+
+def load_model(args):
+    """(model, preprocess, tokenizer) on args.device; our plugin registers its model names on import."""
+    import open_clip_cxr
+    model, _, preprocess = open_clip_cxr.create_model_and_transforms(
+        args.model, pretrained=args.pretrained, precision=args.precision, device=args.device)
+    return model.eval(), preprocess, open_clip_cxr.get_tokenizer(args.model)
+
+
+def _search_kw(args):
+    import torch
+    return {"ties": args.ties, "chunk_size": args.chunk_size, "device": args.device,
+            "storage_dtype": getattr(torch, args.storage_dtype)}
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+    print(f"wrote {path}", file=sys.stderr)
+
+
+def _require(args, *names):
+    missing = [n for n in names if not getattr(args, n.replace("-", "_"))]
+    if missing:
+        raise SystemExit(f"--task {args.task} needs " + ", ".join(f"--{n}" for n in missing))
+
+
+def run_retrieval(args, model, preprocess, tokenizer) -> dict:
+    from open_clip_cxr.eval.encode import embed_shards
+    from open_clip_cxr.eval.retrieval import recall_at_k, write_topk_csv
+    emb = embed_shards(model, preprocess, tokenizer, _urls(args.shards), args.batch_size, args.device,
+                       limit=args.limit, splits=[args.split] if args.split else None,
+                       num_workers=args.workers)
+    metrics, det = recall_at_k(emb.image_emb, emb.image_study_ids, emb.text_emb, emb.text_study_ids,
+                               ks=args.ks, return_details=True, **_search_kw(args))
+    write_topk_csv(os.path.join(args.out, "image_to_text_topk.csv"), emb.image_keys, emb.text_study_ids,
+                   det["image_to_text"], emb.image_study_ids)
+    write_topk_csv(os.path.join(args.out, "text_to_image_topk.csv"), emb.text_study_ids, emb.image_keys,
+                   det["text_to_image"], emb.text_study_ids)
+    metrics["skipped_samples"] = emb.skipped
+    if args.gallery:
+        from open_clip_cxr.eval.gallery import collect_thumbnails, plan_gallery, write_gallery
+        t2i, i2t = det["text_to_image"].indices, det["image_to_text"].indices
+        iq, tq, keys = plan_gallery(len(emb.image_keys), len(emb.texts), emb.image_keys, t2i,
+                                    args.gallery_queries, max(1, args.gallery_queries * 2 // 3), args.seed)
+        thumbs = collect_thumbnails(_urls(args.shards), keys)
+        path = write_gallery(args.gallery, image_keys=emb.image_keys, image_study_ids=emb.image_study_ids,
+                             text_study_ids=emb.text_study_ids, texts=emb.texts, i2t_indices=i2t,
+                             t2i_indices=t2i, images=thumbs, image_queries=iq, text_queries=tq)
+        print(f"wrote {path}", file=sys.stderr)
+    return metrics
+
+
+def run_zeroshot(args, model, preprocess, tokenizer) -> dict:
+    from open_clip_cxr.eval.encode import embed_shards, encode_texts
+    from open_clip_cxr.eval.zeroshot import evaluate_zeroshot, model_logit_scale
+    emb = embed_shards(model, preprocess, None, _urls(args.shards), args.batch_size, args.device,
+                       limit=args.limit, splits=[args.split] if args.split else None,
+                       num_workers=args.workers)
+    labels = [emb.meta[s].get("labels") for s in emb.image_study_ids]
+    encode_fn = lambda texts: encode_texts(model, tokenizer, texts, args.batch_size, args.device)  # noqa: E731
+    return evaluate_zeroshot(emb.image_emb, labels, encode_fn, logit_scale=model_logit_scale(model))
+
+
+def run_report_gen(args, model, preprocess, tokenizer) -> dict:
+    from open_clip_cxr.eval.encode import embed_shards
+    from open_clip_cxr.eval.report_gen import evaluate_report_generation, retrieve_reports
+    _require(args, "bank-shards")
+    test = embed_shards(model, preprocess, None, _urls(args.shards), args.batch_size, args.device,
+                        limit=args.limit, splits=[args.split] if args.split else None,
+                       num_workers=args.workers)
+    bank_splits = None if args.bank_split == "any" else [args.bank_split]
+    bank = embed_shards(model, preprocess, tokenizer, _urls(args.bank_shards), args.batch_size, args.device,
+                        limit=args.limit, splits=bank_splits, num_workers=args.workers)
+    generated, used = retrieve_reports(test.image_emb, test.image_study_ids, bank.text_emb, bank.text_study_ids,
+                                       bank.texts, k=args.top_k_reports, **_search_kw(args))
+    study_text = dict(zip(test.text_study_ids, test.texts))
+    references = [study_text[s] for s in test.image_study_ids]
+    scorer = judge = None
+    if args.bertscore_model.lower() != "none":
+        from open_clip_cxr.eval.text_metrics import BertScorer
+        scorer = BertScorer(None if args.bertscore_model == "minilm" else args.bertscore_model, device=args.device)
+    if args.judge:
+        from open_clip_cxr.eval.green import GreenJudge
+        kw = {"gguf_file": args.judge_gguf_file} if args.judge_gguf_file else {}
+        judge = GreenJudge.from_pretrained(args.judge, device=args.device, batch_size=args.judge_batch_size,
+                                           max_new_tokens=args.judge_max_new_tokens, progress=True,
+                                           cache_path=os.path.join(args.out, "green_cache.jsonl"), **kw)
+    res = evaluate_report_generation(generated, references, bert_scorer=scorer, judge=judge, meteor=not args.no_meteor)
+    per_green = res.pop("per_report_green", None)
+    with open(os.path.join(args.out, "generated.jsonl"), "w") as f:
+        for i, key in enumerate(test.image_keys):
+            rec = {"image": key, "study_id": test.image_study_ids[i], "retrieved_studies": used[i],
+                   "generated": generated[i], "reference": references[i]}
+            if per_green is not None:
+                rec["green"] = {k: per_green[i][k] for k in ("score", "parsed", "error", "matched", "significant")}
+            f.write(json.dumps(rec) + "\n")
+    res["bank_reports"] = len(bank.texts)
+    return res
+
+
+def run_text_robustness(args, model, tokenizer) -> dict:
+    from open_clip_cxr.eval import robustness as R
+    split = None if args.reports_split == "all" else args.reports_split
+    reports = R.openi_reports(split=split, limit=args.reports_limit)
+    encoders = {}
+    if model is not None:
+        encoders[args.model] = R.openclip_encode_fn(model, tokenizer, args.device, args.batch_size)
+    for b in filter(None, (x.strip() for x in args.baselines.split(","))):
+        if b == "bow":
+            encoders["bag-of-words"] = R.bow_encode_fn()
+        elif b == "minilm":
+            encoders["MiniLM-L6 (mean pool)"] = R.hf_mean_pool_encode_fn(device=args.device)
+        else:
+            raise SystemExit(f"unknown baseline {b!r}; use bow, minilm")
+    if not encoders:
+        raise SystemExit("--task text-robustness needs --model or --baselines")
+    results = {name: R.run_robustness(reports, fn, seed=args.seed) for name, fn in encoders.items()}
+    print(R.format_table(results))
+    return {"by_model": results, "reports": "openi", "reports_split": args.reports_split}
+
+
+def run(args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    started = time.time()
+    model = preprocess = tokenizer = None
+    if args.task != "text-robustness":
+        _require(args, "model", "shards")
+    if args.model:
+        model, preprocess, tokenizer = load_model(args)
+    if args.task == "retrieval":
+        res = run_retrieval(args, model, preprocess, tokenizer)
+    elif args.task == "zeroshot":
+        res = run_zeroshot(args, model, preprocess, tokenizer)
+    elif args.task == "report-gen":
+        res = run_report_gen(args, model, preprocess, tokenizer)
+    else:
+        res = run_text_robustness(args, model, tokenizer)
+    settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, list, type(None)))}
+    out = {"task": args.task, "results": res, "settings": settings, "seconds": round(time.time() - started, 1)}
+    _write_json(os.path.join(args.out, "results.json"), out)
+    if args.task != "text-robustness":
+        print(json.dumps(res.get("metrics", res), indent=2, default=str)[:4000])
+    return 0

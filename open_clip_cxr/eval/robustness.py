@@ -1,0 +1,218 @@
+"""Text-robustness suite for any text encoder `encode_fn(list[str]) -> Tensor[N, D]`.
+
+Three probes, on any list of `Report`s (Open-I's, read at run time, by default):
+
+- variant -> original R@1, per rewrite style: the query is a clinically equivalent rewrite
+  (abbreviated, reordered, ...), the gallery every original report; correct when the rewrite's
+  own original ranks first (identical originals count as one item; ties count against the
+  encoder, see `retrieval`).
+- impression -> findings and findings -> impression R@1, over reports that have both.
+- error discrimination: with the original as anchor, a report passes when its equivalent
+  rewrite is more similar to the original than EVERY one of its single-error rewrites
+  (laterality swap, negation flip, severity change, inserted finding); also per error type.
+"""
+import re
+import zlib
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+
+from open_clip_cxr.eval.retrieval import rank_of_targets
+from open_clip_cxr.reports.types import Report, Variant
+
+EncodeFn = Callable[[List[str]], torch.Tensor]
+# which equivalent rewrite is the positive in error discrimination, first available wins;
+# the *_only styles drop a section, which no single-error negative does, so they are not used
+POSITIVE_STYLES = ("rephrase", "reorder", "expand", "abbreviate", "terse")
+
+
+# ------------------------------------------------------------------ encoders
+
+def openclip_encode_fn(model, tokenizer, device="cpu", batch_size: int = 64) -> EncodeFn:
+    """Text tower of an OpenCLIP model, L2-normalised."""
+    from open_clip_cxr.eval.encode import encode_texts
+    return lambda texts: encode_texts(model, tokenizer, texts, batch_size=batch_size, device=device)
+
+
+def hf_mean_pool_encode_fn(model_dir: Optional[str] = None, model=None, tokenizer=None, device="cpu",
+                           batch_size: int = 64, max_length: int = 256) -> EncodeFn:
+    """Mean-pooled last hidden states of a plain transformers encoder (default: the shipped MiniLM)."""
+    if model is None:
+        from transformers import AutoModel, AutoTokenizer
+        from open_clip_cxr.eval.text_metrics import minilm_dir
+        model_dir = model_dir or minilm_dir()
+        model, tokenizer = AutoModel.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+    model = model.to(device).eval()
+
+    @torch.no_grad()
+    def encode(texts: List[str]) -> torch.Tensor:
+        out = []
+        for s in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[s:s + batch_size]), padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt").to(device)
+            h = model(**enc).last_hidden_state.float()
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp(min=1), dim=-1).cpu())
+        return torch.cat(out) if out else torch.zeros(0, 1)
+    return encode
+
+
+def bow_encode_fn(dim: int = 4096) -> EncodeFn:
+    """Bag of words, no model: word counts hashed into `dim` buckets, L2-normalised (cosine)."""
+    def encode(texts: List[str]) -> torch.Tensor:
+        out = torch.zeros(len(texts), dim)
+        for i, t in enumerate(texts):
+            for w in re.findall(r"[a-z0-9]+", t.lower()):
+                out[i, zlib.crc32(w.encode()) % dim] += 1   # crc32: stable across runs, unlike hash()
+        return torch.nn.functional.normalize(out, dim=-1)
+    return encode
+
+
+# ------------------------------------------------------------------ reports
+
+def original_text(report: Report) -> str:
+    """The text variants are derived from (findings + impression), else the report text."""
+    try:
+        from open_clip_cxr.reports.variants import base_text
+        return base_text(report)
+    except ImportError:
+        parts = [s.strip() for s in (report.findings, report.impression) if s and s.strip()]
+        return "\n".join(parts) if parts else (report.text or "").strip()
+
+
+def openi_reports(split: Optional[str] = "test", limit: Optional[int] = None, path=None) -> List[Report]:
+    """Open-I reports (read at run time from the torchxrayvision wheel) of one hash split."""
+    from open_clip_cxr.reports.parsers import hash_split, iter_openi_tgz
+    out = []
+    for r in iter_openi_tgz(path, on_error=lambda e: None):
+        if not original_text(r):
+            continue
+        if split is None or (r.split or hash_split(r.study_id)) == split:
+            out.append(r)
+            if limit is not None and len(out) >= limit:
+                break
+    return out
+
+
+# ------------------------------------------------------------------ the suite
+
+class _Embedder:
+    """Encodes each distinct text once."""
+
+    def __init__(self, encode_fn: EncodeFn, texts: Sequence[str]):
+        uniq = list(dict.fromkeys(texts))
+        self.row = {t: i for i, t in enumerate(uniq)}
+        emb = encode_fn(uniq).float() if uniq else torch.zeros(0, 1)
+        self.emb = torch.nn.functional.normalize(emb, dim=-1)
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.emb[[self.row[t] for t in texts]]
+
+
+def _r1(emb: _Embedder, queries: Sequence[str], targets: Sequence[str], gallery: Sequence[str], **kw) -> float:
+    """R@1 of each query retrieving its target text among `gallery` (identical texts are one item)."""
+    gallery = list(dict.fromkeys(gallery))
+    r = rank_of_targets(emb(queries), emb(gallery), list(targets), gallery, k=1, **kw)
+    return float((r.ranks == 0).float().mean())
+
+
+def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0,
+                   variants_fn: Optional[Callable[[Report], List[Variant]]] = None,
+                   negatives_fn: Optional[Callable[[Report], List[Variant]]] = None,
+                   positive_styles: Sequence[str] = POSITIVE_STYLES, **search_kw) -> dict:
+    """All three probes on `reports`; a JSON-able dict. `variants_fn`/`negatives_fn` default to
+    `reports.variants.equivalent_variants`/`hard_negatives` with `seed`."""
+    if variants_fn is None or negatives_fn is None:
+        from open_clip_cxr.reports import variants as V
+        variants_fn = variants_fn or (lambda r: V.equivalent_variants(r, seed=seed))
+        negatives_fn = negatives_fn or (lambda r: V.hard_negatives(r, seed=seed))
+    reports = [r for r in reports if original_text(r)]
+    if not reports:
+        raise ValueError("no reports with text to evaluate")
+    originals = [original_text(r) for r in reports]
+    equiv = [[v for v in variants_fn(r) if v.equivalent] for r in reports]
+    negs = [[v for v in negatives_fn(r) if not v.equivalent] for r in reports]
+    both = [r for r in reports if r.findings.strip() and r.impression.strip()]
+    texts = originals + [v.text for vs in equiv + negs for v in vs]
+    texts += [r.findings.strip() for r in both] + [r.impression.strip() for r in both]
+    emb = _Embedder(encode_fn, texts)
+
+    out: dict = {"n_reports": len(reports)}
+    # 1. variant -> original, per style
+    per_style: Dict[str, dict] = {}
+    by_style: Dict[str, list] = {}
+    for orig, vs in zip(originals, equiv):
+        for v in vs:
+            by_style.setdefault(v.style, []).append((v.text, orig))
+    for style, pairs in sorted(by_style.items()):
+        q, t = zip(*pairs)
+        per_style[style] = {"R@1": _r1(emb, q, t, originals, **search_kw), "n": len(pairs)}
+    out["variant_to_original"] = per_style
+    out["variant_to_original_mean_R@1"] = (sum(v["R@1"] for v in per_style.values()) / len(per_style)
+                                           if per_style else None)
+    # 2. impression <-> findings
+    imp = [r.impression.strip() for r in both]
+    fnd = [r.findings.strip() for r in both]
+    out["n_with_both_sections"] = len(both)
+    out["impression_to_findings_R@1"] = _r1(emb, imp, fnd, fnd, **search_kw) if both else None
+    out["findings_to_impression_R@1"] = _r1(emb, fnd, imp, imp, **search_kw) if both else None
+    # 3. error discrimination
+    out["error_discrimination"] = _discrimination(emb, originals, equiv, negs, positive_styles)
+    return out
+
+
+def _discrimination(emb, originals, equiv, negs, positive_styles) -> dict:
+    passed, margins = [], []
+    per_type: Dict[str, List[bool]] = {}
+    for orig, vs, ns in zip(originals, equiv, negs):
+        pos = next((v for s in positive_styles for v in vs if v.style == s), None)
+        if pos is None or not ns:
+            continue
+        a = emb([orig])[0]
+        s_pos = float(emb([pos.text])[0] @ a)
+        s_neg = (emb([n.text for n in ns]) @ a).tolist()
+        passed.append(all(s_pos > s for s in s_neg))
+        margins.append(s_pos - max(s_neg))
+        beats: Dict[str, bool] = {}
+        for n, s in zip(ns, s_neg):
+            t = n.error_type or n.style
+            beats[t] = beats.get(t, True) and s_pos > s
+        for t, ok in beats.items():
+            per_type.setdefault(t, []).append(ok)
+    types = {t: {"accuracy": sum(oks) / len(oks), "n": len(oks)} for t, oks in sorted(per_type.items())}
+    return {"accuracy": sum(passed) / len(passed) if passed else None, "n": len(passed),
+            "mean_margin": sum(margins) / len(margins) if margins else None, "per_error_type": types}
+
+
+# ------------------------------------------------------------------ table
+
+def _flatten(res: Mapping) -> Dict[str, Optional[float]]:
+    rows: Dict[str, Optional[float]] = {}
+    for style, v in res.get("variant_to_original", {}).items():
+        rows[f"variant->original R@1 [{style}]"] = v["R@1"]
+    rows["variant->original R@1 (mean)"] = res.get("variant_to_original_mean_R@1")
+    rows["impression->findings R@1"] = res.get("impression_to_findings_R@1")
+    rows["findings->impression R@1"] = res.get("findings_to_impression_R@1")
+    ed = res.get("error_discrimination", {})
+    rows["error discrimination (all types)"] = ed.get("accuracy")
+    for t, v in ed.get("per_error_type", {}).items():
+        rows[f"error discrimination [{t}]"] = v["accuracy"]
+    return rows
+
+
+def format_table(results_by_model: Mapping[str, Mapping]) -> str:
+    """A plain-text table: one row per metric, one column per model."""
+    flat = {m: _flatten(r) for m, r in results_by_model.items()}
+    metrics = list(dict.fromkeys(k for f in flat.values() for k in f))
+    models = list(flat)
+    w0 = max([len("metric")] + [len(m) for m in metrics])
+    widths = [max(8, len(m)) for m in models]
+    lines = ["  ".join(["metric".ljust(w0)] + [m.rjust(w) for m, w in zip(models, widths)])]
+    lines.append("  ".join(["-" * w0] + ["-" * w for w in widths]))
+    for k in metrics:
+        cells = []
+        for m, w in zip(models, widths):
+            v = flat[m].get(k)
+            cells.append(("-" if v is None else f"{v:.3f}").rjust(w))
+        lines.append("  ".join([k.ljust(w0)] + cells))
+    return "\n".join(lines)

@@ -1,0 +1,132 @@
+"""Text-robustness suite on hand-written reports with a bag-of-words and a tiny fake encoder."""
+import json
+
+import pytest
+import torch
+
+from open_clip_cxr.eval import robustness as RB
+from open_clip_cxr.reports.types import Report, Variant
+
+REPORTS = [
+    Report("r1", "test", findings="The heart is normal in size. No pleural effusion.", impression="No acute process."),
+    Report("r2", "test", findings="Small left pleural effusion. Mild cardiomegaly.", impression="Left effusion."),
+    Report("r3", "test", findings="Right lower lobe opacity. No pneumothorax.", impression="Right lower lobe pneumonia."),
+    Report("r4", "test", findings="", impression="Endotracheal tube in standard position."),
+]
+
+# hand-built variants (independent of the variants module): a reorder, an abbreviation, two errors
+EQUIV = {
+    "r1": [Variant("No pleural effusion. The heart is normal in size.\nNo acute process.", "reorder", True)],
+    "r2": [Variant("Small lt pleural effusion. Mild cardiomegaly.\nLeft effusion.", "abbreviate", True)],
+    "r3": [Variant("No pneumothorax. Right lower lobe opacity.\nRight lower lobe pneumonia.", "reorder", True),
+           Variant("Right lower lobe pneumonia.", "impression_only", True)],
+    "r4": [],
+}
+NEG = {
+    "r1": [Variant("The heart is normal in size. Large pleural effusion.\nNo acute process.", "negation", False, "negation")],
+    "r2": [Variant("Small right pleural effusion. Mild cardiomegaly.\nLeft effusion.", "laterality", False, "laterality"),
+           Variant("Large left pleural effusion. Mild cardiomegaly.\nLeft effusion.", "severity", False, "severity")],
+    "r3": [Variant("Right lower lobe opacity. Pneumothorax.\nRight lower lobe pneumonia.", "negation", False, "negation")],
+    "r4": [],
+}
+
+
+def run(encode_fn, **kw):
+    return RB.run_robustness(REPORTS, encode_fn, variants_fn=lambda r: EQUIV[r.study_id],
+                             negatives_fn=lambda r: NEG[r.study_id], **kw)
+
+
+def test_bag_of_words_encoder_is_count_cosine():
+    enc = RB.bow_encode_fn(dim=512)
+    e = enc(["left effusion", "effusion left", "right effusion", ""])
+    assert torch.allclose(e[0], e[1])                     # order-blind
+    assert float(e[0] @ e[2]) == pytest.approx(0.5, abs=0.01)
+    assert float(e[3].norm()) == 0.0
+
+
+def test_suite_with_bag_of_words():
+    res = run(RB.bow_encode_fn())
+    json.dumps(res)
+    assert res["n_reports"] == 4
+    assert res["variant_to_original"]["reorder"] == {"R@1": 1.0, "n": 2}      # same words, same vector
+    assert set(res["variant_to_original"]) == {"reorder", "abbreviate", "impression_only"}
+    assert res["n_with_both_sections"] == 3
+    assert 0.0 <= res["impression_to_findings_R@1"] <= 1.0
+    ed = res["error_discrimination"]
+    # r1, r2, r3 have a positive style and negatives; a reorder is identical in bag of words
+    assert ed["n"] == 3
+    assert set(ed["per_error_type"]) == {"negation", "laterality", "severity"}
+    assert ed["per_error_type"]["laterality"]["n"] == 1
+
+
+def test_perfect_and_blind_fake_encoders():
+    """An encoder that knows each text's report scores 1 everywhere; a constant one scores 0."""
+    owner = {}
+    for r in REPORTS:
+        texts = [RB.original_text(r), r.findings, r.impression] + [v.text for v in EQUIV[r.study_id]]
+        for t in texts:
+            owner.setdefault(t.strip(), int(r.study_id[1:]))
+    neg_texts = {v.text for vs in NEG.values() for v in vs}
+
+    def oracle(texts):
+        out = torch.zeros(len(texts), 8)
+        for i, t in enumerate(texts):
+            if t in neg_texts:
+                out[i, 7] = 1.0           # negatives point elsewhere
+            else:
+                out[i, owner[t.strip()]] = 1.0
+        return out
+
+    res = run(oracle)
+    assert res["variant_to_original_mean_R@1"] == 1.0
+    assert res["impression_to_findings_R@1"] == 1.0 and res["findings_to_impression_R@1"] == 1.0
+    assert res["error_discrimination"]["accuracy"] == 1.0
+
+    blind = run(lambda texts: torch.ones(len(texts), 8))
+    # every score ties, and ties count against the encoder
+    assert blind["variant_to_original_mean_R@1"] == 0.0
+    assert blind["error_discrimination"]["accuracy"] == 0.0
+
+
+def test_format_table_side_by_side():
+    table = RB.format_table({"bow": run(RB.bow_encode_fn()), "const": run(lambda t: torch.ones(len(t), 3))})
+    lines = table.splitlines()
+    assert "bow" in lines[0] and "const" in lines[0]
+    assert any(l.startswith("error discrimination [negation]") for l in lines)
+    assert any("variant->original R@1 [reorder]" in l and "1.000" in l for l in lines)
+
+
+def test_default_variants_module_runs_on_hand_written_reports():
+    pytest.importorskip("open_clip_cxr.reports.variants")
+    res = RB.run_robustness(REPORTS, RB.bow_encode_fn())
+    assert res["n_reports"] == 4 and isinstance(res["variant_to_original"], dict)
+
+
+def test_empty_input_raises():
+    with pytest.raises(ValueError, match="no reports"):
+        RB.run_robustness([Report("x", "t")], RB.bow_encode_fn(), variants_fn=lambda r: [], negatives_fn=lambda r: [])
+
+
+def test_cli_text_robustness_with_baselines(tmp_path, monkeypatch, capsys):
+    import argparse
+    from open_clip_cxr.eval import cli
+    monkeypatch.setattr(RB, "openi_reports", lambda split=None, limit=None: REPORTS)
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--task", "text-robustness", "--baselines", "bow", "--out", str(tmp_path)])
+    assert cli.run(args) == 0
+    res = json.load(open(tmp_path / "results.json"))["results"]
+    assert res["by_model"]["bag-of-words"]["n_reports"] == 4
+    assert "bag-of-words" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_open_i_test_split_at_run_time():
+    """Open-I reports are read from the torchxrayvision wheel when the test runs; nothing is stored."""
+    try:
+        reports = RB.openi_reports("test", limit=60)
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    assert len(reports) == 60 and all(r.split == "test" for r in reports)
+    res = RB.run_robustness(reports, RB.bow_encode_fn())
+    assert res["n_reports"] == 60 and res["variant_to_original_mean_R@1"] > 0.5
