@@ -1,0 +1,144 @@
+"""Stage 1, measured: the text tower before and after adaptation beside two baselines.
+
+On the Open-I validation split (hash split of the study id; reports read at run time):
+variant -> original R@1 per rewrite style, impression <-> findings R@1, and error
+discrimination (the equivalent rewrite closer to the original than every single-error
+rewrite), via `open_clip_cxr.eval.robustness`. Columns:
+
+- bow:    bag-of-words cosine (no model)
+- minilm: all-MiniLM-L6-v2, mean pooling
+- before: `cxr-llm-small` as built (SmolLM2 made bidirectional, random latent-attention pooler)
+- after:  the stage-1 output folder(s) given with --after (one column each)
+
+    python bench/bench_text_stage.py --after runs/text-small --json runs/bench/text_stage.json
+    python bench/bench_text_stage.py --train training/recipes/text-cxr-llm-small-cpu.yaml \\
+        --out runs/text-small --json runs/bench/text_stage.json        # train, then measure
+
+Results are cached per column in the JSON (same split, limit and seed): rerunning with another
+--after only encodes that one. The target: every "after" column above both baselines.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import open_clip_cxr  # noqa: F401,E402  (registers the models)
+from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn,  # noqa: E402
+                                           openi_reports, run_robustness)
+
+# the three probes the target is judged on (higher is better for each)
+HEADLINE = ("impression_to_findings_R@1", "findings_to_impression_R@1", "variant_to_original_mean_R@1")
+
+
+def tower_column(name: str, seed: int):
+    """(tower, tokenizer) of a built-in model (as initialised under `seed`) or `local-dir:`."""
+    from accelerate.utils import set_seed
+    from training.text_stage import build_model
+    set_seed(seed)   # the same random pooler the training run starts from
+    model, tokenizer, _, _ = build_model(name)
+    tower = model.text.transformer.eval()
+    tower.merge_lora()   # untrained LoRA is the identity; merged, it costs nothing
+    return tower, tokenizer
+
+
+def evaluate_column(column: str, reports, seed: int, max_tokens: int) -> dict:
+    from training.text_stage import FrozenCast, tower_encode_fn
+    if column == "bow":
+        return run_robustness(reports, bow_encode_fn(), seed=seed)
+    if column == "minilm":
+        return run_robustness(reports, hf_mean_pool_encode_fn(), seed=seed)
+    name = "cxr-llm-small" if column == "before" else f"local-dir:{column}"
+    tower, tokenizer = tower_column(name, seed)
+    FrozenCast(tower, torch.bfloat16)   # weights in bf16 for speed; nothing is merged afterwards
+    return run_robustness(reports, tower_encode_fn(tower, tokenizer, max_tokens=max_tokens), seed=seed)
+
+
+def beats_baselines(results: dict, column: str) -> dict:
+    """Per headline metric and per style / error type: does `column` beat bow and minilm?"""
+    from open_clip_cxr.eval.robustness import _flatten
+    flat = {k: _flatten(v) for k, v in results.items()}
+    out = {}
+    for metric, v in flat[column].items():
+        base = [flat[b].get(metric) for b in ("bow", "minilm") if b in flat]
+        if v is not None and all(b is not None for b in base):
+            out[metric] = v > max(base)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--after", action="append", default=[], help="stage-1 output folder (repeatable)")
+    ap.add_argument("--train", default=None, help="recipe: run stage 1 first (its output is --out)")
+    ap.add_argument("--out", default="runs/text-stage1", help="output folder of --train")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for --train")
+    ap.add_argument("--json", default="runs/bench/text_stage.json")
+    ap.add_argument("--split", default="validate")
+    ap.add_argument("--limit", type=int, default=None, help="first N reports of the split (default: all)")
+    ap.add_argument("--seed", type=int, default=0, help="variant seed (the suite's) and model init seed")
+    ap.add_argument("--columns", default="bow,minilm,before", help="which reference columns to show")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded CPU)")
+    ap.add_argument("--max-tokens", type=int, default=4096)
+    ap.add_argument("--fresh", action="store_true", help="recompute cached columns")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    timings = {}
+    if args.train:
+        from training import common
+        from training.text_stage import train
+        recipe = common.load_recipe(args.train, args.overrides + ["eval.enabled=false"])
+        recipe["output_dir"] = args.out
+        t = time.time()
+        summary = train(recipe)
+        timings[args.out] = {"train_wall_s": round(time.time() - t, 1), **summary}
+        args.after.append(args.out)
+
+    path = Path(args.json)
+    cache = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    key = f"{args.split}:{args.limit}:{args.seed}"
+    store = cache.setdefault(key, {})
+    reports = openi_reports(split=args.split, limit=args.limit)
+    print(f"{len(reports)} {args.split} reports", flush=True)
+
+    columns = [c for c in args.columns.split(",") if c] + args.after
+    results = {}
+    for col in columns:
+        fresh_after = col in args.after and col in timings   # just trained: never reuse
+        if col in store and not fresh_after and not (col in args.after and _newer(col, store[col])):
+            results[col] = store[col]
+            continue
+        t = time.time()
+        res = evaluate_column(col, reports, args.seed, args.max_tokens)
+        res["eval_wall_s"] = round(time.time() - t, 1)
+        if col in timings:
+            res["train"] = timings[col]
+        if col in args.after:
+            res["mtime"] = os.path.getmtime(Path(col) / "open_clip_model.safetensors")
+        results[col] = store[col] = res
+        print(f"{col}: evaluated in {res['eval_wall_s']} s", flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cache, indent=2))
+
+    print(format_table(results))
+    for col in args.after:
+        wins = beats_baselines(results, col)
+        lost = [m for m, ok in wins.items() if not ok]
+        print(f"\n{col}: beats both baselines on {sum(wins.values())}/{len(wins)} rows"
+              + (f"; not on: {', '.join(lost)}" if lost else ""))
+        if "train" in results[col]:
+            print(f"{col}: stage-1 training wall time {results[col]['train']['train_wall_s']} s")
+
+
+def _newer(col: str, cached: dict) -> bool:
+    """The folder was re-exported since its column was cached."""
+    weights = Path(col) / "open_clip_model.safetensors"
+    return weights.exists() and os.path.getmtime(weights) != cached.get("mtime")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,338 @@
+"""Stage 1 (training/text_stage.py, mntp.py, supcon.py) on `cxr-llm-tiny` (random, ~240k params), CPU.
+
+Reports are hand-written here (no Open-I text); variants come from `reports.variants`.
+"""
+import json
+import random
+import tarfile
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from open_clip_cxr.reports.types import Report
+from training import common
+from training.mntp import (IGNORE, mask_tokens, mntp_loss, resolve_mask_token_id, shift_for_next_token,
+                           special_token_ids)
+from training.supcon import Embedder, length_chunks, make_example, supcon_loss, text_key
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = [
+    ("The heart is normal in size. The lungs are clear. No pleural effusion or pneumothorax.",
+     "No acute cardiopulmonary process."),
+    ("Patchy opacity in the right lower lobe. No pleural effusion. Heart size is normal.",
+     "Right lower lobe pneumonia."),
+    ("Small left pleural effusion with adjacent atelectasis. Mild cardiomegaly.",
+     "Small left effusion. Mild cardiomegaly."),
+    ("Diffuse interstitial markings, worse at the bases. No focal consolidation.",
+     "Findings suggest mild interstitial edema."),
+    ("Endotracheal tube terminates 4 cm above the carina. The lungs are clear.",
+     "Lines and tubes in standard position."),
+    ("Hyperinflated lungs with flattened diaphragms. No focal opacity.",
+     "Hyperinflation, consistent with COPD."),
+    ("Moderate right pleural effusion. The left lung is clear. Normal heart size.",
+     "Moderate right pleural effusion."),
+    ("Large right pneumothorax with leftward mediastinal shift.",
+     "Large right tension pneumothorax."),
+]
+
+
+def reports(split="train"):
+    return [Report(study_id=f"s{i}", source="test", findings=f, impression=im, text=f"{f} {im}", split=split)
+            for i, (f, im) in enumerate(REPORTS)]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_fresh_accelerate():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common.reset_accelerator_state()
+    yield
+    common.reset_accelerator_state()
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def tiny_tower():
+    import open_clip
+    import open_clip_cxr  # noqa: F401
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms("cxr-llm-tiny")
+    return model.text.transformer, open_clip.get_tokenizer("cxr-llm-tiny")
+
+
+def write_table(path: Path, n_val: int = 4) -> Path:
+    """A JSONL export: the hand-written reports as train rows, the first `n_val` again as validation."""
+    rows = [{"study": f"s{i}", "findings": f, "impression": im, "split": "train"} for i, (f, im) in enumerate(REPORTS)]
+    rows += [{"study": f"v{i}", "findings": f, "impression": im, "split": "validate"}
+             for i, (f, im) in enumerate(REPORTS[:n_val])]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def tiny_recipe(tmp_path: Path, **over) -> dict:
+    recipe = common.load_recipe(str(ROOT / "training/recipes/text-cxr-llm-small-cpu.yaml"), [
+        "model=cxr-llm-tiny", "max_length=96",
+        "train.log_with=none", "train.log_every=1", "train.checkpoint_every=2", "train.num_threads=1",
+        "mntp.steps=2", "mntp.batch_size=4", "supcon.steps=2", "supcon.batch_size=4", "supcon.warmup_steps=1",
+        "supcon.lora.layers=1", "eval.enabled=true"])
+    recipe["data"] = {"source": "table", "path": str(write_table(tmp_path / "reports.jsonl")),
+                      "findings_col": "findings", "impression_col": "impression", "study_col": "study",
+                      "split_col": "split"}
+    recipe["output_dir"] = str(tmp_path / "stage1")
+    for k, v in over.items():
+        common.set_by_path(recipe, k, v)
+    return recipe
+
+
+# ---------------------------------------------------------------- MNTP
+
+def test_mask_token_ids_exist_in_both_tokenizers():
+    import open_clip
+    import open_clip_cxr  # noqa: F401
+    small = open_clip.get_tokenizer("cxr-llm-small")
+    assert resolve_mask_token_id(small, "_") == small.tokenizer.convert_tokens_to_ids("_")
+    # a token the vocabulary lacks falls back to unk (SmolLM2 has no mask token)
+    assert resolve_mask_token_id(small, "<no-such-token>") == small.tokenizer.unk_token_id
+    tiny = open_clip.get_tokenizer("cxr-llm-tiny")
+    assert resolve_mask_token_id(tiny, "_") != tiny.tokenizer.pad_token_id
+
+
+def test_mask_tokens_masks_the_right_fraction_and_never_specials():
+    torch.manual_seed(0)
+    specials = torch.tensor([0, 1, 2])
+    ids = torch.randint(10, 100, (6, 40))
+    ids[:, 0] = 1                        # a BOS-like special
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[3:, 25:] = False                # right padding
+    ids[~mask] = 0
+    masked, labels = mask_tokens(ids, mask, mask_id=7, special_ids=specials, prob=0.2,
+                                 generator=torch.Generator().manual_seed(0))
+    chosen = labels != IGNORE
+    # maskable: real, not special, not the first real token (it has no position i-1)
+    maskable = mask & ~torch.isin(ids, specials)
+    maskable[:, 0] = False
+    n = maskable.sum(1)
+    assert chosen.sum(1).tolist() == (n.float() * 0.2).round().long().tolist()
+    assert not (chosen & ~maskable).any()
+    assert (masked[chosen] == 7).all() and (labels[chosen] == ids[chosen]).all()
+    assert (masked[~chosen] == ids[~chosen]).all()
+
+
+def test_next_token_alignment_on_a_constructed_example():
+    # states that encode their position; label at position 3 must be read from state 2
+    hidden = torch.arange(10).float().view(1, 10, 1).expand(2, 10, 4)
+    labels = torch.full((2, 10), IGNORE)
+    labels[0, 3], labels[1, 7] = 42, 43
+    states, targets = shift_for_next_token(hidden, labels)
+    assert states[:, 0].tolist() == [2.0, 6.0] and targets.tolist() == [42, 43]
+
+
+class _OracleTower(nn.Module):
+    """A fake tower whose state at i is the (scaled, orthonormal) embedding of `future[i]`."""
+
+    def __init__(self, vocab=16, shift=1):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, vocab)
+        self.emb.weight.data = torch.eye(vocab)
+        self.shift, self.true_ids = shift, None
+
+    def base_llm(self):
+        return self
+
+    def get_input_embeddings(self):
+        return self.emb
+
+    def forward(self, input_ids, attention_mask):
+        nxt = torch.roll(self.true_ids, -self.shift, dims=1)   # state i "knows" token i + shift
+        return type("Out", (), {"last_hidden_state": 30.0 * self.emb(nxt)})()
+
+
+def test_mntp_loss_predicts_i_from_i_minus_1():
+    torch.manual_seed(0)
+    ids = torch.randint(3, 16, (3, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    masked, labels = mask_tokens(ids, mask, mask_id=0, prob=0.3, generator=torch.Generator().manual_seed(1))
+    right, wrong = _OracleTower(shift=1), _OracleTower(shift=0)
+    right.true_ids = wrong.true_ids = ids
+    assert mntp_loss(right, masked, mask, labels) < 1e-3       # state i-1 holds token i: perfect
+    assert mntp_loss(wrong, masked, mask, labels) > 5.0        # reading state i instead fails
+
+
+def test_mntp_overfits_one_batch(tiny_tower):
+    from training.text_stage import MNTPModel, set_lora
+    tower, tok = tiny_tower
+    set_lora(tower, {"r": 8, "alpha": 16, "dropout": 0.0})
+    texts = [f for f, _ in REPORTS[:4]]
+    ids = tok(texts, context_length=96)
+    mask = ids != tower.config.pad_token_id
+    masked, labels = mask_tokens(ids, mask, resolve_mask_token_id(tok), special_token_ids(tok), 0.2,
+                                 torch.Generator().manual_seed(0))
+    model = MNTPModel(tower, 4096)
+    opt = torch.optim.AdamW([p for p in tower.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss = model(masked, mask, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]     # LoRA alone on a random decoder: slow, but falling
+
+
+# ---------------------------------------------------------------- supervised contrastive
+
+def test_supcon_loss_lower_when_positives_are_aligned():
+    torch.manual_seed(0)
+    a = torch.randn(8, 16)
+    aligned = supcon_loss(a, a + 0.05 * torch.randn(8, 16))
+    shuffled = supcon_loss(a, (a + 0.05 * torch.randn(8, 16))[torch.randperm(8)])
+    assert aligned < 0.1 < shuffled
+    # a hard negative that sits on the anchor raises the loss
+    hard = supcon_loss(a, a + 0.3 * torch.randn(8, 16), negatives=a.clone())
+    easy = supcon_loss(a, a + 0.3 * torch.randn(8, 16), negatives=-a)
+    assert hard > easy
+
+
+def test_supcon_masks_identical_texts_and_padding():
+    torch.manual_seed(0)
+    a, p = torch.randn(4, 8), torch.randn(4, 8)
+    p[1] = p[0]                                        # pairs 0 and 1 share the positive text
+    keys_a = torch.tensor([text_key(t) for t in ["a", "b", "c", "d"]])
+    keys_p = torch.tensor([text_key(t) for t in ["x", "X ", "y", "z"]])   # same after normalisation
+    masked = supcon_loss(a, p, anchor_keys=keys_a, positive_keys=keys_p)
+    # by hand: anchor 0 never sees positive 1 as a negative (nor 1 sees 0)
+    logits = nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(p, dim=-1).T / 0.05
+    logits[0, 1] = logits[1, 0] = float("-inf")
+    assert torch.allclose(masked, nn.functional.cross_entropy(logits, torch.arange(4)), atol=1e-5)
+    # padded negative rows (valid=False) change nothing
+    neg = torch.randn(8, 8)
+    valid = torch.tensor([True, False] * 4)
+    assert torch.allclose(supcon_loss(a, p, neg, negative_valid=valid), supcon_loss(a, p, neg[valid]), atol=1e-6)
+
+
+def test_make_example_pairs_and_hard_negatives():
+    r = reports()[2]
+    tasks = set()
+    for seed in range(30):
+        ex = make_example(r, random.Random(seed), seed=seed, p_sections=0.5, n_negatives=2)
+        tasks.add(ex.task)
+        assert ex.anchor != ex.positive and len(ex.negatives) <= 2
+        assert all(n not in (ex.anchor, ex.positive) for n in ex.negatives)
+        if ex.task == "impression->findings":
+            assert (ex.anchor, ex.positive) == (r.impression, r.findings)
+    assert tasks == {"variant", "impression->findings", "findings->impression"}
+    assert make_example(Report(study_id="e", source="t"), random.Random(0)) is None
+
+
+def test_length_chunks_cover_everything_within_budget():
+    lengths = [5, 50, 7, 49, 100, 3, 0]
+    chunks = length_chunks(lengths, max_tokens=100)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    assert all(len(c) * max(lengths[i] for i in c) <= 100 or len(c) == 1 for c in chunks)
+
+
+def test_embedder_chunks_equal_one_batch(tiny_tower):
+    tower, tok = tiny_tower
+    tower.eval()
+    ids = tok([f for f, _ in REPORTS], context_length=96)
+    pad = tower.config.pad_token_id
+    whole = tower(input_ids=ids, attention_mask=ids != pad).pooler_output
+    chunked = Embedder(tower, pad, max_tokens=100)(ids)
+    assert torch.allclose(whole, chunked, atol=1e-5)
+
+
+def test_supcon_overfits_one_batch(tiny_tower):
+    from training.text_stage import set_lora
+    tower, tok = tiny_tower
+    set_lora(tower, {"r": 8, "alpha": 16, "dropout": 0.0})
+    for m in (tower.pooler, tower.norm):
+        m.requires_grad_(True)
+    rng = random.Random(0)
+    exs = [make_example(r, rng, seed=0, p_sections=0.3, n_negatives=1) for r in reports()]
+    ids = tok([e.anchor for e in exs] + [e.positive for e in exs], context_length=96)
+    emb = Embedder(tower, tower.config.pad_token_id)
+    opt = torch.optim.AdamW([p for p in tower.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(25):
+        out = emb(ids)
+        loss = supcon_loss(out[:8], out[8:], temperature=0.05, symmetric=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_lora_targets_limited_to_top_layers(tiny_tower):
+    from training.text_stage import lora_targets, set_lora
+    tower, _ = tiny_tower
+    names = lora_targets(tower, {"target_modules": ["q_proj", "v_proj"], "layers": 1})
+    assert names and all(".layers.1." in "." + n for n in names) and len(names) == 2
+    set_lora(tower, {"target_modules": ["q_proj", "v_proj"], "layers": 1})
+    lora = [n for n, p in tower.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all("layers.1." in n for n in lora)
+
+
+# ---------------------------------------------------------------- the stage end to end
+
+def test_train_end_to_end_exports_a_loadable_folder(tmp_path):
+    import open_clip
+    from training.text_stage import train, tower_encode_fn
+    recipe = tiny_recipe(tmp_path)
+    summary = train(recipe)
+    out = Path(recipe["output_dir"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    per_stage = {s: [r["step"] for r in rows if r["stage"] == s and "loss_mean" not in r] for s in ("mntp", "supcon")}
+    assert per_stage == {"mntp": [1, 2], "supcon": [3, 4]}
+    assert all(r["loss"] > 0 and r["lr"] > 0 for r in rows)
+    assert summary["eval"]["n_reports"] == 4 and (out / "eval.json").exists()
+
+    # the folder loads through OpenCLIP and embeds like the tower that was trained
+    common.reset_accelerator_state()
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    tower = model.text.transformer
+    assert not tower.has_lora and tower.config.lora is None
+    emb = tower_encode_fn(tower, tok, dtype=None)([f for f, _ in REPORTS[:3]])
+    assert emb.shape == (3, tower.config.hidden_size) and torch.isfinite(emb).all()
+    saved = json.loads((out / "eval.json").read_text())
+    assert set(saved) >= {"variant_to_original", "impression_to_findings_R@1", "error_discrimination"}
+
+
+def test_rerun_resumes_instead_of_restarting(tmp_path):
+    from training.text_stage import train
+    recipe = tiny_recipe(tmp_path, **{"supcon.steps": 2, "eval.enabled": False})
+    train(recipe)
+    common.reset_accelerator_state()
+    train(tiny_recipe(tmp_path, **{"supcon.steps": 4, "eval.enabled": False}))
+    rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss_mean" not in r]
+    assert steps == [1, 2, 3, 4, 5, 6]     # MNTP reused from its adapter, supcon went on from step 4
+
+
+def test_reports_from_shards(tmp_path):
+    from training.text_stage import load_reports
+    tar = tmp_path / "train-000000.tar"
+    with tarfile.open(tar, "w") as t:
+        for i, (f, im) in enumerate(REPORTS[:3]):
+            for img in range(2):   # two images of one study: one report
+                meta = {"study_id": f"s{i}", "split": "train", "sections": {"findings": f, "impression": im}}
+                for ext, data in (("json", json.dumps(meta).encode()), ("txt", f"{f} {im}".encode())):
+                    info = tarfile.TarInfo(f"s{i}_{img}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+    got = load_reports({"shards": str(tar)}, "train")
+    assert [(r.study_id, r.findings, r.impression) for r in got] == [(f"s{i}", f, im) for i, (f, im) in enumerate(REPORTS[:3])]
+
+
+def test_cli_parses_recipe_and_overrides(tmp_path, monkeypatch):
+    import training.text_stage as ts
+    from open_clip_cxr.cli import main
+    seen = {}
+    monkeypatch.setattr(ts, "train", lambda recipe: seen.update(recipe) or {"output_dir": recipe["output_dir"]})
+    assert main(["train-text", "--out", str(tmp_path / "o"), "--set", "supcon.steps=7"]) == 0
+    assert seen["output_dir"] == str(tmp_path / "o") and seen["supcon"]["steps"] == 7
+    assert seen["model"] == "cxr-llm-small"

@@ -1,0 +1,181 @@
+"""Supervised contrastive learning (LLM2Vec step 2, specialised to CXR reports).
+
+Each training example is (anchor, positive, hard negatives):
+
+- "variant": a clinically equivalent rewrite of a report and the report itself (either way
+  round); hard negatives are single-error rewrites of the report (laterality swap, negation
+  flip, severity change, inserted finding), so the encoder must keep a rewrite close and a
+  one-word clinical change far;
+- "sections": the impression and the findings of the same report (either way round); hard
+  negatives are single-error rewrites of the positive section.
+
+The loss is InfoNCE: each anchor against the positives of ALL anchors (in-batch negatives,
+gathered across processes) plus every hard negative, at temperature 0.05. Candidates that are
+the same text as the target (Open-I has many identical normal reports) are masked out rather
+than pushed away. `symmetric=True` adds the positive -> anchor direction, so both directions of
+each pair (impression -> findings and findings -> impression) are learned.
+
+Anchors may carry an instruction (read, not pooled; see `open_clip_cxr.text.instructions`);
+positives and negatives are documents and stay plain.
+"""
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from open_clip_cxr.reports.types import Report
+from open_clip_cxr.reports.variants import base_text, equivalent_variants, hard_negatives
+
+INSTRUCTIONS = {
+    "variant": "Given a chest X-ray report, retrieve reports with the same findings",
+    "impression->findings": "Given the impression of a chest X-ray report, retrieve its findings",
+    "findings->impression": "Given the findings of a chest X-ray report, retrieve its impression",
+}
+
+
+# ---------------------------------------------------------------- examples
+
+@dataclass
+class Example:
+    anchor: str
+    positive: str
+    negatives: List[str] = field(default_factory=list)
+    task: str = "variant"
+
+
+def make_example(report: Report, rng: random.Random, seed: int = 0, p_sections: float = 0.3,
+                 n_negatives: int = 2) -> Optional[Example]:
+    """One example from a report (None if nothing applies). `seed` picks the variants."""
+    base = base_text(report)
+    if not base:
+        return None
+    findings, impression = report.findings.strip(), report.impression.strip()
+    if findings and impression and rng.random() < p_sections:
+        anchor, positive = (impression, findings) if rng.random() < 0.5 else (findings, impression)
+        task = "impression->findings" if anchor is impression else "findings->impression"
+        # errors of the positive section alone: a findings-only (or impression-only) report
+        negs = hard_negatives(Report(study_id=report.study_id, source=report.source, findings=positive), seed)
+    else:
+        variants = [v for v in equivalent_variants(report, seed) if v.text != base]
+        if not variants:
+            return None
+        anchor, positive = rng.choice(variants).text, base
+        if rng.random() < 0.5:   # the report as anchor: "its rewrite, not its one-error copies"
+            anchor, positive = positive, anchor
+        task = "variant"
+        negs = hard_negatives(report, seed)
+    negs = [n.text for n in negs if n.text not in (anchor, positive)]
+    rng.shuffle(negs)
+    return Example(anchor, positive, negs[:n_negatives], task)
+
+
+def text_key(text: str) -> int:
+    """A 63-bit id of a text after whitespace/case normalisation (identical reports share it)."""
+    norm = " ".join(text.lower().split())
+    return int.from_bytes(hashlib.sha256(norm.encode()).digest()[:8], "big") >> 1
+
+
+# ---------------------------------------------------------------- encoding
+
+def length_chunks(lengths: Sequence[int], max_tokens: int) -> List[List[int]]:
+    """Indices grouped by similar length, each group at most `max_tokens` padded tokens.
+    Padding is paid for in full (B x longest), so sorting first saves ~40 % on reports."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks, cur = [], []
+    for i in order:
+        if cur and (len(cur) + 1) * max(lengths[i], 1) > max_tokens:
+            chunks.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+class Embedder(nn.Module):
+    """The tower as one module whose single forward embeds a whole step's texts.
+
+    One forward per step matters under DDP (it expects one forward per backward); inside,
+    the texts run in length-sorted chunks."""
+
+    def __init__(self, tower: nn.Module, pad_id: int, max_tokens: int = 4096):
+        super().__init__()
+        self.tower, self.pad_id, self.max_tokens = tower, pad_id, max_tokens
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = input_ids != self.pad_id
+        lengths = mask.sum(1).tolist()
+        out = [None] * len(lengths)
+        for idx in length_chunks(lengths, self.max_tokens):
+            rows = torch.tensor(idx, device=input_ids.device)
+            pooled = self.tower(input_ids=input_ids[rows], attention_mask=mask[rows]).pooler_output
+            for j, i in enumerate(idx):
+                out[i] = pooled[j]
+        return torch.stack(out)
+
+
+# ---------------------------------------------------------------- loss
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All processes' `x` concatenated; gradients flow back to each process's own part."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+    return torch.cat(all_gather(x), dim=0)
+
+
+def gather_keys(x: torch.Tensor) -> torch.Tensor:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, x)
+    return torch.cat(parts)
+
+
+def _info_nce(queries, candidates, targets, blocked, temperature):
+    logits = queries @ candidates.T / temperature
+    logits = logits.masked_fill(blocked, float("-inf"))
+    return F.cross_entropy(logits.float(), targets)
+
+
+def supcon_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: Optional[torch.Tensor] = None,
+                temperature: float = 0.05, anchor_keys: Optional[torch.Tensor] = None,
+                positive_keys: Optional[torch.Tensor] = None, negative_valid: Optional[torch.Tensor] = None,
+                symmetric: bool = False) -> torch.Tensor:
+    """InfoNCE of local anchors [B, D] over the gathered positives [W*B, D] + hard negatives [W*H, D].
+
+    Anchor i's target is positive i of this process: every process must hold B anchors and H
+    negative rows (pad the negatives and pass `negative_valid` [H] bool to mask the padding).
+    `anchor_keys`/`positive_keys` ([B] int64, e.g. `text_key`): another pair whose anchor or
+    positive is the same text as mine is not a negative (masked), since identical texts must
+    embed identically. Embeddings are L2-normalised here."""
+    a, p = F.normalize(anchors.float(), dim=-1), F.normalize(positives.float(), dim=-1)
+    b = a.shape[0]
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    targets = torch.arange(b, device=a.device) + (torch.distributed.get_rank() * b if dist else 0)
+    all_p, all_a = gather_with_grad(p), gather_with_grad(a)
+
+    blocked = torch.zeros(b, all_p.shape[0], dtype=torch.bool, device=a.device)
+    if anchor_keys is not None and positive_keys is not None:
+        ak, pk = gather_keys(anchor_keys), gather_keys(positive_keys)
+        same = (anchor_keys[:, None] == ak[None]) | (positive_keys[:, None] == pk[None])
+        blocked = same & (torch.arange(ak.shape[0], device=a.device)[None] != targets[:, None])
+    candidates, mask = all_p, blocked
+    if negatives is not None and negatives.shape[0]:
+        all_n = gather_with_grad(F.normalize(negatives.float(), dim=-1))
+        valid = negative_valid if negative_valid is not None else torch.ones(
+            negatives.shape[0], dtype=torch.bool, device=a.device)
+        invalid = gather_keys(valid.long()) == 0   # gloo cannot gather bools
+        candidates = torch.cat([all_p, all_n])
+        mask = torch.cat([blocked, invalid[None].expand(b, -1)], 1)
+
+    loss = _info_nce(a, candidates, targets, mask, temperature)
+    if symmetric:   # positive -> anchor, over all anchors (no hard negatives on this side)
+        loss = 0.5 * (loss + _info_nce(p, all_a, targets, blocked, temperature))
+    return loss
