@@ -13,3 +13,5 @@ from .text import CXRTextConfig, CXRTextModel, with_instruction  # noqa: E402
 from .vision import ImageReadError, cxr_transform, load_image  # noqa: E402
 
 __version__ = "0.1.0"
+__all__ = ["create_model", "create_model_and_transforms", "get_tokenizer", "list_models", "our_model_names",
+           "CXRTextConfig", "CXRTextModel", "with_instruction", "ImageReadError", "cxr_transform", "load_image"]

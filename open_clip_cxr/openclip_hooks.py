@@ -13,7 +13,6 @@ Our architectures ship inside this package and must build offline, so we wrap th
 `open_clip.hf_model` with thin proxies that resolve `cxr-text:` specs (see `text/archs.py`) and
 hand every other name to transformers untouched. Nothing of OpenCLIP's factory is copied.
 """
-import json
 from pathlib import Path
 
 import open_clip

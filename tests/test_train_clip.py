@@ -6,7 +6,6 @@ encodes one of eight findings, and matching hand-written reports.
 import io
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from training import common
-from training.clip_stage import (ContrastiveModel, add_vision_lora, build_loss, build_model, compute_loss,
+from training.clip_stage import (ContrastiveModel, build_loss, build_model, compute_loss,
                                  epoch_batches, merge_vision_lora, param_groups, train, with_defaults)
 
 ROOT = Path(__file__).resolve().parents[1]

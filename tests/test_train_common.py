@@ -1,7 +1,6 @@
 """training/common.py: recipes, schedule, checkpoints, throughput/MFU, logging. CPU, seconds."""
 import json
 import os
-import random
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """load_image / to_uint8 on real radiographs (DICOM, JPEG) and generated edge cases."""
-import importlib.util
 import io
 import pickle
 from pathlib import Path
@@ -8,27 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_fixtures import dicom_path, jpeg_paths
 from open_clip_cxr.vision import ImageReadError, load_image, to_uint8
 
 
 def _dicom_path() -> str:
-    data = pytest.importorskip("pydicom.data")
-    path = data.get_testdata_file("RG1_UNCR.dcm")
-    if path is None:
-        pytest.skip("pydicom-data not installed (see requirements-assets.txt)")
-    return path
+    return str(dicom_path())
 
 
 def _jpeg_paths():
-    # find_spec does not import the package (its __init__ needs strictyaml); we only read files
-    spec = importlib.util.find_spec("pneumonia_model_package")
-    if spec is None:
-        pytest.skip("pneumonia-model-package not installed (see requirements-assets.txt)")
-    root = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "pneumonia-data" / "val"
-    paths = sorted(root.rglob("*.jpeg"))
-    if not paths:
-        pytest.skip("no JPEGs in pneumonia-model-package")
-    return paths
+    return jpeg_paths()
 
 
 def _write_dicom(path, pixels, photometric="MONOCHROME2", slope=None, intercept=None, window=None):

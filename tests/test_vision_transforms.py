@@ -1,14 +1,13 @@
 """cxr_transform: every input kind -> normalised 3xHxW tensor; padding, modes, augmentation."""
-import importlib.util
 import pickle
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from data_fixtures import dicom_path, jpeg_paths
 from open_clip_cxr.vision import cxr_transform, load_image, transforms_from_preprocess_cfg
 from open_clip_cxr.vision.transforms import RandomAspectCrop, ResizeCover, ResizePad, Squash
 
@@ -16,22 +15,11 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 
 
 def _dicom_path():
-    data = pytest.importorskip("pydicom.data")
-    path = data.get_testdata_file("RG1_UNCR.dcm")
-    if path is None:
-        pytest.skip("pydicom-data not installed")
-    return path
+    return str(dicom_path())
 
 
 def _jpeg_path():
-    spec = importlib.util.find_spec("pneumonia_model_package")  # no import: its __init__ needs strictyaml
-    if spec is None:
-        pytest.skip("pneumonia-model-package not installed")
-    root = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "pneumonia-data" / "val"
-    paths = sorted(root.rglob("*.jpeg"))
-    if not paths:
-        pytest.skip("no JPEGs in pneumonia-model-package")
-    return paths[0]
+    return jpeg_paths()[0]
 
 
 def _norm_fill(fill):

@@ -39,7 +39,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, Optional
 
 import torch
 import yaml

@@ -4,3 +4,6 @@ from .config import POOLING_MODES, CXRTextConfig
 from .instructions import with_instruction
 from .lora import count_parameters
 from .model import CXRTextModel
+
+__all__ = ["SPEC_PREFIX", "config_from_spec", "list_text_archs", "register_text_arch", "spec_for", "POOLING_MODES",
+           "CXRTextConfig", "with_instruction", "count_parameters", "CXRTextModel"]
