@@ -32,7 +32,7 @@ CLIP_RECIPE = Path(__file__).parent / "recipes" / "clip-cxr-llm-small-cpu.yaml"
 
 # Stage-1 schedules: the demo's short one (about 10-15 min on 2 cores) and the recipe's own.
 SCHEDULES = {
-    "short": ["mntp.steps=10", "supcon.steps=60", "eval.enabled=false"],
+    "short": ["mntp.steps=8", "supcon.steps=40", "supcon.warmup_steps=5", "eval.enabled=false"],
     "recipe": ["eval.enabled=false"],
 }
 
