@@ -244,6 +244,27 @@ def test_embedder_chunks_equal_one_batch(tiny_tower):
     assert torch.allclose(whole, chunked, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_cached_lower_layers_embed_like_the_whole_tower(tiny_tower, k):
+    from training.supcon import CachedEmbedder, TextStateCache
+    from training.text_stage import set_lora
+    tower, tok = tiny_tower
+    if k:
+        set_lora(tower, {"r": 4, "alpha": 8, "dropout": 0.0, "layers": k})
+        for name, p in tower.named_parameters():   # non-zero LoRA, so the top layers differ from the base
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1)
+    tower.eval()
+    texts = [f for f, _ in REPORTS] + [im for _, im in REPORTS]
+    cache = TextStateCache(tower, tok, texts, k, max_length=96, max_tokens=200)
+    with torch.no_grad():
+        whole = Embedder(tower, tower.config.pad_token_id)(tok(texts, context_length=96))
+        cached = CachedEmbedder(tower, cache, max_tokens=200)(cache.rows(texts[::-1]))
+    # the cache is computed under bf16 autocast and stored in bf16: equal up to that rounding
+    cos = nn.functional.cosine_similarity(whole.flip(0), cached, dim=-1)
+    assert cos.min() > 0.999
+
+
 def test_supcon_overfits_one_batch(tiny_tower):
     from training.text_stage import set_lora
     tower, tok = tiny_tower
@@ -300,6 +321,27 @@ def test_train_end_to_end_exports_a_loadable_folder(tmp_path):
     assert emb.shape == (3, tower.config.hidden_size) and torch.isfinite(emb).all()
     saved = json.loads((out / "eval.json").read_text())
     assert set(saved) >= {"variant_to_original", "impression_to_findings_R@1", "error_discrimination"}
+
+
+@pytest.mark.parametrize("lora", [{"layers": 1}, None])
+def test_train_cached_supcon(tmp_path, lora):
+    from training.text_stage import train
+    recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.cache_reports": 6, "supcon.steps": 3,
+                                      "supcon.lora": lora and {**lora, "r": 4, "alpha": 8}, "eval.enabled": False})
+    train(recipe)
+    rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["stage"] == "supcon" and "loss_mean" not in r] == [3, 4, 5]
+
+
+def test_pooler_head_steps_come_before_lora(tmp_path):
+    from training.text_stage import train
+    recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.head_steps": 2, "supcon.steps": 2,
+                                      "eval.enabled": False})
+    train(recipe)
+    rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    stages = [(r["step"], r["stage"]) for r in rows if "loss_mean" not in r]
+    assert stages == [(1, "mntp"), (2, "mntp"), (3, "supcon_head"), (4, "supcon_head"), (5, "supcon"), (6, "supcon")]
+    assert "lr_head" not in rows[2] and "lr_head" in rows[-1]   # the head stage has one group
 
 
 def test_rerun_resumes_instead_of_restarting(tmp_path):

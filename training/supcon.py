@@ -18,10 +18,12 @@ each pair (impression -> findings and findings -> impression) are learned.
 Anchors may carry an instruction (read, not pooled; see `open_clip_cxr.text.instructions`);
 positives and negatives are documents and stay plain.
 """
+import contextlib
 import hashlib
 import random
+import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -47,30 +49,67 @@ class Example:
     task: str = "variant"
 
 
-def make_example(report: Report, rng: random.Random, seed: int = 0, p_sections: float = 0.3,
-                 n_negatives: int = 2) -> Optional[Example]:
-    """One example from a report (None if nothing applies). `seed` picks the variants."""
+@dataclass
+class ReportTexts:
+    """Every text one report can contribute: the report, its rewrites, its one-error copies,
+    and its two sections with one-error copies of each."""
+    base: str
+    variants: List[str]
+    negatives: List[str]
+    sections: Dict[str, List[str]]    # findings / impression text -> its one-error copies
+
+    def all_texts(self) -> List[str]:
+        out = [self.base, *self.variants, *self.negatives]
+        for text, negs in self.sections.items():
+            out += [text, *negs]
+        return out
+
+
+def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = None) -> Optional[ReportTexts]:
+    """The texts of one report (None without text); `seed` picks the rewrites, `max_variants`
+    keeps a random subset of the rewrite styles (fewer texts per report, more reports per budget)."""
     base = base_text(report)
     if not base:
         return None
+    variants = [v.text for v in equivalent_variants(report, seed) if v.text != base]
+    if max_variants is not None and len(variants) > max_variants:
+        variants = random.Random(seed).sample(variants, max_variants)
+    negatives = [v.text for v in hard_negatives(report, seed)]
+    sections = {}
     findings, impression = report.findings.strip(), report.impression.strip()
-    if findings and impression and rng.random() < p_sections:
+    if findings and impression:
+        for text in (findings, impression):   # errors of the section alone, read as a one-section report
+            sections[text] = [v.text for v in hard_negatives(
+                Report(study_id=report.study_id, source=report.source, findings=text), seed)]
+    return ReportTexts(base, variants, negatives, sections)
+
+
+def sample_example(texts: ReportTexts, rng: random.Random, p_sections: float = 0.3,
+                   n_negatives: int = 2) -> Optional[Example]:
+    """One (anchor, positive, hard negatives) from a report's texts (None if nothing pairs)."""
+    if len(texts.sections) == 2 and rng.random() < p_sections:
+        findings, impression = texts.sections
         anchor, positive = (impression, findings) if rng.random() < 0.5 else (findings, impression)
-        task = "impression->findings" if anchor is impression else "findings->impression"
-        # errors of the positive section alone: a findings-only (or impression-only) report
-        negs = hard_negatives(Report(study_id=report.study_id, source=report.source, findings=positive), seed)
+        task = "impression->findings" if anchor == impression else "findings->impression"
+        negs = texts.sections[positive]
     else:
-        variants = [v for v in equivalent_variants(report, seed) if v.text != base]
-        if not variants:
+        if not texts.variants:
             return None
-        anchor, positive = rng.choice(variants).text, base
+        anchor, positive = rng.choice(texts.variants), texts.base
         if rng.random() < 0.5:   # the report as anchor: "its rewrite, not its one-error copies"
             anchor, positive = positive, anchor
         task = "variant"
-        negs = hard_negatives(report, seed)
-    negs = [n.text for n in negs if n.text not in (anchor, positive)]
+        negs = texts.negatives
+    negs = [n for n in negs if n not in (anchor, positive)]
     rng.shuffle(negs)
     return Example(anchor, positive, negs[:n_negatives], task)
+
+
+def make_example(report: Report, rng: random.Random, seed: int = 0, p_sections: float = 0.3,
+                 n_negatives: int = 2) -> Optional[Example]:
+    """One example from a report (None if nothing applies). `seed` picks the variants."""
+    texts = report_texts(report, seed)
+    return sample_example(texts, rng, p_sections, n_negatives) if texts else None
 
 
 def text_key(text: str) -> int:
@@ -113,6 +152,103 @@ class Embedder(nn.Module):
         for idx in length_chunks(lengths, self.max_tokens):
             rows = torch.tensor(idx, device=input_ids.device)
             pooled = self.tower(input_ids=input_ids[rows], attention_mask=mask[rows]).pooler_output
+            for j, i in enumerate(idx):
+                out[i] = pooled[j]
+        return torch.stack(out)
+
+
+# ---------------------------------------------------------------- cached lower layers
+
+@contextlib.contextmanager
+def layer_range(llm: nn.Module, start: int, stop: int, final_norm: bool = True):
+    """Inside the block, `llm` (a transformers decoder) runs only its layers [start, stop);
+    without `final_norm` it returns the raw residual stream that layer `stop` would read."""
+    layers, norm = llm.layers, llm.norm
+    llm.layers = nn.ModuleList(list(layers)[start:stop])
+    if not final_norm:
+        llm.norm = nn.Identity()
+    try:
+        yield llm
+    finally:
+        llm.layers, llm.norm = layers, norm
+
+
+def _run_layers(tower, llm, embeds, mask, start, stop, final_norm):
+    """The tower's decoder call (RoPE positions count real tokens; bidirectional padding mask)."""
+    from open_clip_cxr.text.bidirectional import padding_mask_4d
+    positions = (mask.long().cumsum(1) - 1).clamp_min(0)
+    with layer_range(llm, start, stop, final_norm):
+        return llm(inputs_embeds=embeds, attention_mask=padding_mask_4d(llm.config, embeds, mask),
+                   position_ids=positions, use_cache=False).last_hidden_state
+
+
+class TextStateCache:
+    """Per text, the residual stream entering the top `k` decoder layers (k=0: the final token
+    states), computed once. With LoRA only in those k layers everything below gives the same
+    output at every step, so a step runs k layers and the pooler instead of the whole decoder,
+    and the random pooler can take hundreds of cheap steps over many epochs of the cache."""
+
+    def __init__(self, tower, tokenizer, texts: Sequence[str], k: int, max_length: int = 128,
+                 max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16, log_every: float = 60.0):
+        self.texts = list(dict.fromkeys(texts))
+        self.index = {t: i for i, t in enumerate(self.texts)}
+        self.k, self.states, self.ids = k, [None] * len(self.texts), [None] * len(self.texts)
+        llm, pad = tower.base_llm(), tower.config.pad_token_id
+        n_layers = len(llm.layers)
+        ids = tokenizer(self.texts, context_length=max_length)
+        mask = ids != pad
+        lengths = mask.sum(1).tolist()
+        t0 = t_log = time.time()
+        done = 0
+        device = next(tower.parameters()).device
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+            for idx in length_chunks(lengths, max_tokens):
+                rows = torch.tensor(idx)
+                n = max(lengths[i] for i in idx)
+                sub_ids, sub_mask = ids[rows, :n].to(device), mask[rows, :n].to(device)
+                h = _run_layers(tower, llm, llm.get_input_embeddings()(sub_ids), sub_mask,
+                                0, n_layers - k, final_norm=k == 0)
+                for j, i in enumerate(idx):
+                    self.states[i] = h[j, :lengths[i]].to(dtype).cpu().clone()
+                    self.ids[i] = ids[i, :lengths[i]].clone()
+                done += len(idx)
+                if time.time() - t_log > log_every:
+                    t_log = time.time()
+                    print(f"caching text states: {done}/{len(self.texts)} texts, "
+                          f"{done / (t_log - t0):.1f} texts/s", flush=True)
+        self.seconds = time.time() - t0
+
+    def __len__(self):
+        return len(self.texts)
+
+    def rows(self, texts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([self.index[t] for t in texts], dtype=torch.long)
+
+
+class CachedEmbedder(nn.Module):
+    """Embeds cached texts by row: top k decoder layers (with their LoRA) + pooler + norm."""
+
+    def __init__(self, tower: nn.Module, cache: TextStateCache, max_tokens: int = 4096):
+        super().__init__()
+        self.tower, self.cache, self.max_tokens = tower, cache, max_tokens
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        tower, cache, k = self.tower, self.cache, self.cache.k
+        device = rows.device
+        lengths = [cache.states[i].shape[0] for i in rows.tolist()]
+        out = [None] * len(lengths)
+        for idx in length_chunks(lengths, self.max_tokens):
+            n = max(lengths[i] for i in idx)
+            # float: autocast (when on) picks the matmul precision, as for the uncached tower
+            states = torch.stack([F.pad(cache.states[int(rows[i])], (0, 0, 0, n - lengths[i])) for i in idx]).to(device).float()
+            ids = torch.stack([F.pad(cache.ids[int(rows[i])], (0, n - lengths[i]),
+                                     value=tower.config.pad_token_id) for i in idx]).to(device)
+            mask = torch.arange(n, device=device)[None] < torch.tensor([lengths[i] for i in idx], device=device)[:, None]
+            if k:
+                llm = tower.base_llm()
+                n_layers = len(llm.layers)
+                states = _run_layers(tower, llm, states, mask, n_layers - k, n_layers, final_norm=True)
+            pooled = tower.norm(tower.pooler(states, tower.pool_mask(ids, mask)))
             for j, i in enumerate(idx):
                 out[i] = pooled[j]
         return torch.stack(out)

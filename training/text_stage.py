@@ -15,13 +15,15 @@ Rerunning the same command resumes: a finished MNTP is reloaded from its adapter
 unfinished stage from its latest checkpoint under OUT/work/.
 
 Speed on a CPU (why the recipe has the knobs it has): the frozen decoder weights are stored
-in bf16 (autocast would otherwise re-cast every weight at every call; fp32 copies are kept
-to merge LoRA exactly), texts run in length-sorted chunks (padding is paid for in full), and
-contrastive LoRA can be limited to the top layers, which stops the backward pass there.
+in bf16 (autocast would otherwise re-cast every weight at every call), texts run in
+length-sorted chunks (padding is paid for in full), and the contrastive LoRA sits in the top
+`supcon.lora.layers` layers only. With `supcon.cache: true` the texts of a fixed set of
+reports go through the layers below it once (`supcon.TextStateCache`), and each step runs
+just those top layers and the pooler: the randomly initialised pooler needs hundreds of
+steps, which a 135M decoder cannot give end to end on two CPU cores in an hour.
 """
 import argparse
 import json
-import math
 import os
 import random
 import re
@@ -35,7 +37,9 @@ import torch.nn as nn
 
 from training import common
 from training.mntp import LORA_TARGETS, mntp_loss, mask_tokens, resolve_mask_token_id, special_token_ids, IGNORE
-from training.supcon import INSTRUCTIONS, Embedder, Example, length_chunks, make_example, supcon_loss, text_key
+from open_clip_cxr.text.instructions import with_instruction
+from training.supcon import (INSTRUCTIONS, CachedEmbedder, Embedder, Example, TextStateCache, length_chunks,
+                             report_texts, sample_example, supcon_loss, text_key)
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "text-cxr-llm-small-cpu.yaml"
 
@@ -227,6 +231,7 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
     OUT/work/<name>. `make_batch(micro)` -> batch; `step_fn(module, batch)` -> (loss, samples, tokens)."""
     work = os.path.join(recipe["output_dir"], "work", name)
     steps = int(cfg["steps"])
+    param_groups = [g for g in param_groups if g["params"]]    # e.g. no LoRA group when only the pooler trains
     optimizer = torch.optim.AdamW(param_groups, weight_decay=float(cfg.get("weight_decay", 0.0)), betas=(0.9, 0.98))
     scheduler = common.cosine_with_warmup(optimizer, int(cfg.get("warmup_steps", 0)), steps,
                                           float(cfg.get("min_lr_ratio", 0.1)))
@@ -257,7 +262,8 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
                 optimizer.zero_grad(set_to_none=True)
             losses.append(loss.detach().float().item())
             meter.update(n_samples * accelerator.num_processes, n_tokens * accelerator.num_processes, steps=0)
-        lr = scheduler.get_last_lr()[0]    # the rate this step used
+        lrs = scheduler.get_last_lr()      # the rates this step used
+        lr = lrs[0]
         scheduler.step()
         state.step += 1
         state.samples_seen += cfg["batch_size"] * accum * accelerator.num_processes
@@ -265,6 +271,8 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
         bar.update(1)
         loss_avg = sum(losses[-accum:]) / accum
         record = {"step": state.step, "stage": name, "loss": loss_avg, "lr": lr}
+        if len(lrs) > 1:
+            record["lr_head"] = lrs[-1]
         writer.write(record)
         accelerator.log({f"{name}/loss": loss_avg, f"{name}/lr": lr}, step=state.step)
         done = state.step == start_step + steps
@@ -273,7 +281,8 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
             t_log = time.time()
             bar.set_postfix(loss=f"{loss_avg:.3f}")
             if accelerator.is_main_process:
-                common.log_line(state.step, {"stage": name, "loss": sum(losses) / len(losses), "lr": lr, **stats})
+                common.log_line(state.step, {"stage": name, "loss": sum(losses) / len(losses), "lr": lr,
+                                             **stats, **({"lr_head": lrs[-1]} if len(lrs) > 1 else {})})
                 writer.write({**record, "loss_mean": sum(losses) / len(losses), **stats})
             losses = []
         if (ckpt_every and state.step % ckpt_every == 0) or done:
@@ -368,25 +377,48 @@ def train(recipe: dict) -> dict:
     s_steps = int(scfg.get("steps", 0))
     if s_steps > 0:
         torch.manual_seed(seed + 1)
-        set_lora(tower, scfg.get("lora", {}))
+        lora_cfg = scfg.get("lora")     # None: the pooler and norm alone
+        set_lora(tower, lora_cfg)
         for m in (tower.pooler, tower.norm):   # random for SmolLM2: they must learn here
             m.requires_grad_(True)
         cast = FrozenCast(tower, frozen_dtype)
         bs, n_neg = int(scfg["batch_size"]), int(scfg.get("n_negatives", 2))
-        data = StepData(len(reports), bs, seed + 1, world, rank)
-        p_instr = float(scfg.get("instruction_prob", 0.0))
+        p_sections, p_instr = float(scfg.get("p_sections", 0.3)), float(scfg.get("instruction_prob", 0.0))
+        max_variants = scfg.get("max_variants")
+        max_tokens = int(recipe["train"].get("max_tokens", 4096))
+        n_layers = tower.config.llm_config().num_hidden_layers
+        top = min(int(lora_cfg.get("layers") or n_layers), n_layers) if lora_cfg else 0   # adapted layers
+        cache = None
+        if scfg.get("cache"):
+            # a fixed subset of reports, their texts encoded once below the adapted layers
+            n_cache = int(scfg.get("cache_reports") or len(reports))
+            pick = random.Random(seed + 2).sample(range(len(reports)), min(n_cache, len(reports)))
+            pool = [t for t in (report_texts(reports[i], seed, max_variants) for i in pick) if t and t.variants]
+            cache = TextStateCache(tower, tokenizer, [x for t in pool for x in t.all_texts()], top,
+                                   max_length, max_tokens)
+            accelerator.print(f"supcon: cached {len(cache)} texts of {len(pool)} reports "
+                              f"below the top {cache.k} layers in {cache.seconds:.0f} s")
+            if p_instr:
+                raise ValueError("supcon.cache reads fixed texts: set supcon.instruction_prob to 0")
+            module = CachedEmbedder(tower, cache, max_tokens)
+            texts_of = lambda i, epoch: pool[i]    # noqa: E731
+            n_items = len(pool)
+        else:
+            module = Embedder(tower, pad, max_tokens)
+            texts_of = lambda i, epoch: report_texts(reports[i], seed * 10_007 + epoch, max_variants)  # noqa: E731
+            n_items = len(reports)
+        data = StepData(n_items, bs, seed + 1, world, rank)
 
         def supcon_batch(micro):
             examples: List[Example] = []
             for epoch, i in data(micro):
                 rng = random.Random(hash((seed, epoch, i, micro)) & 0xFFFFFFFF)
-                ex = make_example(reports[i], rng, seed=seed * 10_007 + epoch,
-                                  p_sections=float(scfg.get("p_sections", 0.3)), n_negatives=n_neg)
+                ex = None
                 while ex is None:      # a report with nothing to pair: draw another
-                    ex = make_example(reports[rng.randrange(len(reports))], rng, seed=seed * 10_007 + epoch,
-                                      p_sections=float(scfg.get("p_sections", 0.3)), n_negatives=n_neg)
+                    texts = texts_of(i, epoch)
+                    ex = sample_example(texts, rng, p_sections, n_neg) if texts else None
+                    i = rng.randrange(n_items)
                 if p_instr and rng.random() < p_instr:
-                    from open_clip_cxr.text.instructions import with_instruction
                     ex.anchor = with_instruction(ex.anchor, INSTRUCTIONS[ex.task], tokenizer)[0]
                 examples.append(ex)
             negs, slots = [], []
@@ -395,38 +427,53 @@ def train(recipe: dict) -> dict:
                     negs.append(t)
                     slots.append(j * n_neg + k)
             texts = [e.anchor for e in examples] + [e.positive for e in examples] + negs
-            ids = tokenizer(texts, context_length=max_length)
+            inputs = cache.rows(texts) if cache is not None else tokenizer(texts, context_length=max_length)
             akeys = torch.tensor([text_key(e.anchor) for e in examples])
             pkeys = torch.tensor([text_key(e.positive) for e in examples])
-            return ids, torch.tensor(slots, dtype=torch.long), akeys, pkeys
+            n_tokens = sum(cache.ids[r].numel() for r in inputs.tolist()) if cache is not None \
+                else int((inputs != pad).sum())
+            return inputs, torch.tensor(slots, dtype=torch.long), akeys, pkeys, torch.tensor(n_tokens)
 
         def supcon_step(module, batch):
-            ids, slots, akeys, pkeys = (t.to(accelerator.device) for t in batch)
-            emb = module(ids)
+            inputs, slots, akeys, pkeys, n_tokens = (t.to(accelerator.device) for t in batch)
+            emb = module(inputs)
             a, p, n = emb[:bs], emb[bs:2 * bs], emb[2 * bs:]
             neg = torch.zeros(bs * n_neg, emb.shape[1], dtype=emb.dtype, device=emb.device).index_copy(0, slots, n)
             valid = torch.zeros(bs * n_neg, dtype=torch.bool, device=emb.device)
             valid[slots] = True
             loss = supcon_loss(a, p, neg, float(scfg.get("temperature", 0.05)), akeys, pkeys, valid,
                                symmetric=bool(scfg.get("symmetric", True)))
-            return loss, bs, int((ids != pad).sum())
+            return loss, bs, int(n_tokens)
 
         head = [p for m in (tower.pooler, tower.norm) for p in m.parameters()]
         head_ids = {id(p) for p in head}
         lora_params = [p for p in trainable(tower) if id(p) not in head_ids]
         lr = float(scfg.get("lr", 2e-4))
         groups = [{"params": lora_params, "lr": lr}, {"params": head, "lr": float(scfg.get("head_lr", 10 * lr))}]
-        # forward through everything; backward only from the lowest adapted layer up
+        # per token: forward through the decoder (none of it when cached), backward from the
+        # lowest adapted layer up, and the trainable weights' own gradients
         n_mm = matmul_params(tower)
-        n_layers = tower.config.llm_config().num_hidden_layers
-        top = min(int(scfg.get("lora", {}).get("layers") or n_layers), n_layers)
-        flops = 2.0 * n_mm + 2.0 * n_mm * top / n_layers + 2.0 * sum(p.numel() for p in trainable(tower))
-        embedder = Embedder(tower, pad, int(recipe["train"].get("max_tokens", 4096)))
-        _stage_loop(accelerator, recipe, "supcon", embedder, groups, scfg, state, m_steps,
-                    supcon_batch, supcon_step, flops, writer)
+        fwd = 2.0 * n_mm * (top / n_layers if cache is not None else 1.0)
+        flops = fwd + 2.0 * n_mm * top / n_layers + 2.0 * sum(p.numel() for p in trainable(tower))
+        head_steps = int(scfg.get("head_steps", 0))
+        if head_steps:
+            # the random pooler first, alone: with the LoRA frozen nothing below the pooler needs
+            # a backward pass, so (cached) a step costs a third; then LoRA and pooler together
+            for p in lora_params:
+                p.requires_grad_(False)
+            module = _stage_loop(accelerator, recipe, "supcon_head", module, groups[1:],
+                                 {**scfg, "steps": head_steps}, state, m_steps, supcon_batch, supcon_step,
+                                 fwd + 2.0 * sum(p.numel() for p in head), writer)
+            for p in lora_params:
+                p.requires_grad_(True)
+        accum = int(recipe["train"].get("grad_accum_steps", 1))
+        _stage_loop(accelerator, recipe, "supcon", module, groups, scfg, state, m_steps + head_steps,
+                    lambda micro: supcon_batch(micro + head_steps * accum),   # fresh batches after the head steps
+                    supcon_step, flops, writer)
         cast.restore()
         set_lora(tower, None)
     summary["supcon_steps"] = s_steps
+    summary["supcon_head_steps"] = int(scfg.get("head_steps", 0)) if s_steps > 0 else 0
     tower.requires_grad_(False)
 
     # -- export and evaluate ----------------------------------------------------------------
