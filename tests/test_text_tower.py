@@ -160,3 +160,31 @@ def test_base_weights_from_a_saved_tower_keep_both_norms(tmp_path):
     x = ids([[5, 6, 7], [8, 9]])
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=x).pooler_output, src(input_ids=x).pooler_output, atol=1e-5)
+
+
+def test_base_weights_into_a_shallower_tower_keep_the_lowest_layers(tmp_path):
+    """A config with fewer decoder layers than its weights (`cxr-llm-small-l4`) takes the lowest
+    ones, says which it skipped, and computes exactly the deep model's lower layers."""
+    import json
+    from safetensors.torch import save_file
+    deep_cfg = config_from_spec('cxr-text:cxr-llm-tiny{"lora": null, "llm": %s}' % json.dumps(
+        {**config_from_spec("cxr-text:cxr-llm-tiny").llm, "num_hidden_layers": 3}))
+    deep = CXRTextModel(deep_cfg).eval()
+    save_file({k: v.contiguous() for k, v in deep.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    shallow_cfg = config_from_spec('cxr-text:cxr-llm-tiny{"lora": null, "llm": %s}' % json.dumps(
+        {**deep_cfg.llm, "num_hidden_layers": 1}))
+    shallow_cfg.base_weights = str(tmp_path)
+    shallow = CXRTextModel.from_base(shallow_cfg).eval()
+    assert shallow.load_report["skipped_layers"] == [1, 2] and shallow.load_report["unexpected"] == []
+    assert torch.equal(shallow.base_llm().layers[0].self_attn.q_proj.weight, deep.base_llm().layers[0].self_attn.q_proj.weight)
+    with torch.no_grad():
+        deep.base_llm().layers = deep.base_llm().layers[:1]   # the deep model cut by hand
+        deep.base_llm().config.num_hidden_layers = 1
+        x = ids([[5, 6, 7], [8, 9]])
+        assert torch.allclose(shallow(input_ids=x).pooler_output, deep(input_ids=x).pooler_output, atol=1e-5)
+
+
+def test_cxr_llm_small_l4_is_the_lowest_four_layers_of_cxr_llm_small():
+    small, l4 = config_from_spec("cxr-text:cxr-llm-small"), config_from_spec("cxr-text:cxr-llm-small-l4")
+    assert l4.llm["num_hidden_layers"] == 4 and small.llm["num_hidden_layers"] == 30
+    assert {**l4.llm, "num_hidden_layers": 30} == small.llm and l4.base_weights == small.base_weights

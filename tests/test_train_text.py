@@ -77,7 +77,10 @@ def tiny_recipe(tmp_path: Path, **over) -> dict:
         "model=cxr-llm-tiny", "max_length=96",
         "train.log_with=none", "train.log_every=1", "train.checkpoint_every=2", "train.num_threads=1",
         "mntp.steps=2", "mntp.batch_size=4", "supcon.steps=2", "supcon.batch_size=4", "supcon.warmup_steps=1",
-        "supcon.lora.layers=1", "eval.enabled=true"])
+        "eval.enabled=true"])
+    # the CPU recipe trains the pooler alone; the tests also cover LoRA in the top layer
+    recipe["supcon"]["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0,
+                                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "layers": 1}
     recipe["data"] = {"source": "table", "path": str(write_table(tmp_path / "reports.jsonl")),
                       "findings_col": "findings", "impression_col": "impression", "study_col": "study",
                       "split_col": "split"}
@@ -377,4 +380,4 @@ def test_cli_parses_recipe_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setattr(ts, "train", lambda recipe: seen.update(recipe) or {"output_dir": recipe["output_dir"]})
     assert main(["train-text", "--out", str(tmp_path / "o"), "--set", "supcon.steps=7"]) == 0
     assert seen["output_dir"] == str(tmp_path / "o") and seen["supcon"]["steps"] == 7
-    assert seen["model"] == "cxr-llm-small"
+    assert seen["model"] == "cxr-llm-small-l4"

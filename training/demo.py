@@ -3,7 +3,7 @@
     open-clip-cxr demo --out runs/demo            (what `make demo` runs)
 
 1. parse the real Open-I reports (read at run time from the installed torchxrayvision wheel);
-2. stage 1: adapt the `cxr-llm-small` text tower (MNTP, then supervised contrastive) on the
+2. stage 1: adapt the `cxr-llm-small-l4` text tower (MNTP, then supervised contrastive) on the
    train split -> OUT/stage1/, an OpenCLIP folder (`local-dir:OUT/stage1` loads it);
 3. the text-robustness suite on the test split: adapted tower, unadapted tower,
    all-MiniLM-L6-v2 and a bag-of-words cosine, side by side;
@@ -26,15 +26,14 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
-TEXT_RECIPE = Path(__file__).parent / "recipes" / "text-cxr-llm-small-cpu.yaml"
-CLIP_RECIPE = Path(__file__).parent / "recipes" / "clip-cxr-llm-small-cpu.yaml"
+RECIPES = Path(__file__).parent / "recipes"
+TEXT_RECIPE = RECIPES / "text-cxr-llm-small-cpu.yaml"
+CLIP_RECIPE = RECIPES / "clip-cxr-llm-small-cpu.yaml"
 
-# Stage-1 schedules: the demo's short one (about 10-15 min on 2 cores) and the recipe's own.
-SCHEDULES = {
-    "short": ["mntp.steps=8", "supcon.steps=40", "supcon.warmup_steps=5", "eval.enabled=false"],
-    "recipe": ["eval.enabled=false"],
-}
+# Stage-1 schedules: the CPU recipe as written, or its short variant.
+SCHEDULES = {"recipe": TEXT_RECIPE, "short": RECIPES / "text-cxr-llm-small-cpu-short.yaml"}
 
 # The package images have diagnosis labels, not reports: each gets a short report written from
 # its label (our own wording). That is the "weak image data" the summary warns about.
@@ -91,26 +90,30 @@ def parse_reports() -> dict:
 
 
 def stage1(out: Path, schedule: str) -> dict:
+    import torch
     from training import common, text_stage
     folder = out / "stage1"
     if (folder / "open_clip_config.json").exists():
         print(f"reusing {folder} (delete it or pass --fresh to retrain)")
         return json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
-    recipe = common.load_recipe(str(TEXT_RECIPE), SCHEDULES[schedule])
+    recipe = common.load_recipe(str(SCHEDULES[schedule]), ["eval.enabled=false"])   # step 3 evaluates
     recipe["output_dir"] = str(folder)
+    recipe["train"]["num_threads"] = torch.get_num_threads()   # the demo has the machine to itself
     return text_stage.train(recipe)
 
 
-def robustness(out: Path, n_reports: int) -> dict:
+def robustness(out: Path, n_reports: Optional[int], schedule: str) -> dict:
     """The suite on the test split for four text encoders."""
     import open_clip
     import torch
     from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn, openi_reports,
                                                run_robustness)
+    from training import common
     from training.text_stage import FrozenCast, tower_encode_fn
     reports = openi_reports("test", limit=n_reports)
     print(f"{len(reports)} test-split reports")
     results = {}
+    unadapted = common.load_recipe(str(SCHEDULES[schedule])).get("model", "cxr-llm-small-l4")
 
     def tower_fn(name):
         model = open_clip.create_model(name, pretrained_image=False).eval()
@@ -120,7 +123,7 @@ def robustness(out: Path, n_reports: int) -> dict:
 
     encoders = {
         "adapted (stage 1)": lambda: tower_fn(f"local-dir:{out / 'stage1'}"),
-        "unadapted SmolLM2": lambda: tower_fn("cxr-llm-small"),
+        f"unadapted {unadapted}": lambda: tower_fn(unadapted),
         "all-MiniLM-L6-v2": hf_mean_pool_encode_fn,
         "bag of words": bow_encode_fn,
     }
@@ -240,7 +243,9 @@ def plot_curves(out: Path) -> Path:
 def summarise(out: Path, results: dict) -> str:
     lines = [f"# open_clip_cxr demo ({results['hardware']})", "",
              f"Stage-1 schedule: **{results['schedule']}** "
-             f"({' '.join(SCHEDULES[results['schedule']]) or 'the recipe as written'}; recipe {TEXT_RECIPE.name}).", ""]
+             f"(recipe `training/recipes/{SCHEDULES[results['schedule']].name}`: "
+             f"{results.get('stage1', {}).get('mntp_steps', '?')} MNTP steps, "
+             f"{results.get('stage1', {}).get('supcon_steps', '?')} contrastive steps).", ""]
     rob = results.get("robustness")
     if rob:
         lines += [f"## Text robustness, Open-I test split ({rob['n_reports']} reports)", "", "```", rob["table"], "```", ""]
@@ -268,9 +273,13 @@ def summarise(out: Path, results: dict) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="short",
-                        help="stage-1 schedule: 'short' (the demo's, ~10-15 min) or 'recipe' (the full CPU recipe)")
-    parser.add_argument("--eval-reports", type=int, default=150, help="test-split reports for the robustness suite")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="recipe",
+                        help="stage-1 schedule: 'recipe' (the CPU recipe as written) or 'short' (fewer steps, "
+                             "a smaller text cache)")
+    parser.add_argument("--eval-reports", type=int, default=None,
+                        help="first N test-split reports for the robustness suite (default: all)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch CPU threads (default: every core; use 1 on a machine busy with other work)")
     parser.add_argument("--clip-steps", type=int, default=12, help="CLIP-stage steps on the package images")
     parser.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier outputs")
 
@@ -283,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     step = Steps()
     results = {"schedule": args.schedule, "times": step.times,
                "hardware": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU"}
@@ -291,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
     with step("2. stage 1: adapt the text tower"):
         results["stage1"] = stage1(out, args.schedule)
     with step("3. text robustness (test split)"):
-        results["robustness"] = robustness(out, args.eval_reports)
+        results["robustness"] = robustness(out, args.eval_reports, args.schedule)
     with step("4a. shards from the package images"):
         results["shards"] = {k: v for k, v in shards(out).items() if k in ("totals", "skipped", "splits")}
     with step("4b. CLIP stage + retrieval"):

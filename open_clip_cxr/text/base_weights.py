@@ -12,6 +12,7 @@ second copy of the model.
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
 
@@ -25,6 +26,7 @@ from ..cache import cache_dir
 # `conversion/` adds the authors' `latent_attn.*` layout here.
 POOLER_KEY_MAPPERS: List[Callable[[str], str]] = []
 _DROP_PREFIXES = ("lm_head.",)
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.")
 _STRIP_PREFIXES = ("model.", "llm.", "transformer.")
 
 
@@ -131,12 +133,18 @@ def load_into(model, source: str) -> Dict[str, list]:
     targets["llm"].update(dict(model.base_llm().named_buffers()))
     ours = any(k.startswith("llm.") for k in iter_keys(folder))
     mappers = _pooler_mappers()
-    loaded, unexpected = set(), []
+    n_layers = len(model.base_llm().layers)
+    loaded, unexpected, skipped_layers = set(), [], set()
     for key, tensor in iter_tensors(folder):
         routed = route_key(key, ours=ours, mappers=mappers)
         if routed is None:
             continue
         part, name = routed
+        layer = _LAYER_KEY.match(name) if part == "llm" else None
+        if layer and int(layer.group(1)) >= n_layers:
+            # a config that keeps the lowest layers only (e.g. `cxr-llm-small-l4`): by design
+            skipped_layers.add(int(layer.group(1)))
+            continue
         param = targets[part].get(name)
         if param is None:
             unexpected.append(key)
@@ -149,5 +157,9 @@ def load_into(model, source: str) -> Dict[str, list]:
     if missing:
         raise ValueError(f"text weights from {source} miss {len(missing)} decoder tensors, e.g. {missing[:5]}")
     pooler_loaded = any(part == "pooler" for part, _ in loaded)
-    return {"unexpected": unexpected, "pooler_loaded": pooler_loaded, "folder": str(folder)}
+    if skipped_layers:
+        logging.getLogger(__name__).info("text weights from %s: kept the lowest %d decoder layers, skipped %d above",
+                                         source, n_layers, len(skipped_layers))
+    return {"unexpected": unexpected, "pooler_loaded": pooler_loaded, "folder": str(folder),
+            "skipped_layers": sorted(skipped_layers)}
 
