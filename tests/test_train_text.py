@@ -381,3 +381,11 @@ def test_cli_parses_recipe_and_overrides(tmp_path, monkeypatch):
     assert main(["train-text", "--out", str(tmp_path / "o"), "--set", "supcon.steps=7"]) == 0
     assert seen["output_dir"] == str(tmp_path / "o") and seen["supcon"]["steps"] == 7
     assert seen["model"] == "cxr-llm-small-l4"
+
+
+def test_demo_schedules_are_recipes_of_the_same_model():
+    from training.demo import SCHEDULES
+    full, short = (common.load_recipe(str(SCHEDULES[k])) for k in ("recipe", "short"))
+    assert full["model"] == short["model"] == "cxr-llm-small-l4"
+    assert short["supcon"]["steps"] < full["supcon"]["steps"]
+    assert short["supcon"]["cache_reports"] and full["supcon"]["cache_reports"] is None
