@@ -151,6 +151,9 @@ def setup_accelerator(recipe: dict):
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    if hasattr(sys.stdout, "reconfigure"):
+        # logs redirected to a file (nohup, a cluster's job log) appear line by line, not in 8 kB blocks
+        sys.stdout.reconfigure(line_buffering=True)
     out_dir = _opt(recipe, "output_dir", default="runs/default")
     mixed = _opt(recipe, "train.mixed_precision", "mixed_precision", default="no")
     mixed = "no" if mixed is False else str(mixed)   # YAML reads a bare `no` as False
