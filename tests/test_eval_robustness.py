@@ -130,3 +130,15 @@ def test_open_i_test_split_at_run_time():
     assert len(reports) == 60 and all(r.split == "test" for r in reports)
     res = RB.run_robustness(reports, RB.bow_encode_fn())
     assert res["n_reports"] == 60 and res["variant_to_original_mean_R@1"] > 0.5
+
+
+def test_embedder_in_length_chunks_keeps_each_text_its_own_row():
+    texts = ["a b", "a much longer text here", "c", "a b", "mid length one", "x y z w"]
+    calls = []
+
+    def enc(batch):
+        calls.append(len(batch))
+        return RB.bow_encode_fn(64)(batch)
+    emb = RB._Embedder(enc, texts, progress="test", chunk=2)
+    assert calls == [2, 2, 1]   # 5 distinct texts in chunks of 2
+    assert torch.allclose(emb(texts), RB.bow_encode_fn(64)(texts))

@@ -130,7 +130,7 @@ def robustness(out: Path, n_reports: Optional[int], schedule: str) -> dict:
     for label, make in encoders.items():
         t = time.time()
         with torch.no_grad():
-            results[label] = run_robustness(reports, make(), seed=0)
+            results[label] = run_robustness(reports, make(), seed=0, progress=f"encoding ({label})")
         print(f"{label}: {time.time() - t:.0f}s", flush=True)
     table = format_table(results)
     print(table)

@@ -28,6 +28,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from open_clip_cxr.reports.types import Report
 from open_clip_cxr.reports.variants import base_text, equivalent_variants, hard_negatives
@@ -189,7 +190,7 @@ class TextStateCache:
     and the random pooler can take hundreds of cheap steps over many epochs of the cache."""
 
     def __init__(self, tower, tokenizer, texts: Sequence[str], k: int, max_length: int = 128,
-                 max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16, log_every: float = 60.0):
+                 max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16, log_every: float = 10.0):
         self.texts = list(dict.fromkeys(texts))
         self.index = {t: i for i, t in enumerate(self.texts)}
         self.k, self.states, self.ids = k, [None] * len(self.texts), [None] * len(self.texts)
@@ -198,10 +199,10 @@ class TextStateCache:
         ids = tokenizer(self.texts, context_length=max_length)
         mask = ids != pad
         lengths = mask.sum(1).tolist()
-        t0 = t_log = time.time()
-        done = 0
+        t0 = time.time()
         device = next(tower.parameters()).device
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        bar = tqdm(total=len(self.texts), desc="caching text states", unit="text", mininterval=log_every)
+        with bar, torch.no_grad(), torch.autocast(device.type, dtype=dtype):
             for idx in length_chunks(lengths, max_tokens):
                 rows = torch.tensor(idx)
                 n = max(lengths[i] for i in idx)
@@ -211,11 +212,7 @@ class TextStateCache:
                 for j, i in enumerate(idx):
                     self.states[i] = h[j, :lengths[i]].to(dtype).cpu().clone()
                     self.ids[i] = ids[i, :lengths[i]].clone()
-                done += len(idx)
-                if time.time() - t_log > log_every:
-                    t_log = time.time()
-                    print(f"caching text states: {done}/{len(self.texts)} texts, "
-                          f"{done / (t_log - t0):.1f} texts/s", flush=True)
+                bar.update(len(idx))
         self.seconds = time.time() - t0
 
     def __len__(self):

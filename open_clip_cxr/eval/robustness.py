@@ -16,6 +16,7 @@ import zlib
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from open_clip_cxr.eval.retrieval import rank_of_targets
 from open_clip_cxr.reports.types import Report, Variant
@@ -99,10 +100,24 @@ def openi_reports(split: Optional[str] = "test", limit: Optional[int] = None, pa
 class _Embedder:
     """Encodes each distinct text once."""
 
-    def __init__(self, encode_fn: EncodeFn, texts: Sequence[str]):
+    def __init__(self, encode_fn: EncodeFn, texts: Sequence[str], progress: Optional[str] = None,
+                 chunk: int = 512):
         uniq = list(dict.fromkeys(texts))
         self.row = {t: i for i, t in enumerate(uniq)}
-        emb = encode_fn(uniq).float() if uniq else torch.zeros(0, 1)
+        if not uniq:
+            self.emb = torch.zeros(0, 1)
+            return
+        # chunks of similar length (encoders pad each batch to its longest text), for a progress bar
+        order = sorted(range(len(uniq)), key=lambda i: len(uniq[i]))
+        emb = None
+        with tqdm(total=len(uniq), desc=progress, unit="text", disable=progress is None) as bar:
+            for s in range(0, len(order), chunk):
+                idx = order[s:s + chunk]
+                part = encode_fn([uniq[i] for i in idx]).float()
+                if emb is None:
+                    emb = torch.zeros(len(uniq), part.shape[-1])
+                emb[idx] = part
+                bar.update(len(idx))
         self.emb = torch.nn.functional.normalize(emb, dim=-1)
 
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
@@ -119,9 +134,11 @@ def _r1(emb: _Embedder, queries: Sequence[str], targets: Sequence[str], gallery:
 def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0,
                    variants_fn: Optional[Callable[[Report], List[Variant]]] = None,
                    negatives_fn: Optional[Callable[[Report], List[Variant]]] = None,
-                   positive_styles: Sequence[str] = POSITIVE_STYLES, **search_kw) -> dict:
+                   positive_styles: Sequence[str] = POSITIVE_STYLES, progress: Optional[str] = None,
+                   **search_kw) -> dict:
     """All three probes on `reports`; a JSON-able dict. `variants_fn`/`negatives_fn` default to
-    `reports.variants.equivalent_variants`/`hard_negatives` with `seed`."""
+    `reports.variants.equivalent_variants`/`hard_negatives` with `seed`; `progress` names a
+    progress bar over the encoding (none by default)."""
     if variants_fn is None or negatives_fn is None:
         from open_clip_cxr.reports import variants as V
         variants_fn = variants_fn or (lambda r: V.equivalent_variants(r, seed=seed))
@@ -135,7 +152,7 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     both = [r for r in reports if r.findings.strip() and r.impression.strip()]
     texts = originals + [v.text for vs in equiv + negs for v in vs]
     texts += [r.findings.strip() for r in both] + [r.impression.strip() for r in both]
-    emb = _Embedder(encode_fn, texts)
+    emb = _Embedder(encode_fn, texts, progress)
 
     out: dict = {"n_reports": len(reports)}
     # 1. variant -> original, per style
