@@ -202,7 +202,7 @@ def export(out: Path, clip_metrics: dict, robustness_results: dict) -> dict:
     eval_results = {"package-images": {
         "image_to_text": {k.split("_", 1)[1]: v for k, v in clip_metrics.items() if k.startswith("val/i2t_")},
         "text_to_image": {k.split("_", 1)[1]: v for k, v in clip_metrics.items() if k.startswith("val/t2i_")}}}
-    card = render_card(repo_id="open-clip-cxr/cxr-llm-small-demo", model_cfg=model_cfg["model_cfg"],
+    card = render_card(repo_id="open-clip-cxr/cxr-llm-small-l4-demo", model_cfg=model_cfg["model_cfg"],
                        preprocess_cfg=model_cfg.get("preprocess_cfg"), eval_results=eval_results,
                        recipe=common.load_recipe(str(CLIP_RECIPE)), license="apache-2.0")
     dest = out / "export"
