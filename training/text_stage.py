@@ -5,8 +5,9 @@
 1. Build the CLIP model the recipe names; only its text tower trains here (the vision tower
    and OpenCLIP's text projection are exported as initialised: stage 2 trains them).
 2. MNTP (`training/mntp.py`): LoRA on attention and MLP projections; merged when done.
-3. Supervised contrastive (`training/supcon.py`): a fresh LoRA, plus the latent-attention
-   pooler and the output norm (random for SmolLM2, so they MUST learn here); merged.
+3. Supervised contrastive (`training/supcon.py`): a fresh LoRA (`supcon.lora`; null: none),
+   plus the latent-attention pooler and the output norm (random for SmolLM2, so they MUST
+   learn here); merged. `supcon.head_steps` first trains the pooler alone for that many steps.
 4. Export OUT/ as an OpenCLIP folder (`open_clip.create_model_and_transforms('local-dir:OUT')`),
    with `metrics.jsonl` (step, stage, loss, lr, ...) and `eval.json`: the text-robustness suite
    on the validation split.
@@ -20,7 +21,9 @@ length-sorted chunks (padding is paid for in full), and the contrastive LoRA sit
 `supcon.lora.layers` layers only. With `supcon.cache: true` the texts of a fixed set of
 reports go through the layers below it once (`supcon.TextStateCache`), and each step runs
 just those top layers and the pooler: the randomly initialised pooler needs hundreds of
-steps, which a 135M decoder cannot give end to end on two CPU cores in an hour.
+steps, which a 135M decoder cannot give end to end on two CPU cores in an hour. The CPU
+recipe goes further: `cxr-llm-small-l4` (SmolLM2's lowest 4 layers), every training report
+cached, and the pooler alone trained on the cached states (see the recipe for the measurements).
 """
 import argparse
 import json
