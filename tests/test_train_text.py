@@ -389,3 +389,40 @@ def test_demo_schedules_are_recipes_of_the_same_model():
     assert full["model"] == short["model"] == "cxr-llm-small-l4"
     assert short["supcon"]["steps"] < full["supcon"]["steps"]
     assert short["supcon"]["cache_reports"] and full["supcon"]["cache_reports"] is None
+
+
+def test_rerun_with_another_recipe_is_refused(tmp_path):
+    """The folder's checkpoints belong to its recipe: another model or loss must not resume them."""
+    from training.text_stage import train
+    train(tiny_recipe(tmp_path, **{"supcon.steps": 2, "eval.enabled": False}))
+    common.reset_accelerator_state()
+    with pytest.raises(ValueError, match="another recipe.*supcon.temperature"):
+        train(tiny_recipe(tmp_path, **{"supcon.steps": 2, "supcon.temperature": 0.1, "eval.enabled": False}))
+    # speed and logging knobs may change
+    assert common.recipe_differences({"train": {"num_threads": 1, "lr": 1}, "mntp": {"steps": 2}},
+                                     {"train": {"num_threads": 2, "lr": 1}, "mntp": {"steps": 4}}) == []
+
+
+def test_demo_moves_a_stage1_of_another_recipe_aside(tmp_path, monkeypatch):
+    import torch
+    import training.text_stage as ts
+    from training import demo
+    calls = []
+    monkeypatch.setattr(ts, "train", lambda recipe: calls.append(recipe) or {"trained": True})
+    stage1, clip = tmp_path / "stage1", tmp_path / "clip"
+    stage1.mkdir()
+    clip.mkdir()
+    (stage1 / "open_clip_config.json").write_text("{}")
+    current = common.load_recipe(str(demo.SCHEDULES["recipe"]), ["eval.enabled=false"])
+    current.update(output_dir=str(stage1))
+    current["train"]["num_threads"] = torch.get_num_threads()
+    common.save_recipe({**current, "model": "cxr-llm-small"}, str(stage1 / "recipe.yaml"))   # an older demo's
+    assert demo.stage1(tmp_path, "recipe") == {"trained": True} and len(calls) == 1
+    assert (tmp_path / "stage1.previous-1" / "open_clip_config.json").exists()
+    assert (tmp_path / "clip.previous-1").exists() and not clip.exists()
+    # the same recipe (thread count aside) is reused, not retrained
+    stage1.mkdir()
+    (stage1 / "open_clip_config.json").write_text("{}")
+    common.save_recipe({**current, "train": {**current["train"], "num_threads": 7}}, str(stage1 / "recipe.yaml"))
+    demo.stage1(tmp_path, "recipe")
+    assert len(calls) == 1

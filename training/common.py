@@ -39,7 +39,7 @@ import re
 import shutil
 import sys
 import time
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import torch
 import yaml
@@ -118,7 +118,34 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
+# keys that may change when a run resumes: speed, logging, evaluation and the run's length
+# (a finished run resumed with more steps trains on), not what is being learned
+RESUMABLE_KEYS = ("output_dir", "train.num_threads", "train.log_every", "train.log_with", "train.checkpoint_every",
+                  "train.max_tokens", "train.max_steps", "train.epochs", "train.stop_after", "data.num_workers",
+                  "eval.", "*.steps")
+
+
+def _resumable(key: str) -> bool:
+    return any(key == r or (r.endswith(".") and key.startswith(r)) or (r.startswith("*") and key.endswith(r[1:]))
+               for r in RESUMABLE_KEYS)
+
+
+def recipe_differences(saved: dict, recipe: dict) -> List[str]:
+    """Keys (dotted) whose values differ between two recipes, `RESUMABLE_KEYS` left out."""
+    a, b = flatten(saved), flatten(yaml.safe_load(yaml.safe_dump(recipe)))   # compare as saved
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _resumable(k))
+
+
 def save_recipe(recipe: dict, path: str) -> None:
+    """Write a run's recipe. A run folder resumes from its checkpoints, so a recipe that differs
+    from the one already there (other than in `RESUMABLE_KEYS`) is refused rather than mixed in."""
+    if os.path.exists(path):
+        with open(path) as f:
+            diff = recipe_differences(yaml.safe_load(f) or {}, recipe)
+        if diff:
+            raise ValueError(f"{os.path.dirname(os.path.abspath(path))} holds a run of another recipe "
+                             f"(it differs in {', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}): "
+                             f"rerun with the same recipe to resume, or give a new output folder")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f, sort_keys=False, default_flow_style=False)

@@ -93,12 +93,23 @@ def stage1(out: Path, schedule: str) -> dict:
     import torch
     from training import common, text_stage
     folder = out / "stage1"
-    if (folder / "open_clip_config.json").exists():
-        print(f"reusing {folder} (delete it or pass --fresh to retrain)")
-        return json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
     recipe = common.load_recipe(str(SCHEDULES[schedule]), ["eval.enabled=false"])   # step 3 evaluates
     recipe["output_dir"] = str(folder)
     recipe["train"]["num_threads"] = torch.get_num_threads()   # the demo has the machine to itself
+    if (folder / "recipe.yaml").exists():
+        diff = common.recipe_differences(common.load_recipe(str(folder / "recipe.yaml")), recipe)
+        if diff:
+            # an earlier demo (another schedule or version) trained it: keep it, aside, with the
+            # CLIP run built on it, and train afresh
+            for name in ("stage1", "clip"):
+                if (out / name).exists():
+                    n = 1 + sum(1 for _ in out.glob(f"{name}.previous-*"))
+                    (out / name).rename(out / f"{name}.previous-{n}")
+                    print(f"{out / name} was trained from another recipe ({', '.join(diff[:4])}): "
+                          f"moved to {out / f'{name}.previous-{n}'}")
+    if (folder / "open_clip_config.json").exists():
+        print(f"reusing {folder} (delete it or pass --fresh to retrain)")
+        return json.loads((folder / "summary.json").read_text()) if (folder / "summary.json").exists() else {}
     return text_stage.train(recipe)
 
 
