@@ -188,3 +188,9 @@ def test_cxr_llm_small_l4_is_the_lowest_four_layers_of_cxr_llm_small():
     small, l4 = config_from_spec("cxr-text:cxr-llm-small"), config_from_spec("cxr-text:cxr-llm-small-l4")
     assert l4.llm["num_hidden_layers"] == 4 and small.llm["num_hidden_layers"] == 30
     assert {**l4.llm, "num_hidden_layers": 30} == small.llm and l4.base_weights == small.base_weights
+
+
+def test_spec_overrides_merge_into_the_llm_dict():
+    cfg = config_from_spec('cxr-text:cxr-llm-small{"llm": {"num_hidden_layers": 3}, "num_latents": 8}')
+    small = config_from_spec("cxr-text:cxr-llm-small")
+    assert cfg.llm == {**small.llm, "num_hidden_layers": 3} and cfg.num_latents == 8

@@ -426,3 +426,15 @@ def test_demo_moves_a_stage1_of_another_recipe_aside(tmp_path, monkeypatch):
     common.save_recipe({**current, "train": {**current["train"], "num_threads": 7}}, str(stage1 / "recipe.yaml"))
     demo.stage1(tmp_path, "recipe")
     assert len(calls) == 1
+
+
+def test_text_arch_swaps_the_tower_for_an_ablation(tmp_path):
+    """`text_arch` (e.g. fewer decoder layers) trains and exports that tower; local-dir rebuilds it."""
+    import open_clip
+    from training.text_stage import train
+    recipe = tiny_recipe(tmp_path, **{"mntp.steps": 1, "supcon.steps": 1, "eval.enabled": False})
+    recipe["text_arch"] = 'cxr-text:cxr-llm-tiny{"llm": {"num_hidden_layers": 1}}'
+    train(recipe)
+    common.reset_accelerator_state()
+    model = open_clip.create_model(f"local-dir:{recipe['output_dir']}")
+    assert len(model.text.transformer.base_llm().layers) == 1

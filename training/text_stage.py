@@ -115,17 +115,25 @@ class StepData:
 
 # ---------------------------------------------------------------- model pieces
 
-def build_model(name: str):
-    """(CLIP model, tokenizer, model_cfg, preprocess_cfg) for a built-in name or `local-dir:DIR`."""
+def build_model(name: str, text_arch: Optional[str] = None):
+    """(CLIP model, tokenizer, model_cfg, preprocess_cfg) for a built-in name or `local-dir:DIR`.
+    `text_arch` swaps in another text tower spec, e.g. `cxr-text:cxr-llm-small{"llm": {"num_hidden_layers": 3}}`
+    (recipe key `text_arch`; same tokenizer): architecture ablations without a new model config."""
     import open_clip
     import open_clip_cxr  # noqa: F401  (registers our models)
     from open_clip_cxr.factory import PREPROCESS_CFGS
-    model, _, _ = open_clip.create_model_and_transforms(name)
-    tokenizer = open_clip.get_tokenizer(name)
     if name.startswith("local-dir:"):
         cfg = json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text())
-        return model, tokenizer, cfg["model_cfg"], cfg.get("preprocess_cfg")
-    return model, tokenizer, open_clip.get_model_config(name), PREPROCESS_CFGS.get(name)
+        model_cfg, preprocess_cfg = cfg["model_cfg"], cfg.get("preprocess_cfg")
+    else:
+        model_cfg, preprocess_cfg = open_clip.get_model_config(name), PREPROCESS_CFGS.get(name)
+    kwargs = {}
+    if text_arch:
+        model_cfg = {**model_cfg, "text_cfg": {**model_cfg["text_cfg"], "hf_model_name": text_arch}}
+        kwargs["text_cfg"] = model_cfg["text_cfg"]
+    model, _, _ = open_clip.create_model_and_transforms(name, **kwargs)
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, tokenizer, model_cfg, preprocess_cfg
 
 
 def lora_targets(tower, lora: dict) -> List[str]:
@@ -313,7 +321,8 @@ def train(recipe: dict) -> dict:
         common.save_recipe(recipe, str(out / "recipe.yaml"))
     writer = common.MetricsWriter(str(out / "metrics.jsonl"), enabled=accelerator.is_main_process)
 
-    model, tokenizer, model_cfg, preprocess_cfg = build_model(recipe.get("model", "cxr-llm-small"))
+    model, tokenizer, model_cfg, preprocess_cfg = build_model(recipe.get("model", "cxr-llm-small"),
+                                                              recipe.get("text_arch"))
     tower = model.text.transformer
     tower.requires_grad_(False)
     tower.to(accelerator.device)

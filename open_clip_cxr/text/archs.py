@@ -48,9 +48,12 @@ def parse_spec(spec: str) -> dict:
         arch = json.loads(json.dumps(_ARCHS[name]))  # deep copy
     if brace:
         try:
-            arch.update(json.loads(brace + rest))
+            overrides = json.loads(brace + rest)
         except json.JSONDecodeError as e:
             raise ValueError(f"bad JSON overrides in text spec {spec!r}: {e}") from e
+        for key, value in overrides.items():   # `llm` merges key by key: {"llm": {"num_hidden_layers": 3}}
+            both_dicts = isinstance(value, dict) and isinstance(arch.get(key), dict)
+            arch[key] = {**arch[key], **value} if both_dicts else value
     return arch
 
 
