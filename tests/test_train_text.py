@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+import data_fixtures as fx
 from open_clip_cxr.reports.types import Report
 from training import common
 from training.mntp import (IGNORE, mask_tokens, mntp_loss, resolve_mask_token_id, shift_for_next_token,
@@ -19,19 +20,8 @@ from training.mntp import (IGNORE, mask_tokens, mntp_loss, resolve_mask_token_id
 from training.supcon import Embedder, length_chunks, make_example, supcon_loss, text_key
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORTS = [
-    ("The heart is normal in size. The lungs are clear. No pleural effusion or pneumothorax.",
-     "No acute cardiopulmonary process."),
-    ("Patchy opacity in the right lower lobe. No pleural effusion. Heart size is normal.",
-     "Right lower lobe pneumonia."),
-    ("Small left pleural effusion with adjacent atelectasis. Mild cardiomegaly.",
-     "Small left effusion. Mild cardiomegaly."),
-    ("Diffuse interstitial markings, worse at the bases. No focal consolidation.",
-     "Findings suggest mild interstitial edema."),
-    ("Endotracheal tube terminates 4 cm above the carina. The lungs are clear.",
-     "Lines and tubes in standard position."),
-    ("Hyperinflated lungs with flattened diaphragms. No focal opacity.",
-     "Hyperinflation, consistent with COPD."),
+# the shared hand-written reports, plus two with right-sided findings (more laterality negatives)
+REPORTS = fx.REPORTS + [
     ("Moderate right pleural effusion. The left lung is clear. Normal heart size.",
      "Moderate right pleural effusion."),
     ("Large right pneumothorax with leftward mediastinal shift.",

@@ -174,7 +174,7 @@ def layer_range(llm: nn.Module, start: int, stop: int, final_norm: bool = True):
         llm.layers, llm.norm = layers, norm
 
 
-def _run_layers(tower, llm, embeds, mask, start, stop, final_norm):
+def _run_layers(llm, embeds, mask, start, stop, final_norm):
     """The tower's decoder call (RoPE positions count real tokens; bidirectional padding mask)."""
     from open_clip_cxr.text.bidirectional import padding_mask_4d
     positions = (mask.long().cumsum(1) - 1).clamp_min(0)
@@ -207,7 +207,7 @@ class TextStateCache:
                 rows = torch.tensor(idx)
                 n = max(lengths[i] for i in idx)
                 sub_ids, sub_mask = ids[rows, :n].to(device), mask[rows, :n].to(device)
-                h = _run_layers(tower, llm, llm.get_input_embeddings()(sub_ids), sub_mask,
+                h = _run_layers(llm, llm.get_input_embeddings()(sub_ids), sub_mask,
                                 0, n_layers - k, final_norm=k == 0)
                 for j, i in enumerate(idx):
                     self.states[i] = h[j, :lengths[i]].to(dtype).cpu().clone()
@@ -244,7 +244,7 @@ class CachedEmbedder(nn.Module):
             if k:
                 llm = tower.base_llm()
                 n_layers = len(llm.layers)
-                states = _run_layers(tower, llm, states, mask, n_layers - k, n_layers, final_norm=True)
+                states = _run_layers(llm, states, mask, n_layers - k, n_layers, final_norm=True)
             pooled = tower.norm(tower.pooler(states, tower.pool_mask(ids, mask)))
             for j, i in enumerate(idx):
                 out[i] = pooled[j]
