@@ -232,11 +232,28 @@ def test_cached_text_mode(shards, tmp_path):
 
 # ---------------------------------------------------------------- two processes
 
-DDP_SCRIPT = textwrap.dedent('''
-    import sys, torch
+MULTI_PROCESS_SCRIPT = textwrap.dedent('''
+    import json, sys, torch
     torch.set_num_threads(1)
     from accelerate import Accelerator
-    from training.clip_stage import with_defaults, build_model, ContrastiveModel, build_loss, compute_loss, param_groups
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+    from training import common
+    from training.clip_stage import (with_defaults, build_model, ContrastiveModel, build_loss, compute_loss,
+                                     param_groups, is_fsdp2, scalars_to_1d, full_value)
+
+    # accelerate runs FSDP only on accelerators and quietly falls back to plain multi-CPU data
+    # parallel. Under `accelerate launch --config_file fsdp.yaml` (which sets the FSDP plugin) this
+    # makes the gloo group an FSDP one, so accelerate's own FSDP2 code (fully_shard, sharded
+    # checkpoints, full state dict) runs on the CPU.
+    def fsdp_on_cpu():
+        init = AcceleratorState.__init__
+        def patched(self, *args, fsdp_plugin=None, **kwargs):
+            init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+            if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+                self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+                PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        AcceleratorState.__init__ = patched
 
     def grads_after_one_step(out_path, global_batch=8):
         recipe = with_defaults({"model": "cxr-llm-tiny", "pretrained_image": False})
@@ -244,6 +261,8 @@ DDP_SCRIPT = textwrap.dedent('''
         torch.manual_seed(0)
         model, *_ = build_model(recipe)
         model.eval()    # BatchNorm batch statistics and dropout off: compare the loss's gathering only
+        if is_fsdp2(acc):
+            scalars_to_1d(model)
         g = torch.Generator().manual_seed(1)
         images = torch.randn(global_batch, 3, 64, 64, generator=g)
         tokens = torch.randint(4, 260, (global_batch, 12), generator=g)
@@ -253,20 +272,23 @@ DDP_SCRIPT = textwrap.dedent('''
         loss = compute_loss(build_loss(recipe, acc), net(images[r * n:(r + 1) * n], tokens[r * n:(r + 1) * n]))
         acc.backward(loss)
         clip = acc.unwrap_model(net).clip
-        grads = {k: p.grad.detach().clone() for k, p in clip.named_parameters() if p.grad is not None}
+        # full_value: FSDP2 holds a shard of each tensor per rank
+        grads = {k: full_value(p.grad).detach().clone() for k, p in clip.named_parameters() if p.grad is not None}
         opt.step()
-        params = {k: p.detach().clone() for k, p in clip.named_parameters() if p.requires_grad}
+        params = {k: full_value(p).detach().clone() for k, p in clip.named_parameters() if p.requires_grad}
         loss = acc.reduce(loss.detach(), "mean")
         if acc.is_main_process:
-            torch.save({"grads": grads, "params": params, "loss": loss.item(), "world": acc.num_processes}, out_path)
+            torch.save({"grads": grads, "params": params, "loss": loss.item(), "world": acc.num_processes,
+                        "type": acc.distributed_type.value}, out_path)
 
     if __name__ == "__main__":
-        grads_after_one_step(sys.argv[1])
-        if len(sys.argv) > 2:   # then the whole training loop on 2 ranks: reduce, checkpoint, validation, export
-            import json
+        fsdp_on_cpu()
+        if sys.argv[1] != "none":
+            grads_after_one_step(sys.argv[1])
+        if len(sys.argv) > 2:   # then a whole run on 2 ranks: reduce, checkpoint, resume, validation, export
             from training.clip_stage import train
-            final = train(json.loads(sys.argv[2]))
-            print("FINAL", json.dumps(final))
+            common.reset_accelerator_state()
+            print("FINAL", json.dumps(train(json.loads(sys.argv[2]))))
 ''')
 
 
@@ -276,45 +298,103 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow   # ~45 s on the shared 2-core CPU: two fresh Python processes importing torch + transformers
-def test_two_process_gradients_match_single_process(shards, tmp_path):
-    script = tmp_path / "ddp_step.py"
-    script.write_text(DDP_SCRIPT)
+def _launch(tmp_path, launch_args, step_out="none", run_recipe=None):
+    """`accelerate launch` MULTI_PROCESS_SCRIPT on 2 CPU processes (one step, then one run)."""
+    script = tmp_path / "two_step.py"
+    script.write_text(MULTI_PROCESS_SCRIPT)
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    # `--cpu` alone would start ONE process (accelerate wants mpirun for multi-CPU); torchrun
-    # (`--multi_gpu`) starts two, and `Accelerator(cpu=True)` makes them a gloo (MULTI_CPU) group.
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    cmd = [str(accelerate), "launch", *launch_args, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(script), str(tmp_path / "ddp.pt"),
-           json.dumps(recipe(shards, tmp_path / "ddp_run", data__val=shards["val"], train__cpu=True,
-                             train__export=True, train__checkpoint_every=1, data__resume="reseed"))]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           str(script), str(step_out), *([json.dumps(run_recipe)] if run_recipe else [])]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    # the single-process reference on the whole global batch, computed while the launch runs
+
+def _finish(proc):
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def _two_processes(tmp_path, launch_args, run_recipe):
+    """The 2-process step and run; meanwhile the single-process reference step here.
+    Returns (the launch's output, its step, the reference step)."""
+    proc = _launch(tmp_path, launch_args, tmp_path / "multi.pt", run_recipe)
     sys.path.insert(0, str(tmp_path))
     try:
-        import ddp_step
-        ddp_step.grads_after_one_step(str(tmp_path / "single.pt"))
+        import two_step
+        two_step.grads_after_one_step(str(tmp_path / "single.pt"))
     finally:
         sys.path.remove(str(tmp_path))
-        sys.modules.pop("ddp_step", None)
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-4000:]
-    finals = [json.loads(l[6:]) for l in out.splitlines() if l.startswith("FINAL ")]
+        sys.modules.pop("two_step", None)
+    out = _finish(proc)
+    return out, torch.load(tmp_path / "multi.pt"), torch.load(tmp_path / "single.pt")
+
+
+def _assert_same_step(multi, single):
+    assert multi["world"] == 2 and single["world"] == 1
+    assert multi["loss"] == pytest.approx(single["loss"], abs=1e-5)
+    assert set(multi["grads"]) == set(single["grads"]) and len(multi["grads"]) > 10
+    for k in single["grads"]:   # (FSDP2 trains the 0-d logit_scale as shape [1])
+        torch.testing.assert_close(multi["grads"][k].reshape(single["grads"][k].shape), single["grads"][k],
+                                   rtol=1e-4, atol=1e-5, msg=k)
+    for k in single["params"]:
+        torch.testing.assert_close(multi["params"][k].reshape(single["params"][k].shape), single["params"][k],
+                                   rtol=0, atol=1e-5, msg=k)
+
+
+def _finals(out):
+    return [json.loads(l[6:]) for l in out.splitlines() if l.startswith("FINAL ")]
+
+
+@pytest.mark.slow   # ~45 s on the shared 2-core CPU: two fresh Python processes importing torch + transformers
+def test_two_process_gradients_match_single_process(shards, tmp_path):
+    # `--cpu` alone would start ONE process (accelerate wants mpirun for multi-CPU); torchrun
+    # (`--multi_gpu`) starts two, and `Accelerator(cpu=True)` makes them a gloo (MULTI_CPU) group.
+    out, ddp, single = _two_processes(tmp_path, ["--multi_gpu"], recipe(
+        shards, tmp_path / "ddp_run", data__val=shards["val"], train__cpu=True,
+        train__export=True, train__checkpoint_every=1, data__resume="reseed"))
+    finals = _finals(out)
     assert len(finals) == 2 and all(f["step"] == 2 for f in finals)
     final = max(finals, key=len)                                            # the main process's (with validation)
     assert final["step"] == 2 and final["samples_seen"] == 32 and "val/mean_recall" in final   # 8 x 2 ranks x 2
     assert len(read_metrics(tmp_path / "ddp_run")) == 3                      # one writer: 2 steps + 1 validation
     assert (tmp_path / "ddp_run" / "export" / "open_clip_model.safetensors").exists()
-    ddp, single = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "single.pt")
-    assert ddp["world"] == 2 and single["world"] == 1
-    assert ddp["loss"] == pytest.approx(single["loss"], abs=1e-5)
-    assert set(ddp["grads"]) == set(single["grads"]) and len(ddp["grads"]) > 10
-    for k in single["grads"]:
-        torch.testing.assert_close(ddp["grads"][k], single["grads"][k], rtol=1e-4, atol=1e-5, msg=k)
-    for k in single["params"]:
-        torch.testing.assert_close(ddp["params"][k], single["params"][k], rtol=0, atol=1e-5, msg=k)
+    assert ddp["type"] == "MULTI_CPU"
+    _assert_same_step(ddp, single)
+
+
+@pytest.mark.slow   # ~80 s: three 2-process launches
+def test_fsdp2_recipe_trains_resumes_and_exports(shards, tmp_path):
+    """`training/recipes/accelerate/fsdp.yaml` (FSDP2, sharded checkpoints) on 2 CPU processes:
+    the sharded step equals the single-process one, a stopped run resumes exactly from its
+    sharded checkpoint, validation runs on every rank, and the export gathers the shards."""
+    import open_clip_cxr
+    # the config as shipped, but wrapping only the decoder layers: cxr-llm-tiny has no EVA blocks
+    fsdp_args = ["--config_file", str(ROOT / "training" / "recipes" / "accelerate" / "fsdp.yaml"),
+                 "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
+    base = dict(train__cpu=True, data__resume="skip", data__epoch_samples=64, train__checkpoint_every=2)
+    out, fsdp, single = _two_processes(tmp_path, fsdp_args, recipe(
+        shards, tmp_path / "full", **base, data__val=shards["val"], train__export=True))
+    assert fsdp["type"] == "FSDP"
+    _assert_same_step(fsdp, single)
+    full = max(_finals(out), key=len)
+    assert full["step"] == 4 and "val/mean_recall" in full
+    # "killed" after the checkpoint at step 2, then resumed by a new launch
+    stopped = _finals(_finish(_launch(tmp_path, fsdp_args, run_recipe=recipe(
+        shards, tmp_path / "cut", **base, train__stop_after=2))))
+    assert [f["stopped_at"] for f in stopped] == [2, 2]
+    resumed = _finals(_finish(_launch(tmp_path, fsdp_args, run_recipe=recipe(shards, tmp_path / "cut", **base))))
+    assert [f["step"] for f in resumed] == [4, 4]
+    a = {x["step"]: x["loss"] for x in read_metrics(tmp_path / "full") if "loss" in x}
+    b = {x["step"]: x["loss"] for x in read_metrics(tmp_path / "cut") if "loss" in x}
+    assert sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):          # after the restart: restored from the sharded checkpoint
+        assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])
+    # the export: gathered from the shards, logit_scale back to OpenCLIP's 0-d shape, reloadable
+    model = open_clip_cxr.create_model(f"local-dir:{tmp_path / 'full' / 'export'}")
+    last = [x for x in read_metrics(tmp_path / "full") if "logit_scale" in x][-1]
+    assert model.logit_scale.shape == () and model.logit_scale.exp().item() == pytest.approx(last["logit_scale"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- recipes and CLI
@@ -333,6 +413,17 @@ def test_recipe_files_are_complete(name):
     for cfg in ("ddp_1node", "ddp_multinode", "fsdp", "deepspeed_zero2"):
         acc_cfg = common.load_recipe(str(ROOT / "training" / "recipes" / "accelerate" / f"{cfg}.yaml"))
         assert acc_cfg["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and acc_cfg["num_processes"] >= 8
+
+
+def test_fsdp_config_wraps_layers_that_cxr_llm_has():
+    """accelerate refuses to start when a class named in the FSDP wrap policy is missing."""
+    import open_clip_cxr
+    cfg = common.load_recipe(str(ROOT / "training" / "recipes" / "accelerate" / "fsdp.yaml"))["fsdp_config"]
+    with torch.device("meta"):   # the paper's 1.6B-parameter model, without memory or weights
+        model = open_clip_cxr.create_model("cxr-llm", pretrained_text=False, pretrained_image=False, device="meta")
+    classes = {type(m).__name__ for m in model.modules()}
+    wrapped = cfg["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert set(wrapped) <= classes, set(wrapped) - classes
 
 
 def test_cli_train_clip(shards, tmp_path, capsys):

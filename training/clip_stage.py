@@ -135,6 +135,18 @@ class ContrastiveModel(nn.Module):
         super().__init__()
         self.clip, self.cached = clip, cached
 
+    @property
+    def text(self):   # what `eval.encode.check_tokens` reads the vocabulary and context from
+        return self.clip.text
+
+    # validation through the wrapper: under FSDP2 only the wrapper's registered methods gather
+    # the shards (see `shard_ready`)
+    def encode_image(self, images, normalize: bool = False):
+        return self.clip.encode_image(images, normalize=normalize)
+
+    def encode_text(self, text, normalize: bool = False):
+        return self.clip.encode_text(text, normalize=normalize)
+
     def forward(self, images, text):
         image_features = F.normalize(self.clip.encode_image(images), dim=-1)
         if self.cached:
@@ -142,6 +154,47 @@ class ContrastiveModel(nn.Module):
         else:
             text_features = F.normalize(self.clip.encode_text(text), dim=-1)
         return image_features, text_features, self.clip.logit_scale.exp(), self.clip.logit_bias
+
+
+# ---------------------------------------------------------------- FSDP2
+
+SCALAR_PARAMS = ("logit_scale", "logit_bias")
+
+
+def is_fsdp2(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+    return accelerator.distributed_type == DistributedType.FSDP and bool(getattr(accelerator, "is_fsdp2", False))
+
+
+def scalars_to_1d(clip) -> None:
+    """FSDP2 shards every parameter along dim 0 and refuses 0-d ones, such as OpenCLIP's
+    logit_scale: under FSDP2 they train as shape [1] (`full_state_dict` turns them back)."""
+    for name in SCALAR_PARAMS:
+        p = getattr(clip, name, None)
+        if isinstance(p, nn.Parameter) and p.ndim == 0:
+            setattr(clip, name, nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad))
+
+
+def shard_ready(net) -> None:
+    """After FSDP2 has wrapped `net`: its encode methods gather the shards as `forward` does."""
+    from torch.distributed.fsdp import register_fsdp_forward_method
+    for method in ("encode_image", "encode_text"):
+        register_fsdp_forward_method(net, method)
+
+
+def full_value(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value (a collective on every rank for an FSDP2 shard)."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def load_full_state_dict(clip, full: dict) -> None:
+    """Load the gathered state dict of a `ContrastiveModel` into a freshly built `clip`, exactly
+    (strict), with FSDP2's [1]-shaped scalars put back to OpenCLIP's 0-d shape."""
+    target = ContrastiveModel(clip)
+    shapes = {k: v.shape for k, v in target.state_dict().items()}
+    full = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == 1 and v.shape != shapes[k] else v
+            for k, v in full.items()}
+    target.load_state_dict(full, strict=True)
 
 
 def param_groups(model, recipe: dict) -> list:
@@ -328,6 +381,11 @@ def train(recipe: dict) -> dict:
         accelerator.wait_for_everyone()
         lookup = cached_text.TextFeatureCache(cache_dir)
 
+    # counted before `prepare`, where the device or FSDP shards
+    vision_flops, text_flops = train_flops(model, recipe, next(model.parameters()).device, model.visual.image_size[0])
+    fsdp2 = is_fsdp2(accelerator)
+    if fsdp2:
+        scalars_to_1d(model)
     optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=tuple(recipe["optim"]["betas"]),
                                   eps=recipe["optim"]["eps"])                 # 3. optimiser + schedule
     if accelerator.state.deepspeed_plugin is not None:   # no prepared DataLoader to read it from
@@ -335,6 +393,8 @@ def train(recipe: dict) -> dict:
             recipe["data"]["batch_size"]
     net, optimizer = accelerator.prepare(ContrastiveModel(model, cached), optimizer)
     clip = accelerator.unwrap_model(net).clip
+    if fsdp2:
+        shard_ready(net)
     loss_fn = build_loss(recipe, accelerator)
 
     probe = train_loader(recipe, pre_train, tokenizer, accelerator, recipe["seed"], cached)
@@ -354,7 +414,6 @@ def train(recipe: dict) -> dict:
         resume_from_checkpoint(accelerator, out_dir, state, None if resume == "auto" else resume,
                                strict=not r_train["trainable_only_checkpoints"])
 
-    vision_flops, text_flops = train_flops(clip, recipe, accelerator.device, clip.visual.image_size[0])
     peak = peak_flops(accelerator.device, accelerator.mixed_precision if accelerator.mixed_precision != "no"
                       else torch.float32) * accelerator.num_processes
     meter = Throughput(flops_per_sample=vision_flops, flops_per_token=text_flops, peak=peak)
@@ -404,7 +463,7 @@ def train(recipe: dict) -> dict:
                 dt, t0, paused = time.perf_counter() - t0 - paused, time.perf_counter(), 0.0
                 speed = meter.stats(dt)
                 rec = {"step": state.step, "epoch": state.epoch, "loss": loss_avg, "lr": lr,
-                       **speed, "logit_scale": clip.logit_scale.exp().item(), "samples_seen": state.samples_seen}
+                       **speed, "logit_scale": full_value(clip.logit_scale).exp().item(), "samples_seen": state.samples_seen}
                 if main:
                     log_line(state.step, {k: v for k, v in rec.items() if k not in ("step", "samples_seen")})
                     metrics.write(rec)
@@ -432,7 +491,7 @@ def train(recipe: dict) -> dict:
         state.step_in_epoch = 0
         if recipe["data"]["val"]:
             t_val = time.perf_counter()
-            val = validate(accelerator, clip, pre_val, tokenizer, recipe["data"]["val"], r_train["val_batch_size"])
+            val = validate(accelerator, net if fsdp2 else clip, pre_val, tokenizer, recipe["data"]["val"], r_train["val_batch_size"])
             if main:
                 print("validation: " + ", ".join(f"{k[4:]} {v:.3f}" for k, v in val.items()), flush=True)
                 metrics.write({"step": state.step, "epoch": state.epoch, **val})
@@ -450,7 +509,7 @@ def train(recipe: dict) -> dict:
             full = accelerator.get_state_dict(net)
             if main:
                 clip = build_model(recipe)[0]
-                ContrastiveModel(clip).load_state_dict(full, strict=False)
+                load_full_state_dict(clip, full)
     if r_train["export"] and main:
         if recipe["vision"]["mode"] == "lora":
             merge_vision_lora(clip)
