@@ -2,6 +2,7 @@
 
     python bench/gpu_cxr_llm.py                 # H100: batch 64, 336 px, 256 report tokens
     python bench/gpu_cxr_llm.py --tiny          # cxr-llm-tiny on the CPU: checks the script works
+    python bench/gpu_cxr_llm.py --profile 3     # and where the time goes, op by op
 
 Self-contained: synthetic images (336 px) and synthetic token ids, no shards, no tokenizer,
 no downloads (`pretrained_text=False, pretrained_image=False`). The step is the one
@@ -112,6 +113,24 @@ def compile_blocks(model):
     return len(blocks)
 
 
+def profile_steps(step, images, tokens, device, n_steps: int, rows: int = 30):
+    """Where a step's time goes: torch.profiler over `n_steps` steps, the ops with the most self
+    time (device time on a GPU), printed and written to $OUT/gpu_cxr_llm_profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(n_steps):
+            step(images, tokens)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows)
+    print(table, flush=True)
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "gpu_cxr_llm_profile.txt"), "w") as f:
+            f.write(table)
+
+
 def run(args, device, dtype, bsz, grad_ckpt):
     name = "cxr-llm-tiny" if args.tiny else "cxr-llm"
     model, recipe = build(name, device, grad_ckpt)
@@ -145,6 +164,8 @@ def run(args, device, dtype, bsz, grad_ckpt):
             print(f"time budget reached after {i + 1} steps", flush=True)
             break
     ms = 1000 * sorted(times)[len(times) // 2]
+    if args.profile:
+        profile_steps(step, images, tokens, device, args.profile)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
     if grad_ckpt:   # count model FLOPs without the recomputation
         model.visual.set_grad_checkpointing(False)
@@ -181,6 +202,8 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block (regional)")
     p.add_argument("--frozen-bf16", action="store_true", help="store the frozen text base in bf16")
     p.add_argument("--budget-s", type=float, default=150, help="stop the timed steps after this many seconds")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="then profile N more steps: the ops that take the time (not counted in the timing)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.bfloat16
