@@ -381,9 +381,11 @@ def train(recipe: dict) -> dict:
         accelerator.wait_for_everyone()
         lookup = cached_text.TextFeatureCache(cache_dir)
 
-    # counted before `prepare`, where the device or FSDP shards
-    vision_flops, text_flops = train_flops(model, recipe, next(model.parameters()).device, model.visual.image_size[0])
     fsdp2 = is_fsdp2(accelerator)
+    if not fsdp2:
+        model.to(accelerator.device)   # as `prepare` would; FSDP2 shards from where the model is
+    # counted before `prepare` (whose FSDP2 shards cannot run a forward outside the wrapper)
+    vision_flops, text_flops = train_flops(model, recipe, next(model.parameters()).device, model.visual.image_size[0])
     if fsdp2:
         scalars_to_1d(model)
     optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=tuple(recipe["optim"]["betas"]),
