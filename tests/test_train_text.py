@@ -206,6 +206,57 @@ def test_supcon_masks_identical_texts_and_padding():
     assert torch.allclose(supcon_loss(a, p, neg, negative_valid=valid), supcon_loss(a, p, neg[valid]), atol=1e-6)
 
 
+def _supcon_inputs(world=2, b=3, h=2, d=8):
+    """Every rank's anchors, positives, hard negatives (+ valid flags) and text keys, made alike on
+    each rank; rank 1's positive 0 is the same text as rank 0's positive 1 (masked across ranks)."""
+    g = torch.Generator().manual_seed(0)
+    a, p, n = torch.randn(world * b, d, generator=g), torch.randn(world * b, d, generator=g), \
+        torch.randn(world * h, d, generator=g)
+    valid = torch.tensor([True, False] * (world * h // 2))
+    ak, pk = torch.arange(100, 100 + world * b), torch.arange(200, 200 + world * b)
+    pk[b] = pk[1]
+    return a, p, n, valid, ak, pk
+
+
+def _supcon_rank(rank, world, port, out):
+    import os
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    a, p, n, valid, ak, pk = _supcon_inputs(world)
+    b, h = a.shape[0] // world, n.shape[0] // world
+    mine = [x[rank * b:(rank + 1) * b].clone().requires_grad_(True) for x in (a, p)]
+    neg = n[rank * h:(rank + 1) * h].clone().requires_grad_(True)
+    loss = supcon_loss(mine[0], mine[1], neg, 0.05, ak[rank * b:(rank + 1) * b], pk[rank * b:(rank + 1) * b],
+                       valid[rank * h:(rank + 1) * h], symmetric=True)
+    loss.backward()
+    torch.save({"loss": loss.item(), "grads": [mine[0].grad, mine[1].grad, neg.grad]}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_supcon_across_two_processes_equals_one_process(tmp_path):
+    """Two gloo processes, each with half of the pairs and hard negatives: the mean of their losses
+    is the one-process loss on the whole batch, and each process's gradients (summed over both
+    losses by the all-gather) are twice the one-process gradient of its rows."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_supcon_rank, args=(2, port, str(tmp_path / "rank")), nprocs=2)
+    a, p, n, valid, ak, pk = [x.clone() for x in _supcon_inputs(2)]
+    for x in (a, p, n):
+        x.requires_grad_(True)
+    loss = supcon_loss(a, p, n, 0.05, ak, pk, valid, symmetric=True)
+    loss.backward()
+    ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(2)]
+    assert sum(r["loss"] for r in ranks) / 2 == pytest.approx(loss.item(), abs=1e-5)
+    for i, full in enumerate((a.grad, p.grad, n.grad)):
+        torch.testing.assert_close(torch.cat([r["grads"][i] for r in ranks]) / 2, full, atol=1e-6, rtol=1e-4)
+    # the cross-process duplicate really is masked: without keys the loss differs
+    assert supcon_loss(a, p, n, 0.05, None, None, valid, symmetric=True).item() != pytest.approx(loss.item(), abs=1e-4)
+
+
 def test_make_example_pairs_and_hard_negatives():
     r = reports()[2]
     tasks = set()
