@@ -399,6 +399,29 @@ def test_rerun_resumes_instead_of_restarting(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]     # MNTP reused from its adapter, supcon went on from step 4
 
 
+def test_kill_and_resume_matches_uninterrupted(tmp_path):
+    """Stopped mid-way through the contrastive step (after its checkpoint), then rerun: the steps
+    after the restart have the uninterrupted run's losses (data, optimiser, schedule and RNG restored)."""
+    from training.text_stage import train
+    over = {"supcon.steps": 4, "supcon.cache": True, "supcon.lora.dropout": 0.1,   # dropout: the RNG must resume too
+            "train.checkpoint_every": 100, "eval.enabled": False}
+    for run in ("full", "cut"):
+        (tmp_path / run).mkdir()
+    train(tiny_recipe(tmp_path / "full", **over))
+    common.reset_accelerator_state()
+    assert train(tiny_recipe(tmp_path / "cut", **over, **{"train.stop_after": 4})) == {"stopped_at": 4}
+    common.reset_accelerator_state()
+    assert train(tiny_recipe(tmp_path / "cut", **over))["supcon_steps"] == 4
+
+    def losses(run):
+        rows = (tmp_path / run / "stage1" / "metrics.jsonl").read_text().splitlines()
+        return {r["step"]: r["loss"] for r in map(json.loads, rows) if "loss_mean" not in r}
+    full, cut = losses("full"), losses("cut")
+    assert sorted(cut) == sorted(full) == [1, 2, 3, 4, 5, 6]     # 2 MNTP + 4 contrastive steps
+    for step in (5, 6):
+        assert cut[step] == pytest.approx(full[step], abs=1e-6), (step, full[step], cut[step])
+
+
 def test_reports_from_shards(tmp_path):
     from training.text_stage import load_reports
     tar = tmp_path / "train-000000.tar"

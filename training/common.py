@@ -398,7 +398,8 @@ def peak_flops(device, dtype=torch.bfloat16, measure: bool = False) -> float:
     if key not in _PEAK_CACHE:
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name, torch.float32)
         n = 1024
-        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        g = torch.Generator().manual_seed(0)   # its own: the global RNG (dropout, resume) stays untouched
+        a, b = torch.randn(n, n, dtype=dt, generator=g), torch.randn(n, n, dtype=dt, generator=g)
         a @ b  # warm-up
         reps, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < 0.2:

@@ -236,6 +236,11 @@ class MNTPModel(nn.Module):
         return loss / total
 
 
+class StopAfter(Exception):
+    """`train.stop_after` reached: the checkpoint is written and the run ends there (a planned
+    interruption; rerunning the same recipe resumes from it)."""
+
+
 def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, start_step, make_batch, step_fn,
                 tokens_flops, writer):
     """Optimise `module` for cfg['steps'] steps after global step `start_step`; checkpoints under
@@ -296,8 +301,14 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
                                              **stats, **({"lr_head": lrs[-1]} if len(lrs) > 1 else {})})
                 writer.write({**record, "loss_mean": sum(losses) / len(losses), **stats})
             losses = []
-        if (ckpt_every and state.step % ckpt_every == 0) or done:
+        stop = recipe["train"].get("stop_after")
+        stopping = bool(stop) and state.step >= int(stop) and not done
+        if (ckpt_every and state.step % ckpt_every == 0) or done or stopping:
             common.save_checkpoint(accelerator, work, state, keep_last=1)
+        if stopping:
+            bar.close()
+            accelerator.end_training()
+            raise StopAfter(state.step)
     bar.close()
     module = accelerator.unwrap_model(module)
     accelerator.free_memory()
@@ -307,7 +318,15 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
 # ---------------------------------------------------------------- the stage
 
 def train(recipe: dict) -> dict:
-    """Run stage 1 per `recipe` (see the CPU recipe for every key); returns a summary dict."""
+    """Run stage 1 per `recipe` (see the CPU recipe for every key); returns a summary dict
+    (`{"stopped_at": step}` when `train.stop_after` ends it early)."""
+    try:
+        return _train(recipe)
+    except StopAfter as stop:
+        return {"stopped_at": stop.args[0]}
+
+
+def _train(recipe: dict) -> dict:
     t0 = time.time()
     recipe = dict(recipe)
     recipe.setdefault("train", {})
