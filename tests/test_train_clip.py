@@ -298,14 +298,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(tmp_path, launch_args, step_out="none", run_recipe=None):
+def _launch(tmp_path, launch_args, step_out="none", run_recipe=None, port=None):
     """`accelerate launch` MULTI_PROCESS_SCRIPT on 2 CPU processes (one step, then one run)."""
     script = tmp_path / "two_step.py"
     script.write_text(MULTI_PROCESS_SCRIPT)
     accelerate = Path(sys.executable).with_name("accelerate")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    cmd = [str(accelerate), "launch", *launch_args, "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    if "--num_machines" not in launch_args:
+        launch_args = [*launch_args, "--num_machines", "1"]
+    cmd = [str(accelerate), "launch", *launch_args, "--num_processes", "2",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port or _free_port()),
            str(script), str(step_out), *([json.dumps(run_recipe)] if run_recipe else [])]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -362,6 +364,22 @@ def test_two_process_gradients_match_single_process(shards, tmp_path):
     assert (tmp_path / "ddp_run" / "export" / "open_clip_model.safetensors").exists()
     assert ddp["type"] == "MULTI_CPU"
     _assert_same_step(ddp, single)
+
+
+@pytest.mark.slow   # ~40 s
+def test_multinode_config_runs_as_two_nodes_on_one_machine(shards, tmp_path):
+    """`ddp_multinode.yaml` as two "nodes" of one process each, both on localhost (static
+    rendezvous, node 0's address): both train, one writes, the export exists."""
+    cfg = str(ROOT / "training" / "recipes" / "accelerate" / "ddp_multinode.yaml")
+    port = _free_port()
+    run = recipe(shards, tmp_path / "run", data__val=shards["val"], train__cpu=True, train__export=True)
+    nodes = [_launch(tmp_path, ["--config_file", cfg, "--num_machines", "2", "--machine_rank", str(rank),
+                                "--main_process_ip", "127.0.0.1"], run_recipe=run, port=port) for rank in (0, 1)]
+    finals = [f for proc in nodes for f in _finals(_finish(proc))]
+    assert len(finals) == 2 and all(f["step"] == 2 and f["samples_seen"] == 32 for f in finals)
+    assert "val/mean_recall" in finals[0] and "val/mean_recall" not in finals[1]   # node 0 holds the main process
+    assert len(read_metrics(tmp_path / "run")) == 3
+    assert (tmp_path / "run" / "export" / "open_clip_model.safetensors").exists()
 
 
 @pytest.mark.slow   # ~80 s: three 2-process launches
