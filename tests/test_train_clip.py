@@ -389,13 +389,16 @@ def test_multinode_config_runs_as_two_nodes_on_one_machine(shards, tmp_path):
 @pytest.mark.slow   # ~80 s: three 2-process launches
 def test_fsdp2_recipe_trains_resumes_and_exports(shards, tmp_path):
     """`training/recipes/accelerate/fsdp.yaml` (FSDP2, sharded checkpoints) on 2 CPU processes:
-    the sharded step equals the single-process one, a stopped run resumes exactly from its
-    sharded checkpoint, validation runs on every rank, and the export gathers the shards."""
+    the sharded step equals the single-process one, a stopped run (gradient checkpointing on)
+    resumes exactly from its sharded checkpoint, validation runs on every rank, and the export
+    gathers the shards."""
     import open_clip_cxr
     # the config as shipped, but wrapping only the decoder layers: cxr-llm-tiny has no EVA blocks
     fsdp_args = ["--config_file", str(ROOT / "training" / "recipes" / "accelerate" / "fsdp.yaml"),
                  "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"]
-    base = dict(train__cpu=True, data__resume="skip", data__epoch_samples=64, train__checkpoint_every=2)
+    # with gradient checkpointing, as the paper's recipe trains
+    base = dict(train__cpu=True, data__resume="skip", data__epoch_samples=64, train__checkpoint_every=2,
+                train__grad_checkpointing=True)
     out, fsdp, single = _two_processes(tmp_path, fsdp_args, recipe(
         shards, tmp_path / "full", **base, data__val=shards["val"], train__export=True))
     assert fsdp["type"] == "FSDP"
