@@ -162,8 +162,7 @@ SCALAR_PARAMS = ("logit_scale", "logit_bias")
 
 
 def is_fsdp2(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-    return accelerator.distributed_type == DistributedType.FSDP and bool(getattr(accelerator, "is_fsdp2", False))
+    return bool(getattr(accelerator, "is_fsdp2", False))   # absent from older accelerate releases
 
 
 def scalars_to_1d(clip) -> None:
@@ -189,12 +188,13 @@ def full_value(p: torch.Tensor) -> torch.Tensor:
 
 def load_full_state_dict(clip, full: dict) -> None:
     """Load the gathered state dict of a `ContrastiveModel` into a freshly built `clip`, exactly
-    (strict), with FSDP2's [1]-shaped scalars put back to OpenCLIP's 0-d shape."""
-    target = ContrastiveModel(clip)
-    shapes = {k: v.shape for k, v in target.state_dict().items()}
-    full = {k: v.reshape(shapes[k]) if k in shapes and v.numel() == 1 and v.shape != shapes[k] else v
-            for k, v in full.items()}
-    target.load_state_dict(full, strict=True)
+    (strict), undoing `scalars_to_1d`."""
+    full = dict(full)
+    for name in SCALAR_PARAMS:
+        key, p = f"clip.{name}", getattr(clip, name, None)
+        if key in full and p is not None:
+            full[key] = full[key].reshape(p.shape)
+    ContrastiveModel(clip).load_state_dict(full, strict=True)
 
 
 def param_groups(model, recipe: dict) -> list:

@@ -261,6 +261,7 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
                 scheduler.step()
     accum = accelerator.gradient_accumulation_steps
     log_every, ckpt_every = int(recipe["train"].get("log_every", 10)), int(recipe["train"].get("checkpoint_every", 0))
+    stop_after = int(recipe["train"].get("stop_after") or 0)
     peak = common.peak_flops(accelerator.device, torch.bfloat16, measure=accelerator.device.type == "cpu")
     meter = common.Throughput(flops_per_token=tokens_flops, peak=peak * accelerator.num_processes)
     bar = common.progress_bar(steps, state.step - start_step, not accelerator.is_main_process, desc=name)
@@ -301,8 +302,7 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
                                              **stats, **({"lr_head": lrs[-1]} if len(lrs) > 1 else {})})
                 writer.write({**record, "loss_mean": sum(losses) / len(losses), **stats})
             losses = []
-        stop = recipe["train"].get("stop_after")
-        stopping = bool(stop) and state.step >= int(stop) and not done
+        stopping = bool(stop_after) and state.step >= stop_after and not done
         if (ckpt_every and state.step % ckpt_every == 0) or done or stopping:
             common.save_checkpoint(accelerator, work, state, keep_last=1)
         if stopping:
