@@ -18,7 +18,7 @@ import open_clip  # noqa: E402
 import open_clip_cxr  # noqa: F401,E402  (registers the models)
 from open_clip_cxr.eval.robustness import openi_reports, run_robustness  # noqa: E402
 from training.supcon import length_chunks  # noqa: E402
-from training.text_stage import FrozenCast  # noqa: E402
+from training.speedups import FrozenCast  # noqa: E402
 
 
 def layer_means(tower, tokenizer, texts, max_tokens=2048):

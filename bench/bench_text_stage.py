@@ -49,7 +49,8 @@ def tower_column(name: str, seed: int):
 
 
 def evaluate_column(column: str, reports, seed: int, max_tokens: int) -> dict:
-    from training.text_stage import FrozenCast, tower_encode_fn
+    from training.speedups import FrozenCast
+    from training.text_stage import tower_encode_fn
     if column == "bow":
         return run_robustness(reports, bow_encode_fn(), seed=seed)
     if column == "minilm":

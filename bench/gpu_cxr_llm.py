@@ -33,7 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import open_clip_cxr  # noqa: E402,F401  (registers the models)
 from training.clip_stage import (ContrastiveModel, build_loss, compute_loss, configure_trainable,  # noqa: E402
-                                 param_groups, with_defaults)
+                                 param_groups, transformer_blocks, with_defaults)
+from training.speedups import FrozenCast, compile_blocks  # noqa: E402
 from training.common import peak_flops  # noqa: E402
 
 
@@ -96,23 +97,6 @@ def estimate_flops(model, text_len):
     return 6 * n_vis * tokens + (4 * (n_all - n_train) + 6 * n_train) * text_len
 
 
-def frozen_to_low_precision(model, dtype):
-    """Store the frozen text base in `dtype`: autocast would cast those 1.2B weights every step."""
-    for p in model.text.transformer.parameters():
-        if not p.requires_grad and p.is_floating_point():
-            p.data = p.data.to(dtype)
-
-
-def compile_blocks(model):
-    """Regional compilation: each transformer block on its own (repeated blocks share one graph),
-    so compilation takes seconds to a minute rather than minutes for the whole model."""
-    blocks = list(getattr(model.visual.trunk, "blocks", []))
-    blocks += list(model.text.transformer.base_llm().layers)
-    for block in blocks:
-        block.compile()
-    return len(blocks)
-
-
 def profile_steps(step, images, tokens, device, n_steps: int, rows: int = 30):
     """Where a step's time goes: torch.profiler over `n_steps` steps, the ops with the most self
     time (device time on a GPU), printed and written to $OUT/gpu_cxr_llm_profile.txt."""
@@ -134,8 +118,8 @@ def profile_steps(step, images, tokens, device, n_steps: int, rows: int = 30):
 def run(args, device, dtype, bsz, grad_ckpt):
     name = "cxr-llm-tiny" if args.tiny else "cxr-llm"
     model, recipe = build(name, device, grad_ckpt)
-    if args.frozen_bf16:
-        frozen_to_low_precision(model, dtype)
+    if args.frozen_bf16:   # what `train.frozen_low_precision` does in training (the fp32 masters wait on the CPU)
+        FrozenCast(model.text.transformer, dtype, masters_device="cpu")
     net, loss_fn = ContrastiveModel(model), build_loss(recipe, _Acc())
     opt = torch.optim.AdamW(param_groups(model, recipe), betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -143,7 +127,7 @@ def run(args, device, dtype, bsz, grad_ckpt):
     if args.compile:  # count FLOPs on the eager model, then compile
         fl_measured = measured_flops(net, loss_fn, model, args.text_len, device, dtype, gen)
         t = time.perf_counter()
-        print(f"compiling {compile_blocks(model)} blocks", flush=True)
+        print(f"compiling {compile_blocks(transformer_blocks(model), True)} blocks", flush=True)
     step = step_fn(net, loss_fn, opt, dtype, device)
     images, tokens = batch(model, bsz, args.text_len, device, gen)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from training import common
-from training.clip_stage import (ContrastiveModel, build_loss, build_model, compute_loss,
-                                 epoch_batches, merge_vision_lora, param_groups, train, with_defaults)
+from training.clip_stage import (ContrastiveModel, build_loss, build_model, compute_loss, epoch_batches,
+                                 frozen_base_cast, merge_vision_lora, param_groups, train, transformer_blocks,
+                                 with_defaults)
 
 ROOT = Path(__file__).resolve().parents[1]
 FINDINGS = ["no acute cardiopulmonary process", "right lower lobe pneumonia", "large left pleural effusion",
@@ -175,6 +176,78 @@ def test_siglip_and_vision_lora(shards):
     merge_vision_lora(model)
     assert not any("lora_" in n for n, _ in model.visual.named_parameters())
     torch.testing.assert_close(model.encode_image(x), before, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- speed options
+
+def test_frozen_base_in_bf16_keeps_trainables_fp32_and_restores_exact_weights(shards):
+    r = with_defaults(recipe(shards, "unused", train__mixed_precision="bf16", train__cpu=True))
+    acc = common.setup_accelerator(r)
+    model, *_ = build_model(r)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cast = frozen_base_cast(model, r, acc)
+    frozen = {n for n, p in model.text.transformer.llm.named_parameters() if not p.requires_grad}
+    assert frozen and cast.n_cast == sum(p.numel() for p in model.text.transformer.llm.parameters() if not p.requires_grad)
+    for n, p in model.named_parameters():
+        short = n[len("text.transformer.llm."):]
+        assert p.dtype == (torch.bfloat16 if n.startswith("text.transformer.llm.") and short in frozen
+                           else torch.float32), n
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    # a bf16 autocast step runs and reaches the LoRA adapters
+    g = torch.Generator().manual_seed(0)
+    with acc.autocast():
+        out = ContrastiveModel(model)(torch.randn(4, 3, 64, 64, generator=g), torch.randint(4, 200, (4, 10), generator=g))
+        loss = compute_loss(build_loss(r, acc), out)
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+    cast.restore()
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+    # off without mixed precision (nothing to cast to) and in the cached mode (no LLM in the step)
+    common.reset_accelerator_state()
+    fp32 = with_defaults(recipe(shards, "unused"))
+    assert frozen_base_cast(model, fp32, common.setup_accelerator(fp32)).n_cast == 0
+    assert frozen_base_cast(model, {**r, "text": {**r["text"], "cached": True}}, acc).n_cast == 0
+
+
+def test_frozen_bf16_base_run_exports_the_fp32_base(shards, tmp_path):
+    def gate_weights(export_dir):
+        from safetensors.torch import load_file
+        sd = load_file(str(Path(export_dir) / "open_clip_model.safetensors"))
+        return {k: v for k, v in sd.items() if "gate_proj" in k}
+    runs = {}
+    for on in (True, False):
+        common.reset_accelerator_state()
+        runs[on] = train(recipe(shards, tmp_path / str(on), train__mixed_precision="bf16", train__cpu=True,
+                                train__frozen_low_precision=on, train__export=True))
+    cast, plain = gate_weights(runs[True]["export_dir"]), gate_weights(runs[False]["export_dir"])
+    assert cast and cast.keys() == plain.keys()
+    for k in cast:   # frozen, never LoRA-adapted: the exact fp32 weights, not their bf16 copy
+        assert cast[k].dtype == torch.float32 and torch.equal(cast[k], plain[k]), k
+        assert not torch.equal(cast[k], cast[k].bfloat16().float()), k
+    # the same step in bf16, whether autocast casts the weights or they are stored cast
+    a = [x["loss"] for x in read_metrics(tmp_path / "True") if "loss" in x]
+    b = [x["loss"] for x in read_metrics(tmp_path / "False") if "loss" in x]
+    assert a[0] == pytest.approx(b[0], rel=2e-2)
+
+
+def test_compiled_blocks_train_like_eager_with_the_same_checkpoint_keys(shards, tmp_path):
+    from safetensors.torch import load_file
+    model, *_ = build_model(with_defaults(recipe(shards, "unused")))
+    blocks = transformer_blocks(model)
+    assert len(blocks) == len(model.visual.trunk.blocks) + model.text.config.llm_config().num_hidden_layers
+    assert len(transformer_blocks(model, cached=True)) == len(model.visual.trunk.blocks)
+    losses, keys = {}, {}
+    # aot_eager: the real dynamo + AOTAutograd tracing in seconds (inductor's C++ build takes minutes
+    # here); fp32, so the compiled step must match the eager one to rounding
+    for name, comp in (("eager", False), ("compiled", {"backend": "aot_eager"})):
+        common.reset_accelerator_state()
+        train(recipe(shards, tmp_path / name, train__compile=comp, train__checkpoint_every=2))
+        losses[name] = [x["loss"] for x in read_metrics(tmp_path / name) if "loss" in x]
+        keys[name] = set(load_file(str(tmp_path / name / "checkpoints" / "checkpoint-4" / "model.safetensors")))
+    assert len(losses["compiled"]) == 4
+    np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-4)
+    assert keys["compiled"] == keys["eager"]   # in-place compilation: no `_orig_mod.` prefixes
 
 
 # ---------------------------------------------------------------- resume

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import cached_text
+from training.speedups import FrozenCast, compile_blocks
 from training.common import (MetricsWriter, Throughput, TrainState, cosine_with_warmup, data_seed,
                              flops_per_sample_transformer, get_by_path, init_tracking, keep_trainable_only,
                              list_checkpoints, load_recipe, log_line,
@@ -50,7 +51,8 @@ DEFAULT_RECIPE = {
     "train": {"epochs": 1, "max_steps": None, "mixed_precision": "no", "grad_accum_steps": 1,
               "grad_checkpointing": False, "log_every": 10, "checkpoint_every": 500, "keep_last": 2,
               "resume": "auto", "stop_after": None, "log_with": "tensorboard", "export": True,
-              "val_batch_size": 64, "trainable_only_checkpoints": True, "cpu": False, "num_threads": None},
+              "val_batch_size": 64, "trainable_only_checkpoints": True, "cpu": False, "num_threads": None,
+              "frozen_low_precision": True, "compile": False},
 }
 
 
@@ -125,6 +127,32 @@ def merge_vision_lora(model) -> None:
             module.merge()
             parent = model.visual.trunk.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model.visual.trunk
             setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+
+
+def frozen_base_cast(model, recipe: dict, accelerator) -> FrozenCast:
+    """With `train.frozen_low_precision` and bf16/fp16 mixed precision, the frozen text base
+    stored in that dtype; its fp32 masters wait on the CPU for the export. Off in the cached
+    mode (no LLM in the step) and under FSDP/DeepSpeed, which set parameter dtypes themselves
+    (FSDP2 wants one dtype per wrapped block)."""
+    from accelerate.utils import DistributedType
+    tower = model.text.transformer
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    if not recipe["train"]["frozen_low_precision"] or low is None or recipe["text"]["cached"]:
+        return FrozenCast(tower, None)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        accelerator.print("train.frozen_low_precision: not applied under FSDP/DeepSpeed")
+        return FrozenCast(tower, None)
+    return FrozenCast(tower, low, masters_device="cpu")
+
+
+def transformer_blocks(model, cached: bool = False) -> list:
+    """The repeated blocks that `train.compile` compiles: the vision trunk's `blocks` (timm)
+    and, unless the text is cached, the decoder's layers."""
+    blocks = getattr(getattr(model.visual, "trunk", None), "blocks", None)
+    out = list(blocks) if isinstance(blocks, (nn.ModuleList, nn.Sequential)) else []
+    if not cached:
+        out += list(model.text.transformer.base_llm().layers)
+    return out
 
 
 class ContrastiveModel(nn.Module):
@@ -386,6 +414,12 @@ def train(recipe: dict) -> dict:
         model.to(accelerator.device)   # as `prepare` would; FSDP2 shards from where the model is
     # counted before `prepare` (whose FSDP2 shards cannot run a forward outside the wrapper)
     vision_flops, text_flops = train_flops(model, recipe, next(model.parameters()).device, model.visual.image_size[0])
+    cast = frozen_base_cast(model, recipe, accelerator)
+    if cast.n_cast:
+        accelerator.print(f"frozen text base in {accelerator.mixed_precision}: {cast.n_cast / 1e6:.0f}M weights")
+    if r_train["compile"]:
+        accelerator.print(f"compiling {compile_blocks(transformer_blocks(model, cached), r_train['compile'])} "
+                          f"blocks (torch.compile, one block at a time)")
     if fsdp2:
         scalars_to_1d(model)
     optimizer = torch.optim.AdamW(param_groups(model, recipe), betas=tuple(recipe["optim"]["betas"]),
@@ -513,6 +547,7 @@ def train(recipe: dict) -> dict:
                 clip = build_model(recipe)[0]
                 load_full_state_dict(clip, full)
     if r_train["export"] and main:
+        cast.restore()   # the exact fp32 base, not its bf16 copy
         if recipe["vision"]["mode"] == "lora":
             merge_vision_lora(clip)
         clip.to("cpu").float()

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from training import common
+from training.speedups import FrozenCast
 from training.mntp import LORA_TARGETS, mntp_loss, mask_tokens, resolve_mask_token_id, special_token_ids, IGNORE
 from open_clip_cxr.text.instructions import with_instruction
 from training.supcon import (INSTRUCTIONS, CachedEmbedder, Embedder, Example, TextStateCache, length_chunks,
@@ -162,25 +163,6 @@ def set_lora(tower, lora: Optional[dict]):
                              "dropout": lora.get("dropout", 0.05), "target_modules": lora_targets(tower, lora)}
         tower.enable_lora()
     return tower
-
-
-class FrozenCast:
-    """Store the frozen decoder weights in a low precision (autocast would re-cast each one at
-    every call: a third of the CPU time); keep fp32 masters so LoRA merges into exact weights."""
-
-    def __init__(self, tower, dtype: Optional[torch.dtype]):
-        self.masters = {}
-        if dtype is None:
-            return
-        for p in tower.llm.parameters():
-            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
-                self.masters[p] = p.data
-                p.data = p.data.to(dtype)
-
-    def restore(self):
-        for p, data in self.masters.items():
-            p.data = data
-        self.masters = {}
 
 
 def trainable(module) -> List[nn.Parameter]:
