@@ -470,6 +470,8 @@ def train(recipe: dict) -> dict:
             if state.step_in_epoch >= steps_per_epoch:
                 break
             text = lookup(keys) if cached else text
+            # counted on the host: `int()` of a GPU tensor would stall the queue of kernels every step
+            n_tokens = 0 if cached else int((text != pad_id).sum())   # this rank's; x processes below
             images, text = move_to((images, text), accelerator.device)
             with accelerator.accumulate(net):
                 loss = compute_loss(loss_fn, net(images, text))
@@ -480,7 +482,6 @@ def train(recipe: dict) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             loss_n += 1
-            n_tokens = 0 if cached else int((text != pad_id).sum())   # this rank's; x processes below
             meter.update(images.shape[0] * accelerator.num_processes, n_tokens * accelerator.num_processes,
                          steps=int(accelerator.sync_gradients))
             if not accelerator.sync_gradients:

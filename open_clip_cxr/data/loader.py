@@ -268,8 +268,9 @@ def make_loader(urls, *, preprocess, tokenizer, batch_size: int, train: bool, te
                                     wds.map(decode, handler=skipped),
                                     wds.batched(batch_size, collation_fn=collate, partial=True))
         total, num_batches = count_samples(urls), None
+    # pinned host memory: a trainer's non-blocking copies to the GPU then overlap with compute
     loader = wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
-                           persistent_workers=num_workers > 0)
+                           persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
     loader.num_batches = num_batches
     loader.num_samples = num_batches * batch_size * world_size if train else total
     loader.skipped = skipped
