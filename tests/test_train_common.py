@@ -41,6 +41,15 @@ def test_load_recipe_overrides_base_and_roundtrip(tmp_path):
     assert r["new"]["deep"]["key"] == 7
     save_recipe(r, str(tmp_path / "out" / "saved.yaml"))
     assert load_recipe(str(tmp_path / "out" / "saved.yaml")) == r
+    # a run saved before a key existed resumes under the key's default, and only under that
+    old, defaults = str(tmp_path / "old" / "saved.yaml"), {"train": {"new_key": True}}
+    save_recipe(r, old)
+    with_default = {**r, "train": {**r["train"], "new_key": True, "compile": True}}   # compile may change
+    with pytest.raises(ValueError, match="new_key"):
+        save_recipe(with_default, old)   # without the defaults: a difference
+    with pytest.raises(ValueError, match="new_key"):
+        save_recipe({**r, "train": {**r["train"], "new_key": False}}, old, defaults=defaults)
+    save_recipe(with_default, old, defaults=defaults)
     with pytest.raises(ValueError):
         load_recipe(None, ["no_equals_sign"])
 

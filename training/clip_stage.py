@@ -8,7 +8,8 @@
 The loop, in the order a reader meets it in `train()`:
  1. recipe -> Accelerator (mixed precision, gradient accumulation, trackers, seed)
  2. model: OpenCLIP model by name or `local-dir:`; text base frozen + LoRA, text head (norm,
-    proj) trained; vision full / LoRA / locked; optional cached text features
+    proj) trained; vision full / LoRA / locked; optional cached text features; the frozen
+    base stored in bf16 and the blocks compiled, if the recipe asks (`training/speedups.py`)
  3. optimiser (AdamW, one param group per part, no decay on norms/biases/logit_scale) and a
     cosine schedule with warm-up
  4. checkpoint/resume: model, optimiser, scheduler, RNG and TrainState (data position)
@@ -393,7 +394,7 @@ def train(recipe: dict) -> dict:
     main = accelerator.is_main_process
     if main:
         os.makedirs(out_dir, exist_ok=True)
-        save_recipe(recipe, os.path.join(out_dir, "recipe.yaml"))
+        save_recipe(recipe, os.path.join(out_dir, "recipe.yaml"), defaults=DEFAULT_RECIPE)
     init_tracking(accelerator, recipe, "clip_stage")
 
     model, pre_train, pre_val, tokenizer, model_cfg = build_model(recipe)     # 2. model
@@ -416,7 +417,7 @@ def train(recipe: dict) -> dict:
     vision_flops, text_flops = train_flops(model, recipe, next(model.parameters()).device, model.visual.image_size[0])
     cast = frozen_base_cast(model, recipe, accelerator)
     if cast.n_cast:
-        accelerator.print(f"frozen text base in {accelerator.mixed_precision}: {cast.n_cast / 1e6:.0f}M weights")
+        accelerator.print(f"frozen text base in {accelerator.mixed_precision}: {cast.n_cast / 1e6:.1f}M weights")
     if r_train["compile"]:
         accelerator.print(f"compiling {compile_blocks(transformer_blocks(model, cached), r_train['compile'])} "
                           f"blocks (torch.compile, one block at a time)")

@@ -121,7 +121,8 @@ def _deep_merge(a: dict, b: dict) -> dict:
 # keys that may change when a run resumes: speed, logging, evaluation and the run's length
 # (a finished run resumed with more steps trains on), not what is being learned
 RESUMABLE_KEYS = ("output_dir", "train.num_threads", "train.log_every", "train.log_with", "train.checkpoint_every",
-                  "train.max_tokens", "train.max_steps", "train.epochs", "train.stop_after", "data.num_workers",
+                  "train.max_tokens", "train.max_steps", "train.epochs", "train.stop_after", "train.compile",
+                  "data.num_workers",
                   "eval.", "*.steps")
 
 
@@ -136,12 +137,15 @@ def recipe_differences(saved: dict, recipe: dict) -> List[str]:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _resumable(k))
 
 
-def save_recipe(recipe: dict, path: str) -> None:
+def save_recipe(recipe: dict, path: str, defaults: Optional[dict] = None) -> None:
     """Write a run's recipe. A run folder resumes from its checkpoints, so a recipe that differs
-    from the one already there (other than in `RESUMABLE_KEYS`) is refused rather than mixed in."""
+    from the one already there (other than in `RESUMABLE_KEYS`) is refused rather than mixed in.
+    `defaults` fill the saved recipe's gaps first: a run written before a key existed resumes
+    under that key's default, instead of being refused after an upgrade."""
     if os.path.exists(path):
         with open(path) as f:
-            diff = recipe_differences(yaml.safe_load(f) or {}, recipe)
+            saved = yaml.safe_load(f) or {}
+        diff = recipe_differences(_deep_merge(defaults, saved) if defaults else saved, recipe)
         if diff:
             raise ValueError(f"{os.path.dirname(os.path.abspath(path))} holds a run of another recipe "
                              f"(it differs in {', '.join(diff[:8])}{' ...' if len(diff) > 8 else ''}): "
