@@ -250,6 +250,16 @@ def test_compiled_blocks_train_like_eager_with_the_same_checkpoint_keys(shards, 
     assert keys["compiled"] == keys["eager"]   # in-place compilation: no `_orig_mod.` prefixes
 
 
+@pytest.mark.slow   # ~2 min: inductor builds C++ kernels on the CPU
+def test_inductor_compiled_training_matches_eager(shards, tmp_path):
+    losses = {}
+    for name, comp in (("eager", False), ("inductor", True)):
+        common.reset_accelerator_state()   # tiny's LoRA has no dropout: inductor's own RNG does not enter
+        train(recipe(shards, tmp_path / name, train__compile=comp))
+        losses[name] = [x["loss"] for x in read_metrics(tmp_path / name) if "loss" in x]
+    np.testing.assert_allclose(losses["inductor"], losses["eager"], rtol=1e-3)
+
+
 # ---------------------------------------------------------------- resume
 
 def test_kill_and_resume_matches_uninterrupted(shards, tmp_path):
