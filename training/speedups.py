@@ -2,11 +2,13 @@
 
 - `FrozenCast`: keep the frozen decoder weights in the autocast dtype. Under autocast every
   frozen Linear would otherwise be re-cast from fp32 at every call (1.2B weights a step for
-  `cxr-llm`, a third of the CPU time of stage 1), and the fp32 copy doubles their memory.
+  `cxr-llm`, a third of the CPU time of stage 1); on a GPU the fp32 masters move to host
+  memory, which halves what the frozen base takes there.
 - `compile_blocks`: regional `torch.compile`, one transformer block at a time.
 
 Recipes switch them on with `train.frozen_low_precision` (both stages) and `train.compile`
-(the CLIP stage, whose batches keep one shape); `bench/gpu_cxr_llm.py` times both.
+(the CLIP stage only: stage 1's length-sorted chunks change shape at nearly every call, and each
+new shape is a new compilation); `bench/gpu_cxr_llm.py` times both.
 """
 from __future__ import annotations
 
