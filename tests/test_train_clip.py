@@ -79,6 +79,11 @@ def read_metrics(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def step_losses(out) -> dict:
+    """{step: logged training loss} of a run folder."""
+    return {x["step"]: x["loss"] for x in read_metrics(out) if "loss" in x}
+
+
 # ---------------------------------------------------------------- end to end
 
 def test_train_end_to_end_with_val_and_export(shards, tmp_path):
@@ -226,9 +231,7 @@ def test_frozen_bf16_base_run_exports_the_fp32_base(shards, tmp_path):
         assert cast[k].dtype == torch.float32 and torch.equal(cast[k], plain[k]), k
         assert not torch.equal(cast[k], cast[k].bfloat16().float()), k
     # the same step in bf16, whether autocast casts the weights or they are stored cast
-    a = [x["loss"] for x in read_metrics(tmp_path / "True") if "loss" in x]
-    b = [x["loss"] for x in read_metrics(tmp_path / "False") if "loss" in x]
-    assert a[0] == pytest.approx(b[0], rel=2e-2)
+    assert step_losses(tmp_path / "True")[1] == pytest.approx(step_losses(tmp_path / "False")[1], rel=2e-2)
 
 
 def test_compiled_blocks_train_like_eager_with_the_same_checkpoint_keys(shards, tmp_path):
@@ -243,7 +246,7 @@ def test_compiled_blocks_train_like_eager_with_the_same_checkpoint_keys(shards, 
     for name, comp in (("eager", False), ("compiled", {"backend": "aot_eager"})):
         common.reset_accelerator_state()
         train(recipe(shards, tmp_path / name, train__compile=comp, train__checkpoint_every=2))
-        losses[name] = [x["loss"] for x in read_metrics(tmp_path / name) if "loss" in x]
+        losses[name] = list(step_losses(tmp_path / name).values())
         keys[name] = set(load_file(str(tmp_path / name / "checkpoints" / "checkpoint-4" / "model.safetensors")))
     assert len(losses["compiled"]) == 4
     np.testing.assert_allclose(losses["compiled"], losses["eager"], rtol=1e-4)
@@ -256,7 +259,7 @@ def test_inductor_compiled_training_matches_eager(shards, tmp_path):
     for name, comp in (("eager", False), ("inductor", True)):
         common.reset_accelerator_state()   # tiny's LoRA has no dropout: inductor's own RNG does not enter
         train(recipe(shards, tmp_path / name, train__compile=comp))
-        losses[name] = [x["loss"] for x in read_metrics(tmp_path / name) if "loss" in x]
+        losses[name] = list(step_losses(tmp_path / name).values())
     np.testing.assert_allclose(losses["inductor"], losses["eager"], rtol=1e-3)
 
 
@@ -272,8 +275,7 @@ def test_kill_and_resume_matches_uninterrupted(shards, tmp_path):
     common.reset_accelerator_state()
     resumed = train(recipe(shards, tmp_path / "cut", **{**base, "train__checkpoint_every": 3}))
     assert resumed["step"] == 8 and resumed["samples_seen"] == full["samples_seen"]
-    a = {x["step"]: x["loss"] for x in read_metrics(tmp_path / "full") if "loss" in x}
-    b = {x["step"]: x["loss"] for x in read_metrics(tmp_path / "cut") if "loss" in x}
+    a, b = step_losses(tmp_path / "full"), step_losses(tmp_path / "cut")
     assert sorted(b) == list(range(1, 9))
     for step in range(4, 9):          # every step after the interruption, across the epoch boundary
         assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])
@@ -494,8 +496,7 @@ def test_fsdp2_recipe_trains_resumes_and_exports(shards, tmp_path):
     assert [f["stopped_at"] for f in stopped] == [2, 2]
     resumed = _finals(_finish(_launch(tmp_path, fsdp_args, run_recipe=recipe(shards, tmp_path / "cut", **base))))
     assert [f["step"] for f in resumed] == [4, 4]
-    a = {x["step"]: x["loss"] for x in read_metrics(tmp_path / "full") if "loss" in x}
-    b = {x["step"]: x["loss"] for x in read_metrics(tmp_path / "cut") if "loss" in x}
+    a, b = step_losses(tmp_path / "full"), step_losses(tmp_path / "cut")
     assert sorted(b) == [1, 2, 3, 4]
     for step in (3, 4):          # after the restart: restored from the sharded checkpoint
         assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import cached_text
-from training.speedups import FrozenCast, compile_blocks
+from training.speedups import FrozenCast, compile_blocks, low_precision_dtype
 from training.common import (MetricsWriter, Throughput, TrainState, cosine_with_warmup, data_seed,
                              flops_per_sample_transformer, get_by_path, init_tracking, keep_trainable_only,
                              list_checkpoints, load_recipe, log_line,
@@ -137,7 +137,7 @@ def frozen_base_cast(model, recipe: dict, accelerator) -> FrozenCast:
     (FSDP2 wants one dtype per wrapped block)."""
     from accelerate.utils import DistributedType
     tower = model.text.transformer
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    low = low_precision_dtype(accelerator.mixed_precision)
     if not recipe["train"]["frozen_low_precision"] or low is None or recipe["text"]["cached"]:
         return FrozenCast(tower, None)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):

@@ -18,6 +18,11 @@ import torch
 import torch.nn as nn
 
 
+def low_precision_dtype(mixed_precision: str) -> Optional[torch.dtype]:
+    """The dtype autocast computes in under accelerate's `mixed_precision` ("no": None)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+
 class FrozenCast:
     """Store `tower.llm`'s frozen floating-point weights in `dtype` (None: do nothing).
 
@@ -54,9 +59,7 @@ def compile_blocks(blocks: Iterable[nn.Module], options: Union[bool, dict, None]
     `options`: True, or a dict of `torch.compile` arguments (e.g. {"mode": "max-autotune"})."""
     if not options:
         return 0
-    kwargs = {} if options is True else dict(options)
-    n = 0
+    blocks = list(blocks)
     for block in blocks:
-        block.compile(**kwargs)
-        n += 1
-    return n
+        block.compile(**({} if options is True else dict(options)))
+    return len(blocks)

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 
 from training import common
-from training.speedups import FrozenCast
+from training.speedups import FrozenCast, low_precision_dtype
 from training.mntp import LORA_TARGETS, mntp_loss, mask_tokens, resolve_mask_token_id, special_token_ids, IGNORE
 from open_clip_cxr.text.instructions import with_instruction
 from training.supcon import (INSTRUCTIONS, CachedEmbedder, Embedder, Example, TextStateCache, length_chunks,
@@ -329,7 +329,7 @@ def _train(recipe: dict) -> dict:
     tower.to(accelerator.device)
     pad = tower.config.pad_token_id
     max_length = int(recipe.get("max_length", 128))
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    low = low_precision_dtype(accelerator.mixed_precision)
     frozen_dtype = low if recipe["train"].get("frozen_low_precision", True) else None
     state = common.TrainState()
     accelerator.register_for_checkpointing(state)
