@@ -32,7 +32,15 @@ class ReportTextError(ValueError):
     """An input string that might be report text would have been written into a model card."""
 
 
+# A path, url or shard pattern (`/runs/x`, `shards/train-{000000..000009}.tar`, `s3://b/*.tar`): no
+# whitespace, so never a sentence of report text; a run's own recipe.yaml is full of them.
+_PATHLIKE = re.compile(r"[A-Za-z0-9_.~/{}*?\[\]:@+=,%-]*[/{*][A-Za-z0-9_.~/{}*?\[\]:@+=,%-]*")
+MAX_PATH = 512
+
+
 def is_short_identifier(s: str) -> bool:
+    if len(s) <= MAX_PATH and _PATHLIKE.fullmatch(s) and any(c.isalnum() for c in s):
+        return True
     return len(s) <= MAX_IDENT and bool(_IDENT.fullmatch(s)) and not s.endswith(".")
 
 

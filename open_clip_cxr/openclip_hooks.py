@@ -12,6 +12,8 @@ The one patch: `HFTextEncoder` resolves `text_cfg.hf_model_name` with
 Our architectures ship inside this package and must build offline, so we wrap those two names in
 `open_clip.hf_model` with thin proxies that resolve `cxr-text:` specs (see `text/archs.py`) and
 hand every other name to transformers untouched. Nothing of OpenCLIP's factory is copied.
+Every load through these proxies, and every tokenizer OpenCLIP builds (`HFTokenizer`), passes
+`trust_remote_code=False`: a folder's `auto_map` custom code is refused, never prompted for or run.
 """
 from pathlib import Path
 
@@ -36,7 +38,7 @@ class _ResolvingAutoConfig:
     def from_pretrained(name, *args, **kwargs):
         if is_spec(name):
             return config_from_spec(name)
-        return AutoConfig.from_pretrained(name, *args, **kwargs)
+        return AutoConfig.from_pretrained(name, *args, **{**kwargs, "trust_remote_code": False})
 
     def __getattr__(self, item):
         return getattr(AutoConfig, item)
@@ -49,11 +51,19 @@ class _ResolvingAutoModel:
     def from_pretrained(name, *args, **kwargs):
         if is_spec(name):
             return CXRTextModel.from_base(config_from_spec(name))
-        return AutoModel.from_pretrained(name, *args, **kwargs)
+        return AutoModel.from_pretrained(name, *args, **{**kwargs, "trust_remote_code": False})
 
     @staticmethod
     def from_config(config, *args, **kwargs):
-        return AutoModel.from_config(config, *args, **kwargs)
+        return AutoModel.from_config(config, *args, **{**kwargs, "trust_remote_code": False})
+
+
+class _NoRemoteCodeHFTokenizer(open_clip.tokenizer.HFTokenizer):
+    """OpenCLIP's `HFTokenizer` with `trust_remote_code=False` forced (a config's
+    `tokenizer_kwargs` cannot turn it on)."""
+
+    def __init__(self, tokenizer_name, *args, **kwargs):
+        super().__init__(tokenizer_name, *args, **{**kwargs, "trust_remote_code": False})
 
 
 def _register_transformers():
@@ -76,6 +86,7 @@ def _register_transformers():
     }
     oc_hf_model.AutoConfig = _ResolvingAutoConfig()
     oc_hf_model.AutoModel = _ResolvingAutoModel
+    open_clip.factory.HFTokenizer = _NoRemoteCodeHFTokenizer  # the name `get_tokenizer` calls
 
 
 def _register_model_configs():

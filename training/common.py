@@ -317,9 +317,44 @@ def resume_from_checkpoint(accelerator, out_dir: str, state: TrainState, path: O
         if not ckpts:
             return False
         path = ckpts[-1]
-    accelerator.load_state(path, strict=strict)
+    with _safe_custom_state():
+        accelerator.load_state(path, strict=strict)
     accelerator.print(f"resumed from {path}: {state}")
     return True
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds more than tensors and plain values; loading it could run code."""
+
+
+def load_custom_state_safely(obj, path: str, index: int = 0) -> None:
+    """accelerate's `load_custom_state`, but with `torch.load(weights_only=True)`: accelerate
+    itself unpickles `custom_checkpoint_*.pkl` with `weights_only=False`, so a crafted checkpoint
+    folder could run code on resume. Our registered states (scheduler, `TrainState`) are plain
+    numbers and lists, which the restricted unpickler reads."""
+    file = os.path.join(path, f"custom_checkpoint_{index}.pkl")
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise UnsafeCheckpointError(
+            f"refusing to resume from {file}: it is not plain tensors and numbers "
+            f"(torch.load(weights_only=True) failed: {str(e).splitlines()[0][:200]}); delete that checkpoint "
+            "folder or start a new run with another --out") from None
+    obj.load_state_dict(sd)
+
+
+class _safe_custom_state:
+    """Swap accelerate's unrestricted custom-state loader for `load_custom_state_safely` while
+    `load_state` runs (accelerate's own model, optimiser and RNG loads already use weights_only)."""
+
+    def __enter__(self):
+        import accelerate.accelerator as acc
+        self._module, self._saved = acc, acc.load_custom_state
+        acc.load_custom_state = load_custom_state_safely
+
+    def __exit__(self, *exc):
+        self._module.load_custom_state = self._saved
+        return False
 
 
 def keep_trainable_only(accelerator) -> None:

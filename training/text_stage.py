@@ -351,7 +351,7 @@ def _train(recipe: dict) -> dict:
         set_lora(tower, {**mcfg.get("lora", {}), "target_modules": mcfg.get("lora", {}).get("target_modules", LORA_TARGETS)})
         if adapter_path.exists():
             from open_clip_cxr.text.lora import load_adapter_state_dict
-            load_adapter_state_dict(tower.llm, torch.load(adapter_path, map_location="cpu"))
+            load_adapter_state_dict(tower.llm, torch.load(adapter_path, map_location="cpu", weights_only=True))
             state.step = max(state.step, m_steps)
             accelerator.print(f"MNTP: reusing {adapter_path}")
         else:

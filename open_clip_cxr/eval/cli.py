@@ -19,7 +19,8 @@ EPILOG = """examples:
       --bank-shards 'shards/train-{000000..000099}.tar' --judge StanfordAIMI/GREEN-radllama2-7b --out runs/rg
   open-clip-cxr eval --task text-robustness --model cxr-llm-small --baselines bow,minilm --out runs/robust
 
-Shard patterns use braces ({000000..000009}); join several with '::' or give the option twice.
+Shard patterns use braces ({000000..000009}) or globs (test-*.tar); join several with '::' or give
+the option twice. Missing, truncated or manifest-mismatched shards are refused (--allow-partial).
 Retrieval is study-level: image->report is correct when the study's report is in the top K,
 report->image when ANY image of the study is. Ties count against the model (--ties)."""
 
@@ -44,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--bank-split", default="train", help="report-gen: split of the bank ('any': all; default train)")
     d.add_argument("--limit", type=int, default=None, help="read at most this many images (each of test and bank)")
     d.add_argument("--workers", type=int, default=0, help="shard-reading worker processes")
+    d.add_argument("--allow-partial", action="store_true",
+                   help="evaluate despite missing/damaged shards (left out, counted in results.json) instead of refusing")
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="folder for results.json and per-query files")
     o.add_argument("--gallery", default=None, help="retrieval: also write an HTML gallery into this folder")
@@ -73,6 +76,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _urls(patterns):
     return "::".join(patterns) if patterns else None
+
+
+def _check_shards(args) -> dict:
+    """Refuse missing, damaged or manifest-mismatched shards unless --allow-partial (see
+    data/shard_check.py); --shards / --bank-shards become the checked lists of shard paths."""
+    from open_clip_cxr.data.shard_check import check_shards
+    report = {}
+    for name in ("shards", "bank_shards"):
+        if getattr(args, name, None):
+            check = check_shards(getattr(args, name), allow_partial=args.allow_partial)
+            setattr(args, name, check.urls)
+            report[name] = check.as_dict()
+    return report
 
 
 def load_model(args):
@@ -202,6 +218,7 @@ def run(args) -> int:
     model = preprocess = tokenizer = None
     if args.task != "text-robustness":
         _require(args, "model", "shards")
+    shard_check = _check_shards(args)
     if args.model:
         model, preprocess, tokenizer = load_model(args)
     if args.task == "retrieval":
@@ -214,6 +231,7 @@ def run(args) -> int:
         res = run_text_robustness(args, model, tokenizer)
     settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, list, type(None)))}
     out = {"task": args.task, "results": res, "settings": settings, "seconds": round(time.time() - started, 1)}
+    out["shard_check"] = shard_check
     _write_json(os.path.join(args.out, "results.json"), out)
     if args.task != "text-robustness":
         print(json.dumps(res.get("metrics", res), indent=2, default=str)[:4000])

@@ -22,7 +22,7 @@ class ShardEmbeddings:
     text_study_ids: List[str]
     texts: List[str]                        # the report of each study, aligned with text_study_ids
     meta: Dict[str, dict] = field(default_factory=dict)   # study_id -> json meta of its first image
-    skipped: int = 0                        # samples the shard reader skipped as corrupt
+    skipped: int = 0                        # samples the shard reader skipped (corrupt, or lost in a damaged tar)
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -164,6 +164,20 @@ def encode_images(model: torch.nn.Module, source: Iterable, batch_size: int = 64
     return ImageEmbeddings(torch.cat(embs), keys, studies, texts, metas)
 
 
+def skipped_samples(reader, read: int, finished: bool) -> int:
+    """Samples lost while reading: the shards' manifest count minus what was read, when the reader
+    went through all shards and their manifests are known (a damaged tar loses many samples in
+    one error); else the reader's count of skip events."""
+    events = getattr(getattr(reader, "skipped", None), "value", 0)
+    urls = getattr(reader, "urls", None)
+    if finished and urls:
+        from open_clip_cxr.data.manifest import count_samples
+        expected = count_samples(urls)
+        if expected is not None:
+            return max(expected - read, 0)
+    return events
+
+
 def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Optional[Callable], urls,
                  batch_size: int = 64, device="cpu", limit: Optional[int] = None, progress: bool = True,
                  splits: Optional[Sequence[str]] = None, source=None, num_workers: int = 0) -> ShardEmbeddings:
@@ -176,9 +190,16 @@ def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Option
         from open_clip_cxr.data.loader import SampleSource
         source = SampleSource(urls, preprocess=preprocess, num_workers=num_workers)
     reader = source
+    read = [0]  # samples the reader yielded, before the split filter
+
+    def counted(it):
+        for s in it:
+            read[0] += 1
+            yield s
+    source = counted(reader)
     if splits is not None:
         wanted = set(splits)
-        source = (s for s in reader if (s[4] or {}).get("split") in wanted)
+        source = (s for s in source if (s[4] or {}).get("split") in wanted)
     try:
         imgs = encode_images(model, source, batch_size, device, limit=limit, progress=progress)
     except ValueError as e:
@@ -193,5 +214,5 @@ def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Option
         if empty:
             raise ValueError(f"{len(empty)} studies have an empty report (e.g. {empty[0]!r})")
         text_emb = encode_texts(model, tokenizer, texts, batch_size, device, progress=progress)
-    skipped = getattr(getattr(reader, "skipped", None), "value", 0)
+    skipped = skipped_samples(reader, read[0], finished=limit is None or len(imgs.keys) < limit)
     return ShardEmbeddings(imgs.emb, imgs.keys, imgs.study_ids, text_emb, study_ids, texts, imgs.meta, skipped)

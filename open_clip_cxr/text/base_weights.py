@@ -64,7 +64,7 @@ def _gguf_to_cache(spec: str) -> Path:
         return out
     from transformers import AutoModel
     logging.info(f"dequantising {pkg_dir / filename} into {out} (once)")
-    model = AutoModel.from_pretrained(pkg_dir, gguf_file=filename, dtype=torch.float32)
+    model = AutoModel.from_pretrained(pkg_dir, gguf_file=filename, dtype=torch.float32, trust_remote_code=False)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"source": f"{package}/{filename}"})
