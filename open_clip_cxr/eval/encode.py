@@ -164,6 +164,19 @@ def encode_images(model: torch.nn.Module, source: Iterable, batch_size: int = 64
     return ImageEmbeddings(torch.cat(embs), keys, studies, texts, metas)
 
 
+class _Counted:
+    """A sample source that counts what it yields; `skipped` and `urls` are the wrapped reader's."""
+
+    def __init__(self, source):
+        self.source, self.read = source, 0
+        self.skipped, self.urls = getattr(source, "skipped", None), getattr(source, "urls", None)
+
+    def __iter__(self):
+        for sample in self.source:
+            self.read += 1
+            yield sample
+
+
 def skipped_samples(reader, read: int, finished: bool) -> int:
     """Samples lost while reading: the shards' manifest count minus what was read, when the reader
     went through all shards and their manifests are known (a damaged tar loses many samples in
@@ -189,17 +202,10 @@ def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Option
     if source is None:
         from open_clip_cxr.data.loader import SampleSource
         source = SampleSource(urls, preprocess=preprocess, num_workers=num_workers)
-    reader = source
-    read = [0]  # samples the reader yielded, before the split filter
-
-    def counted(it):
-        for s in it:
-            read[0] += 1
-            yield s
-    source = counted(reader)
+    reader = source = _Counted(source)  # counts the samples read, before the split filter
     if splits is not None:
         wanted = set(splits)
-        source = (s for s in source if (s[4] or {}).get("split") in wanted)
+        source = (s for s in reader if (s[4] or {}).get("split") in wanted)
     try:
         imgs = encode_images(model, source, batch_size, device, limit=limit, progress=progress)
     except ValueError as e:
@@ -214,5 +220,5 @@ def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Option
         if empty:
             raise ValueError(f"{len(empty)} studies have an empty report (e.g. {empty[0]!r})")
         text_emb = encode_texts(model, tokenizer, texts, batch_size, device, progress=progress)
-    skipped = skipped_samples(reader, read[0], finished=limit is None or len(imgs.keys) < limit)
+    skipped = skipped_samples(reader, reader.read, finished=limit is None or len(imgs.keys) < limit)
     return ShardEmbeddings(imgs.emb, imgs.keys, imgs.study_ids, text_emb, study_ids, texts, imgs.meta, skipped)
