@@ -58,9 +58,8 @@ def find_leak(text: str) -> Optional[str]:
     """What in `text` looks like report text or PHI (the kind and the start of the match), or None."""
     for kind, pattern in _LEAKS:
         m = re.search(pattern, text)
-        if m:
-            shown = m.group(0)[:20]
-            return f"{kind} ({shown!r}...)"
+        if m:  # where, not what: the match itself may be PHI and must not be echoed into logs
+            return f"{kind} (line {text.count(chr(10), 0, m.start()) + 1})"
     return None
 
 

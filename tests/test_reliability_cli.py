@@ -83,6 +83,18 @@ def test_push_missing_folder(capsys, tmp_path):
                     "export")
 
 
+def test_offline_hub_id(capsys, tmp_path, monkeypatch):
+    """input: eval --model hf-hub:org/not-cached with HF_HUB_OFFLINE=1 -> exit 2, says what to do offline."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    shards = tmp_path / "s.tar"
+    import tarfile
+    with tarfile.open(shards, "w"):
+        pass
+    _one_line_error(capsys, ["eval", "--model", "hf-hub:org/not-cached-anywhere", "--shards", str(shards),
+                             "--out", str(tmp_path / "o"), "--allow-partial"], "HF_HUB_OFFLINE", "local-dir:")
+
+
 def test_eval_needs_shards(capsys, tmp_path):
     """input: eval without --shards -> exit 2 (not 1), one line."""
     _one_line_error(capsys, ["eval", "--model", "cxr-llm-tiny", "--out", str(tmp_path / "o")], "--shards")
