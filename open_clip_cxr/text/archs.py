@@ -16,8 +16,8 @@ SPEC_PREFIX = "cxr-text:"
 ARCH_DIR = Path(__file__).parent / "archs"
 # The fields that define a tower; everything else in a transformers config is derived.
 ARCH_FIELDS = ("llm", "pooling", "num_latents", "latent_heads", "latent_mlp_ratio", "latent_pre_norm", "latent_ff",
-               "latent_head_dim", "latent_out_bias", "output_norm", "lora", "train_pooling",
-               "instruction_separator_id", "base_weights")
+               "latent_head_dim", "latent_out_bias", "latent_in_bias", "latent_residual", "output_norm", "lora", "train_pooling",
+               "instruction_separator_id", "instruction_format", "similarity", "base_weights")
 
 _ARCHS: Dict[str, dict] = {}
 
@@ -45,7 +45,8 @@ def parse_spec(spec: str) -> dict:
     if name:
         if name not in _ARCHS:
             raise KeyError(f"unknown text architecture {name!r} in {spec!r}; known: {list_text_archs()}")
-        arch = json.loads(json.dumps(_ARCHS[name]))  # deep copy
+        # deep copy, without "_comment"-style keys (documentation, not fields)
+        arch = {k: v for k, v in json.loads(json.dumps(_ARCHS[name])).items() if not k.startswith("_")}
     if brace:
         try:
             overrides = json.loads(brace + rest)
