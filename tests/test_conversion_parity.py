@@ -243,3 +243,105 @@ def test_tokenizer_matches_their_ids_on_a_bpe_tokenizer():
     cut = row.tolist().index(tok.marker_id)
     real = [t for t in row.tolist() if t != tok.pad_id]
     assert real[:cut] + real[cut + 1:] == joined and len(real) - cut - 1 == n
+
+
+# -- the CLIP checkpoint (LLM2CLIP4CXR) ------------------------------------------------------------
+
+EMBED, R, ALPHA = 24, 16, 32
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def clip_checkpoint(seed=3):
+    """(their CLIP state dict, the source vision model, the pieces the reference needs)."""
+    import timm
+    from test_conversion_llm2clip import EVA_NAMES, cxr_test_eva02_micro  # noqa: F401  (registers the EVA)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    trunk = timm.create_model("cxr_test_eva02_micro", num_classes=0).eval()
+    head = nn.Linear(trunk.num_features, EMBED)
+    decoder, pooler = llama_state(seed), mha_pooler(seed + 1)
+    lora = {}
+    for key, w in decoder.items():
+        if key.rsplit(".", 2)[-2] in LORA_TARGETS:
+            lora[key] = (_randn(g, R, w.shape[1]), _randn(g, w.shape[0], R, std=0.05))
+    proj = {"0.weight": 1 + _randn(g, H), "0.bias": _randn(g, H), "1.weight": _randn(g, EMBED, H, std=0.2),
+            "1.bias": _randn(g, EMBED)}
+    state = {"logit_scale": torch.tensor(math.log(1 / 0.07))}
+    for key, value in trunk.state_dict().items():
+        for ours, theirs in EVA_NAMES:
+            key = key.replace(ours, theirs)
+        state["visual." + key] = value.clone()
+    state.update({"visual.head." + k: v.detach().clone() for k, v in head.state_dict().items()})
+    for key, w in decoder.items():
+        for alias in ("text.core.model.base_model.model.", "text.model.model.base_model.model."):
+            if key in lora:
+                a, b = lora[key]
+                stem = key[:-len(".weight")]
+                state[alias + stem + ".base_layer.weight"] = w.clone()
+                state[alias + stem + ".lora_A.llm2clip.weight"] = a.clone()
+                state[alias + stem + ".lora_B.llm2clip.weight"] = b.clone()
+            else:
+                state[alias + key] = w.clone()
+    for alias in ("text.core.latent_attn.", "text.model.latent_attn."):
+        state.update({alias + k: v.clone() for k, v in pooler.items()})
+    state.update({"text.projection." + k: v for k, v in proj.items()})
+    merged = {k: w + (ALPHA / R) * lora[k][1] @ lora[k][0] if k in lora else w for k, w in decoder.items()}
+    return state, (trunk, head), {"decoder": merged, "pooler": pooler, "proj": proj,
+                                  "logit_scale": state["logit_scale"]}
+
+
+def clip_cfg():
+    spec = ("cxr-text:cxr-llm-tiny" + json.dumps({
+        "num_latents": LATENTS, "latent_heads": POOL_HEADS, "latent_mlp_ratio": 1, "latent_in_bias": True,
+        "latent_residual": False, "instruction_format": "llm2vec", "similarity": "clip",
+        "lora": {"r": R, "alpha": ALPHA}}))
+    return {"embed_dim": EMBED,
+            "vision_cfg": {"timm_model_name": "cxr_test_eva02_micro", "timm_model_pretrained": False,
+                           "timm_pool": "token", "timm_proj": "linear", "image_size": 28},
+            "text_cfg": {"hf_model_name": spec, "hf_tokenizer_name": BYTE_TOKENIZER, "tokenizer_mode": "llm2vec",
+                         "hf_proj_type": "linear", "hf_pooler_type": "cls_pooler", "context_length": 129}}
+
+
+@torch.no_grad()
+def test_clip_checkpoint_matches_and_ranks_as_the_authors(tmp_path):
+    from conversion.llm2clip import convert_llm2clip
+    from open_clip.tokenizer import HFTokenizer
+    from open_clip_cxr.eval.encode import similarity_of
+    from open_clip_cxr.eval.retrieval import search
+    state, (trunk, head), ref_parts = clip_checkpoint()
+    path = tmp_path / "llm2clip4cxr.bin"
+    torch.save(state, path)
+    model, cfg, _ = convert_llm2clip(path, model_cfg=clip_cfg(), lora_alpha=ALPHA)
+    tokenizer = LLM2VecTokenizer(HFTokenizer(BYTE_TOKENIZER, context_length=129), 129)
+    batch = with_instruction(REPORTS, INSTRUCTION, tokenizer)
+    images = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    ids, attn, embed = ref_tokenize(batch)
+    pooled = ref_mha_pool(ref_parts["pooler"], ref_decoder(ref_parts["decoder"], ids, attn), embed)
+    p = ref_parts["proj"]
+    ref_text = F.layer_norm(pooled, (H,), p["0.weight"], p["0.bias"]) @ p["1.weight"].T + p["1.bias"]
+    ref_image = head(trunk(images))
+    ref_scores = ref_parts["logit_scale"].exp() * ref_image @ ref_text.T    # retrieval.py --similarity clip
+
+    assert similarity_of(model) == "clip"
+    text = model.encode_text(tokenizer(batch))
+    assert float((text - ref_text).abs().max()) < TOL
+    assert float((model.encode_image(images) - ref_image).abs().max()) < TOL
+    diffs = {"unmerged": float((text - ref_text).abs().max())}
+    model.text.transformer.merge_lora()
+    text = model.encode_text(tokenizer(batch))
+    diffs["merged"] = float((text - ref_text).abs().max())
+    print(f"PARITY llm2clip text features max|diff| {diffs}")
+    assert diffs["merged"] < TOL
+    # Scores and rankings as their retrieval, through eval's own path with the model's default
+    # similarity: a plain dot product of the rows it returns is logit_scale * I @ T^T.
+    from open_clip_cxr.eval.encode import embed_shards
+    source = [(f"img{i}", f"s{i}", images[i], batch[i], {"study_id": f"s{i}"}) for i in range(3)]
+    emb = embed_shards(model, None, tokenizer, None, source=source, progress=False, similarity=similarity_of(model))
+    scores = emb.image_emb @ emb.text_emb.T
+    assert torch.allclose(scores, ref_scores, rtol=1e-5, atol=1e-4)
+    assert torch.equal(search(emb.image_emb, emb.text_emb, k=3).indices, ref_scores.topk(3, dim=1).indices)
+    # Cosine scores differ (the norms of their features vary): the default matters.
+    cosine = embed_shards(model, None, tokenizer, None, source=source, progress=False, similarity="cosine")
+    assert not torch.allclose(cosine.image_emb @ cosine.text_emb.T * ref_parts["logit_scale"].exp(), ref_scores,
+                              rtol=1e-3)
