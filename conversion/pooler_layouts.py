@@ -123,8 +123,7 @@ _PACKED_QKV = ("multihead_attn.in_proj_weight", "multihead_attn.in_proj_bias")
 _SPLIT_KV = {"nv_embed": ("cross_attend_blocks.0.fn.to_k.weight", "cross_attend_blocks.0.fn.to_v.weight"),
              "prenorm": ("cross_attn.fn.to_k.weight", "cross_attn.fn.to_v.weight")}
 # LayerNorm prefixes per layout: (before attention on tokens, on latents, before the FF) -> ours.
-_NORMS = {"mha": ("-", "-", "-"),   # no LayerNorms
-         "cxr": ("norm_tokens.", "norm_latents.", "ff_norm."),
+_NORMS = {"cxr": ("norm_tokens.", "norm_latents.", "ff_norm."),
           "nv_embed": ("cross_attend_blocks.0.norm.", "cross_attend_blocks.0.norm_context.",
                        "cross_attend_blocks.1.norm."),
           "prenorm": ("cross_attn.norm.", "cross_attn.norm_context.", "cross_ff.norm.")}
@@ -235,8 +234,9 @@ def convert_pooler(sub: Dict[str, torch.Tensor], hidden_size: Optional[int] = No
                 suffix = key.rsplit("_", 1)[-1]   # "weight" | "bias"
                 out["to_q." + suffix], out["to_kv." + suffix] = q, torch.cat([k, v], dim=0)
                 used.add(key)
-    norms = tuple(_norm_params(sub, prefix) for prefix in _NORMS[layout])
-    for prefix in _NORMS[layout]:
+    norm_prefixes = _NORMS.get(layout, ())   # "mha" has no LayerNorms
+    norms = tuple(_norm_params(sub, prefix) for prefix in norm_prefixes) or ({}, {}, {})
+    for prefix in norm_prefixes:
         used.update(k for k in sub if k.startswith(prefix))
     if "latents" not in out:
         raise PoolerLayoutError(f"pooler checkpoint ({layout!r} layout) has no `latents`")

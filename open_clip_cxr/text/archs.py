@@ -26,7 +26,7 @@ def register_text_arch(name: str, arch: Union[dict, str, Path]) -> None:
     """Add a named architecture (a dict or a JSON file) so `cxr-text:<name>` resolves to it."""
     if not isinstance(arch, dict):
         arch = json.loads(Path(arch).read_text())
-    _ARCHS[name] = arch
+    _ARCHS[name] = {k: v for k, v in arch.items() if not k.startswith("_")}   # "_comment": documentation
 
 
 def list_text_archs():
@@ -45,8 +45,7 @@ def parse_spec(spec: str) -> dict:
     if name:
         if name not in _ARCHS:
             raise KeyError(f"unknown text architecture {name!r} in {spec!r}; known: {list_text_archs()}")
-        # deep copy, without "_comment"-style keys (documentation, not fields)
-        arch = {k: v for k, v in json.loads(json.dumps(_ARCHS[name])).items() if not k.startswith("_")}
+        arch = json.loads(json.dumps(_ARCHS[name]))  # deep copy
     if brace:
         try:
             overrides = json.loads(brace + rest)
