@@ -53,9 +53,12 @@ def llama_state(seed=0):
     s = {"embed_tokens.weight": _randn(g, VOCAB, H, std=0.5), "norm.weight": 1 + _randn(g, H)}
     for i in range(LAYERS):
         p = f"layers.{i}."
-        s.update({p + "input_layernorm.weight": 1 + _randn(g, H), p + "post_attention_layernorm.weight": 1 + _randn(g, H),
-                  p + "self_attn.q_proj.weight": _randn(g, NH * HD, H), p + "self_attn.k_proj.weight": _randn(g, NKV * HD, H),
-                  p + "self_attn.v_proj.weight": _randn(g, NKV * HD, H), p + "self_attn.o_proj.weight": _randn(g, H, NH * HD),
+        s.update({p + "input_layernorm.weight": 1 + _randn(g, H),
+                  p + "post_attention_layernorm.weight": 1 + _randn(g, H),
+                  p + "self_attn.q_proj.weight": _randn(g, NH * HD, H),
+                  p + "self_attn.k_proj.weight": _randn(g, NKV * HD, H),
+                  p + "self_attn.v_proj.weight": _randn(g, NKV * HD, H),
+                  p + "self_attn.o_proj.weight": _randn(g, H, NH * HD),
                   p + "mlp.gate_proj.weight": _randn(g, FF, H), p + "mlp.up_proj.weight": _randn(g, FF, H),
                   p + "mlp.down_proj.weight": _randn(g, H, FF)})
     return s
@@ -65,7 +68,8 @@ def mha_pooler(seed=1):
     """The state dict of their `llm2vec.LatentAttentionPooling` (nn.MultiheadAttention inside)."""
     g = torch.Generator().manual_seed(seed)
     return {"latents": _randn(g, LATENTS, H, std=1.0),
-            "multihead_attn.in_proj_weight": _randn(g, 3 * H, H, std=0.2), "multihead_attn.in_proj_bias": _randn(g, 3 * H),
+            "multihead_attn.in_proj_weight": _randn(g, 3 * H, H, std=0.2),
+            "multihead_attn.in_proj_bias": _randn(g, 3 * H),
             "multihead_attn.out_proj.weight": _randn(g, H, H, std=0.2), "multihead_attn.out_proj.bias": _randn(g, H),
             "mlp.0.weight": _randn(g, H, H, std=0.2), "mlp.0.bias": _randn(g, H),
             "mlp.2.weight": _randn(g, H, H, std=0.2), "mlp.2.bias": _randn(g, H)}
@@ -78,10 +82,13 @@ def prenorm_pooler(head_dim, seed=2, mult=4):
     return {"latents": _randn(g, LATENTS, H, std=1.0),
             "cross_attn.norm.weight": 1 + _randn(g, H), "cross_attn.norm.bias": _randn(g, H),
             "cross_attn.norm_context.weight": 1 + _randn(g, H), "cross_attn.norm_context.bias": _randn(g, H),
-            "cross_attn.fn.to_q.weight": _randn(g, inner, H, std=0.2), "cross_attn.fn.to_k.weight": _randn(g, inner, H, std=0.2),
-            "cross_attn.fn.to_v.weight": _randn(g, inner, H, std=0.2), "cross_attn.fn.to_out.weight": _randn(g, H, inner, std=0.2),
+            "cross_attn.fn.to_q.weight": _randn(g, inner, H, std=0.2),
+            "cross_attn.fn.to_k.weight": _randn(g, inner, H, std=0.2),
+            "cross_attn.fn.to_v.weight": _randn(g, inner, H, std=0.2),
+            "cross_attn.fn.to_out.weight": _randn(g, H, inner, std=0.2),
             "cross_ff.norm.weight": 1 + _randn(g, H), "cross_ff.norm.bias": _randn(g, H),
-            "cross_ff.fn.net.0.weight": _randn(g, 2 * mult * H, H, std=0.2), "cross_ff.fn.net.0.bias": _randn(g, 2 * mult * H),
+            "cross_ff.fn.net.0.weight": _randn(g, 2 * mult * H, H, std=0.2),
+            "cross_ff.fn.net.0.bias": _randn(g, 2 * mult * H),
             "cross_ff.fn.net.3.weight": _randn(g, H, mult * H, std=0.2), "cross_ff.fn.net.3.bias": _randn(g, H)}
 
 
@@ -116,7 +123,8 @@ def ref_decoder(w, ids, attention_mask):
         att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(HD) + bias, dim=-1)
         x = x + (att @ v).transpose(1, 2).reshape(b, L, NH * HD) @ w[p + "self_attn.o_proj.weight"].T
         h = rms(x, w[p + "post_attention_layernorm.weight"])
-        x = x + (F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
+        gated = F.silu(h @ w[p + "mlp.gate_proj.weight"].T) * (h @ w[p + "mlp.up_proj.weight"].T)
+        x = x + gated @ w[p + "mlp.down_proj.weight"].T
     return rms(x, w["norm.weight"])
 
 

@@ -38,9 +38,9 @@ def test_both_layouts_restore_the_clip_model(tmp_path):
     old = tmp_path / "old"   # the layout before PEFT's format: one safetensors under the CLIP model's keys
     old.mkdir()
     save_file(adapter_state_dict(trained), str(old / "adapter.safetensors"))
-    (old / "adapter.json").write_text(json.dumps({"format": "open_clip_cxr-adapter", "version": 1,
-                                                  "base_model": "cxr-llm-tiny", "lora": trained.text.transformer.config.lora,
-                                                  "weights": "adapter.safetensors"}))
+    meta = {"format": "open_clip_cxr-adapter", "version": 1, "base_model": "cxr-llm-tiny",
+            "lora": trained.text.transformer.config.lora, "weights": "adapter.safetensors"}
+    (old / "adapter.json").write_text(json.dumps(meta))
     want = encode(trained, tokenizer)
     for folder in (new, old):
         fresh, _ = tiny_clip(seed=0)

@@ -23,7 +23,8 @@ def shards(tmp_path_factory):
 
 def run_eval(tmp_path, model, shards, *extra):
     out = tmp_path / ("out" + "".join(extra).replace("-", ""))
-    assert cli_main(["eval", "--task", "retrieval", "--model", model, "--shards", shards, "--out", str(out), *extra]) == 0
+    argv = ["eval", "--task", "retrieval", "--model", model, "--shards", shards, "--out", str(out), *extra]
+    assert cli_main(argv) == 0
     return json.loads((out / "results.json").read_text())
 
 

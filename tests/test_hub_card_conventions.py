@@ -3,7 +3,6 @@ that runs as written, and names the evaluation dataset (never eval's folder)."""
 import re
 
 import open_clip
-import pytest
 import torch
 import yaml
 

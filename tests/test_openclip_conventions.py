@@ -16,7 +16,8 @@ def test_tags_are_listed_with_their_sources():
     assert {("cxr-llm", "llm2vec4cxr"), ("cxr-llm-small", "smollm2"), ("cxr-llm-tiny", "random")} <= listed
     assert open_clip.pretrained.get_pretrained_cfg("cxr-llm", "llm2vec4cxr")["hf_hub"] == "lukeingawesome/llm2vec4cxr"
     small = open_clip.pretrained.get_pretrained_cfg("cxr-llm-small", "smollm2")
-    assert small["hf_hub"] == "" and (small["mean"], small["resize_mode"], small["fill_color"]) == ([0.5] * 3, "longest", 0)
+    assert small["hf_hub"] == ""
+    assert (small["mean"], small["resize_mode"], small["fill_color"]) == ([0.5] * 3, "longest", 0)
     # The authors' model keeps their evaluation transform (EVA-CLIP: resize the short side, centre crop).
     assert open_clip.pretrained.get_pretrained_cfg("cxr-llm", "llm2vec4cxr")["resize_mode"] == "shortest"
     assert set(TAGS) <= set(open_clip.list_models())
