@@ -86,5 +86,11 @@ def create_model_and_transforms(model_name: str, *args, **kwargs):
 
 
 def get_tokenizer(model_name: str, *args, **kwargs):
+    """`open_clip.get_tokenizer`; for models in the authors' instruction format
+    (`text_cfg.tokenizer_mode == "llm2vec"`) it is wrapped to tokenise and mark as they do."""
     _check_name(model_name)
-    return open_clip.get_tokenizer(model_name, *args, **kwargs)
+    tokenizer = open_clip.get_tokenizer(model_name, *args, **kwargs)
+    if getattr(tokenizer, "tokenizer_mode", None) == "llm2vec":
+        from .text.instructions import LLM2VecTokenizer
+        tokenizer = LLM2VecTokenizer(tokenizer, tokenizer.context_length)
+    return tokenizer

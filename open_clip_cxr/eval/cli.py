@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--storage-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype embeddings are held in during search (scores are always float32)")
     r.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block")
+    r.add_argument("--similarity", choices=["clip", "cosine", "dot"], default=None,
+                   help="image-report score: 'cosine' (L2-normalised), 'clip' (logit_scale * I @ T^T, no "
+                        "normalisation, the authors' LLM2CLIP4CXR) or 'dot' (default: what the model was trained with)")
     g = p.add_argument_group("report generation")
     g.add_argument("--top-k-reports", type=int, default=1, help="join this many distinct retrieved reports")
     g.add_argument("--judge", default=None, help="GREEN judge: model id or folder (e.g. StanfordAIMI/GREEN-radllama2-7b)")
@@ -118,11 +121,12 @@ def _require(args, *names):
 
 
 def run_retrieval(args, model, preprocess, tokenizer) -> dict:
-    from open_clip_cxr.eval.encode import embed_shards
+    from open_clip_cxr.eval.encode import embed_shards, similarity_of
     from open_clip_cxr.eval.retrieval import recall_at_k, write_topk_csv
+    similarity = args.similarity or similarity_of(model)
     emb = embed_shards(model, preprocess, tokenizer, _urls(args.shards), args.batch_size, args.device,
                        limit=args.limit, splits=[args.split] if args.split else None,
-                       num_workers=args.workers)
+                       num_workers=args.workers, similarity=similarity)
     metrics, det = recall_at_k(emb.image_emb, emb.image_study_ids, emb.text_emb, emb.text_study_ids,
                                ks=args.ks, return_details=True, **_search_kw(args))
     write_topk_csv(os.path.join(args.out, "image_to_text_topk.csv"), emb.image_keys, emb.text_study_ids,
@@ -130,6 +134,7 @@ def run_retrieval(args, model, preprocess, tokenizer) -> dict:
     write_topk_csv(os.path.join(args.out, "text_to_image_topk.csv"), emb.text_study_ids, emb.image_keys,
                    det["text_to_image"], emb.text_study_ids)
     metrics["skipped_samples"] = emb.skipped
+    metrics["similarity"] = similarity
     if args.gallery:
         from open_clip_cxr.eval.gallery import collect_thumbnails, plan_gallery, write_gallery
         t2i, i2t = det["text_to_image"].indices, det["image_to_text"].indices

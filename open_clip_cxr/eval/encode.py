@@ -65,6 +65,25 @@ def text_limits(model: torch.nn.Module):
     return vocab, ctx
 
 
+SIMILARITIES = ("clip", "cosine", "dot")
+
+
+def similarity_of(model) -> str:
+    """The similarity the model was trained with (its text tower's config `similarity`; OpenCLIP's
+    cosine otherwise): "cosine" (L2-normalised dot), "clip" (`logit_scale.exp() * I @ T^T`, no
+    normalisation: the authors' LLM2CLIP4CXR) or "dot"."""
+    for obj in (getattr(getattr(model, "text", None), "transformer", None), getattr(model, "text", None)):
+        sim = getattr(getattr(obj, "config", None), "similarity", None)
+        if sim in SIMILARITIES:
+            return sim
+    return "cosine"
+
+
+def logit_scale_of(model) -> float:
+    ls = getattr(model, "logit_scale", None)
+    return float(ls.detach().float().exp().reshape(-1)[0]) if isinstance(ls, torch.Tensor) else 1.0
+
+
 def check_tokens(model: torch.nn.Module, tokens: torch.Tensor, tokenizer=None) -> None:
     """Raise ValueError when `tokens` cannot have come from the model's own tokenizer."""
     vocab, ctx = text_limits(model)
@@ -80,8 +99,8 @@ def check_tokens(model: torch.nn.Module, tokens: torch.Tensor, tokenizer=None) -
 
 @torch.no_grad()
 def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = 64,
-                 device="cpu", progress: bool = False) -> torch.Tensor:
-    """L2-normalised text embeddings [N, D] (float32, CPU), `batch_size` texts at a time."""
+                 device="cpu", progress: bool = False, normalize: bool = True) -> torch.Tensor:
+    """Text embeddings [N, D] (float32, CPU; L2-normalised unless `normalize=False`), `batch_size` at a time."""
     texts = list(texts)
     if not texts:
         raise ValueError("no texts to encode: the report bank is empty (check the shards' split and --limit)")
@@ -96,7 +115,7 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[st
     for s in starts:
         tokens = tokenizer(texts[s:s + batch_size])
         check_tokens(model, tokens, tokenizer)   # cheap, and a bad id would index out of range
-        out.append(model.encode_text(tokens.to(device), normalize=True).float().cpu())
+        out.append(model.encode_text(tokens.to(device), normalize=normalize).float().cpu())
     return torch.cat(out)
 
 
@@ -113,7 +132,7 @@ class ImageEmbeddings:
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, source: Iterable, batch_size: int = 64, device="cpu",
                   limit: Optional[int] = None, progress: bool = False,
-                  require_study_id: bool = True) -> ImageEmbeddings:
+                  require_study_id: bool = True, normalize: bool = True) -> ImageEmbeddings:
     """Embed every image a `SampleSource` (or any iterable of (key, study_id, image, text, meta)) yields."""
     model.eval()
     dtype = _model_dtype(model)
@@ -126,7 +145,7 @@ def encode_images(model: torch.nn.Module, source: Iterable, batch_size: int = 64
 
     def flush():
         x = torch.stack(batch).to(device=device, dtype=dtype)
-        embs.append(model.encode_image(x, normalize=True).float().cpu())
+        embs.append(model.encode_image(x, normalize=normalize).float().cpu())
         if bar is not None:
             bar.update(len(batch))
         batch.clear()
@@ -193,12 +212,16 @@ def skipped_samples(reader, read: int, finished: bool) -> int:
 
 def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Optional[Callable], urls,
                  batch_size: int = 64, device="cpu", limit: Optional[int] = None, progress: bool = True,
-                 splits: Optional[Sequence[str]] = None, source=None, num_workers: int = 0) -> ShardEmbeddings:
+                 splits: Optional[Sequence[str]] = None, source=None, num_workers: int = 0,
+                 similarity: str = "cosine") -> ShardEmbeddings:
     """Images and reports of WebDataset shards -> embeddings, study ids and report texts.
 
     `splits` keeps only samples whose meta "split" is listed (e.g. ["train"] for a report bank).
     `tokenizer=None` embeds images only. `source` overrides the shard reader (tests, other data).
+    `similarity` (see `similarity_of`) shapes the embeddings so that a plain dot product of image
+    and text rows is that similarity.
     """
+    normalize = similarity == "cosine"
     if source is None:
         from open_clip_cxr.data.loader import SampleSource
         source = SampleSource(urls, preprocess=preprocess, num_workers=num_workers)
@@ -207,7 +230,7 @@ def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Option
         wanted = set(splits)
         source = (s for s in reader if (s[4] or {}).get("split") in wanted)
     try:
-        imgs = encode_images(model, source, batch_size, device, limit=limit, progress=progress)
+        imgs = encode_images(model, source, batch_size, device, limit=limit, progress=progress, normalize=normalize)
     except ValueError as e:
         if splits is not None and str(e).startswith("no samples"):
             raise ValueError(f"{e}; none of the samples read had split in {list(splits)}") from None
@@ -219,6 +242,8 @@ def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Option
         empty = [s for s, t in zip(study_ids, texts) if not (t or "").strip()]
         if empty:
             raise ValueError(f"{len(empty)} studies have an empty report (e.g. {empty[0]!r})")
-        text_emb = encode_texts(model, tokenizer, texts, batch_size, device, progress=progress)
+        text_emb = encode_texts(model, tokenizer, texts, batch_size, device, progress=progress, normalize=normalize)
+    if similarity == "clip":
+        imgs.emb = imgs.emb * logit_scale_of(model)
     skipped = skipped_samples(reader, reader.read, finished=limit is None or len(imgs.keys) < limit)
     return ShardEmbeddings(imgs.emb, imgs.keys, imgs.study_ids, text_emb, study_ids, texts, imgs.meta, skipped)
