@@ -55,7 +55,8 @@ def expand_patterns(urls: Union[str, Sequence[str]]) -> List[str]:
             else:
                 out.append(url)
     if not out:
-        raise UsageError("no shards given; pass --shards 'DIR/test-{000000..000009}.tar' (or 'DIR/test-*.tar')")
+        raise UsageError("no shard urls given; give a brace pattern 'DIR/test-{000000..000009}.tar' or a glob "
+                         "'DIR/test-*.tar'")
     return out
 
 

@@ -347,19 +347,22 @@ def resolve_table_columns(table, *, image_col="image", report_col="report", find
     return chosen
 
 
-def _duplicate_rows(table, columns: dict, source: str) -> Iterator[Skipped]:
-    """A `Skipped` for each row that repeats an earlier row of its study exactly (same image, same
-    report): the parser keeps one, and the manifest must still count the other."""
-    seen = set()
+def _duplicate_rows(table, study_col: str, image_col: str, source: str) -> Iterator[Skipped]:
+    """A `Skipped` for each row that names an image its study already has (an identical repeated
+    row, or the same image with other text): the parser keeps the first, and the manifest must
+    still count the others."""
+    seen: Dict[tuple, tuple] = {}
     for where, row in _parsers()._iter_rows(table):
-        if not isinstance(row, dict):
+        if not isinstance(row, dict) or not str(row.get(image_col) or "").strip():
             continue
+        study, image = str(row.get(study_col) or "").strip(), str(row.get(image_col)).strip()
         ident = json.dumps(sorted((k, str(v)) for k, v in row.items()))
-        if ident in seen:
-            study = row.get(columns["study_col"]) if columns.get("study_col") else row.get(columns["image_col"])
-            yield Skipped(make_key(source, str(study), "row", where.rsplit(":", 1)[-1]), DUPLICATE_ROW,
-                          f"{where} repeats an earlier row")
-        seen.add(ident)
+        if (study, image) in seen:
+            same = seen[(study, image)][1] == ident
+            yield Skipped(make_key(source, study, "row", where.rsplit(":", 1)[-1]), DUPLICATE_ROW,
+                          f"{where} {'repeats' if same else 'names the image of'} {seen[(study, image)][0]}")
+            continue
+        seen[(study, image)] = (where, ident)
 
 
 def iter_table_source(table, *, root=None, image_col="image", report_col="report", findings_col=None,
@@ -372,7 +375,7 @@ def iter_table_source(table, *, root=None, image_col="image", report_col="report
     base = Path(root) if root else Path(table).resolve().parent
     errors: List[Skipped] = []
     if study_col is not None:  # without a study column a repeated row repeats a key: counted as duplicate-key
-        yield from _duplicate_rows(table, {"study_col": study_col, "image_col": image_col}, source)
+        yield from _duplicate_rows(table, study_col, image_col, source)
     rows = _parsers().iter_table(table, image_col=image_col, report_col=report_col, findings_col=findings_col,
                                  impression_col=impression_col, study_col=study_col, patient_col=patient_col,
                                  split_col=split_col, on_error=_error_collector(errors, source), source=source)

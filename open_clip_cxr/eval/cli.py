@@ -89,8 +89,8 @@ def _check_shards(args) -> dict:
     for name in ("shards", "bank_shards"):
         if getattr(args, name, None):
             check = check_shards(getattr(args, name), allow_partial=args.allow_partial)
+            report[name] = {"patterns": getattr(args, name), **check.as_dict()}
             setattr(args, name, check.urls)
-            report[name] = check.as_dict()
     return report
 
 
