@@ -6,7 +6,6 @@ traceback; `--help` of every subcommand is fast (no torch import before parsing)
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -29,20 +28,18 @@ def _one_line_error(capsys, argv, *needles):
 
 
 @pytest.mark.parametrize("command", ["shards", "eval", "export", "push", "convert"])
-def test_help_is_fast(command):
-    """input: `open-clip-cxr COMMAND --help` -> help text in under 2 s (torch is not imported)."""
+def test_help_does_not_import_torch(command):
+    """input: `open-clip-cxr COMMAND --help` -> help text without importing torch (what makes it fast;
+    the time itself is measured by bench/bench_cli_help.py, not asserted here)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     probe = "import sys, runpy; sys.argv = ['open-clip-cxr', %r, '--help']\n" \
             "try:\n    runpy.run_module('open_clip_cxr.cli', run_name='__main__', alter_sys=True)\n" \
             "except SystemExit:\n    pass\nprint('torch' in sys.modules)" % command
-    t0 = time.time()
     out = subprocess.run([sys.executable, "-m", "open_clip_cxr.cli", command, "--help"], env=env,
                          capture_output=True, text=True, timeout=120)
-    seconds = time.time() - t0
     assert out.returncode == 0 and "usage:" in out.stdout
     imported = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert imported.stdout.strip().splitlines()[-1] == "False", imported.stdout + imported.stderr
-    assert seconds < 2.0 or os.environ.get("CI_SLOW_MACHINE"), f"{command} --help took {seconds:.1f}s"
 
 
 def test_unknown_model_lists_ours_first(capsys, tmp_path):
