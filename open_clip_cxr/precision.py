@@ -91,20 +91,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def linear_rate(mode: str = "fp32", shape: Tuple[int, int, int] = MODEL_SHAPE, device="cpu",
-                threads: Optional[int] = None, seconds: float = 0.12, repeats: int = 3) -> float:
-    """FLOP/s of `F.linear(x[tokens, in], w[out, in])`: the best of `repeats` timed windows
-    (the best, because other work on the machine only ever slows a window down). Cached.
-
-    mode: "fp32"; "bf16" (bf16 weights, fp32 activations cast by bf16 autocast: the path a run
-    with frozen bf16 weights takes); "bf16_pure" (both operands already bf16: the op alone);
-    "autocast" (fp32 weights re-cast at every call under autocast); "fp16"/"fp16_pure" alike.
-    `threads`: torch CPU threads for the measurement (default: the current setting)."""
-    device = torch.device(device)
-    threads = int(threads or torch.get_num_threads())
-    key = (str(device), mode, tuple(shape), threads if device.type == "cpu" else 0)
-    if key in _RATES:
-        return _RATES[key]
+def _linear_call(mode: str, shape: Tuple[int, int, int], device: torch.device):
     tokens, d_in, d_out = shape
     low = torch.float16 if mode.startswith("fp16") else torch.bfloat16
     g = torch.Generator().manual_seed(0)      # its own: the global RNG stays untouched
@@ -121,30 +108,58 @@ def linear_rate(mode: str = "fp32", shape: Tuple[int, int, int] = MODEL_SHAPE, d
     def call():
         with torch.autocast(device.type, dtype=low, enabled=cast):
             return F.linear(x, w)
+    return call
 
-    old = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(threads)
-    try:
-        with torch.no_grad():
-            call()
-            call()      # warm-up: oneDNN builds its kernels on the first calls
-            _sync(device)
-            best = 0.0
-            for _ in range(repeats):
-                n, t0 = 0, time.perf_counter()
-                while True:
+
+def linear_rates(modes, shape: Tuple[int, int, int] = MODEL_SHAPE, device="cpu", threads: Optional[int] = None,
+                 seconds: float = 0.12, repeats: int = 3) -> Dict[str, float]:
+    """FLOP/s of `F.linear(x[tokens, in], w[out, in])` per mode: the best of `repeats` timed
+    windows each (the best, because other work on the machine only ever slows a window down),
+    the modes' windows taken in turn so a change of load hits them alike. Cached per process.
+
+    mode: "fp32"; "bf16" (bf16 weights, fp32 activations cast by bf16 autocast: the path a run
+    with frozen bf16 weights takes); "bf16_pure" (both operands already bf16: the op alone);
+    "autocast" (fp32 weights re-cast at every call under autocast); "fp16"/"fp16_pure" alike.
+    `threads`: torch CPU threads for the measurement (default: the current setting)."""
+    device = torch.device(device)
+    threads = int(threads or torch.get_num_threads())
+    keys = {m: (str(device), m, tuple(shape), threads if device.type == "cpu" else 0) for m in modes}
+    todo = [m for m in modes if keys[m] not in _RATES]
+    if todo:
+        flops = 2.0 * shape[0] * shape[1] * shape[2]
+        calls = {m: _linear_call(m, shape, device) for m in todo}
+        best = dict.fromkeys(todo, 0.0)
+        old = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        try:
+            with torch.no_grad():
+                for call in calls.values():
                     call()
-                    n += 1
-                    _sync(device)
-                    dt = time.perf_counter() - t0
-                    if dt >= seconds:
-                        break
-                best = max(best, 2.0 * tokens * d_in * d_out * n / dt)
-    finally:
-        torch.set_num_threads(old)
-    _RATES[key] = best
-    return best
+                    call()      # warm-up: oneDNN builds its kernels on the first calls
+                _sync(device)
+                for _ in range(repeats):
+                    for m, call in calls.items():
+                        n, t0 = 0, time.perf_counter()
+                        while True:
+                            call()
+                            n += 1
+                            _sync(device)
+                            dt = time.perf_counter() - t0
+                            if dt >= seconds:
+                                break
+                        best[m] = max(best[m], flops * n / dt)
+        finally:
+            torch.set_num_threads(old)
+        for m in todo:
+            _RATES[keys[m]] = best[m]
+    return {m: _RATES[keys[m]] for m in modes}
+
+
+def linear_rate(mode: str = "fp32", shape: Tuple[int, int, int] = MODEL_SHAPE, device="cpu",
+                threads: Optional[int] = None, seconds: float = 0.12, repeats: int = 3) -> float:
+    """One mode of `linear_rates`."""
+    return linear_rates((mode,), shape, device, threads, seconds, repeats)[mode]
 
 
 def dtype_name(dtype) -> str:
@@ -175,7 +190,7 @@ def peak_flops(device="cpu", dtype=torch.float32, shape: Tuple[int, int, int] = 
         return UNKNOWN_GPU_PEAK
     mode = "fp32" if name == "fp32" else f"{name}_pure"
     tokens, d_in, d_out = shape
-    return max(linear_rate(mode, (t, d_in, d_out), device, threads) for t in (tokens, 4 * tokens))
+    return max(linear_rates((mode,), (t, d_in, d_out), device, threads)[mode] for t in (tokens, 4 * tokens))
 
 
 # ---------------------------------------------------------------- the choice
@@ -240,8 +255,8 @@ def choose(value=None, device="cpu", threads: Optional[int] = None) -> Choice:
                       "the GPU supports bf16" if ok else "no bf16 on this GPU", threads)
     if device.type != "cpu":
         return Choice("fp32", req, source, device.type, f"no probe for {device.type}", threads)
-    fp32 = linear_rate("fp32", MODEL_SHAPE, device, threads)
-    bf16 = linear_rate("bf16", MODEL_SHAPE, device, threads)
+    rates = linear_rates(("fp32", "bf16"), MODEL_SHAPE, device, threads)
+    fp32, bf16 = rates["fp32"], rates["bf16"]
     pick = "bf16" if bf16 >= BF16_MARGIN * fp32 else "fp32"
     reason = (f"bf16 measured faster" if pick == "bf16"
               else f"bf16 not measured >= {BF16_MARGIN:.2f}x fp32")
@@ -266,8 +281,8 @@ def choose_threads(value=None, precision: str = "fp32") -> Tuple[int, str]:
     if cores <= 1:
         return 1, "one usable core"
     mode = "fp32" if dtype_name(precision) == "fp32" else dtype_name(precision)
-    one = linear_rate(mode, MODEL_SHAPE, "cpu", 1)
-    many = linear_rate(mode, MODEL_SHAPE, "cpu", cores)
+    one = linear_rates((mode,), MODEL_SHAPE, "cpu", 1)[mode]
+    many = linear_rates((mode,), MODEL_SHAPE, "cpu", cores)[mode]
     if many >= THREADS_MARGIN * one:
         return cores, f"auto: {cores} threads {many / one:.2f}x one ({mode} probe)"
     return 1, f"auto: {cores} threads only {many / one:.2f}x one ({mode} probe; a loaded machine?)"

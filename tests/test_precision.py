@@ -23,11 +23,11 @@ def fake_rates(monkeypatch, rates):
     """linear_rate -> rates[(mode, threads)] (GFLOP/s); records every call."""
     calls = []
 
-    def rate(mode="fp32", shape=precision.MODEL_SHAPE, device="cpu", threads=None, **kw):
+    def fake(modes, shape=precision.MODEL_SHAPE, device="cpu", threads=None, **kw):
         threads = int(threads or torch.get_num_threads())
-        calls.append((mode, threads))
-        return rates.get((mode, threads), rates.get(mode, 1.0)) * 1e9
-    monkeypatch.setattr(precision, "linear_rate", rate)
+        calls.extend((m, threads) for m in modes)
+        return {m: rates.get((m, threads), rates.get(m, 1.0)) * 1e9 for m in modes}
+    monkeypatch.setattr(precision, "linear_rates", fake)
     return calls
 
 
@@ -104,8 +104,8 @@ def test_tiny_run_logs_its_precision_and_mfu_below_100(tmp_path, monkeypatch, fo
     from training.text_stage import train
     monkeypatch.setenv(precision.ENV, forced)
     modes = []
-    real = precision.linear_rate
-    monkeypatch.setattr(precision, "linear_rate", lambda mode="fp32", *a, **k: modes.append(mode) or real(mode, *a, **k))
+    real = precision.linear_rates
+    monkeypatch.setattr(precision, "linear_rates", lambda ms, *a, **k: modes.extend(ms) or real(ms, *a, **k))
     common.reset_accelerator_state()
     torch.set_num_threads(1)
     rows = [{"study": f"s{i}", "findings": f"the heart is normal in size {i}. lungs are clear.",
