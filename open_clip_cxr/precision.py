@@ -173,13 +173,15 @@ def dtype_name(dtype) -> str:
 
 
 def peak_flops(device="cpu", dtype=torch.float32, shape: Tuple[int, int, int] = MODEL_SHAPE,
-               threads: Optional[int] = None) -> float:
+               threads: Optional[int] = None, refresh: bool = False) -> float:
     """Peak dense FLOP/s for MFU, in the dtype a run computes in.
 
     GPU: the table above (tensor-core peaks). CPU: the measured `F.linear` rate at the model's
     widths and the current thread count, the best over 512- and 2048-token chunks (the
     training chunks' range); fp32 runs measure fp32, bf16 runs pure bf16. Cached per process:
-    call it before the steps, never inside one."""
+    call it before the steps, never inside one. `refresh=True` measures again (between steps,
+    when a run beat the peak because the machine was busier during the first probe) and
+    keeps the higher value."""
     device = torch.device(device)
     name = dtype_name(dtype)
     if device.type == "cuda":
@@ -190,6 +192,12 @@ def peak_flops(device="cpu", dtype=torch.float32, shape: Tuple[int, int, int] = 
         return UNKNOWN_GPU_PEAK
     mode = "fp32" if name == "fp32" else f"{name}_pure"
     tokens, d_in, d_out = shape
+    if refresh:
+        n = int(threads or torch.get_num_threads())
+        for t in (tokens, 4 * tokens):
+            key = (str(device), mode, (t, d_in, d_out), n)
+            old = _RATES.pop(key, 0.0)
+            _RATES[key] = max(old, linear_rates((mode,), (t, d_in, d_out), device, n)[mode])
     return max(linear_rates((mode,), (t, d_in, d_out), device, threads)[mode] for t in (tokens, 4 * tokens))
 
 

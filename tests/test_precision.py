@@ -131,3 +131,39 @@ def test_tiny_run_logs_its_precision_and_mfu_below_100(tmp_path, monkeypatch, fo
     saved = common.load_recipe(str(tmp_path / "run" / "recipe.yaml"))
     assert saved["resolved"]["precision"] == forced and saved["resolved"]["source"] == f"env {precision.ENV}"
     assert summary["cache"]["precision"] == forced and summary["cache"]["texts_per_s"] > 0
+
+
+def test_refresh_measures_again_and_keeps_the_higher_peak():
+    shape, keys = (8, 16, 32), [("cpu", "fp32", (t, 16, 32), 1) for t in (8, 32)]
+    for k in keys:
+        precision._RATES[k] = 1.0              # a probe taken on a very busy machine
+    assert precision.peak_flops("cpu", torch.float32, shape, threads=1) == 1.0   # cached
+    fresh = precision.peak_flops("cpu", torch.float32, shape, threads=1, refresh=True)
+    assert fresh > 1.0
+    for k in keys:
+        precision._RATES[k] = 1e18
+    assert precision.peak_flops("cpu", torch.float32, shape, threads=1, refresh=True) == 1e18
+    for k in keys:
+        precision._RATES.pop(k)
+
+
+def test_eval_precision_flag(monkeypatch):
+    from open_clip_cxr.eval.encode import model_precision
+    fake_rates(monkeypatch, {"fp32": 60, "bf16": 6})
+    assert model_precision("auto") == "fp32" and model_precision("pure_bf16") == "pure_bf16"
+    monkeypatch.setenv(precision.ENV, "bf16")
+    assert model_precision("auto") == "bf16" and model_precision("pure_bf16") == "bf16"
+
+
+def test_length_sorted_text_batches_keep_the_input_order():
+    import open_clip
+    import open_clip_cxr  # noqa: F401
+    from open_clip_cxr.eval.encode import encode_texts
+    torch.manual_seed(0)
+    model = open_clip.create_model("cxr-llm-tiny", pretrained_image=False).eval()
+    tok = open_clip.get_tokenizer("cxr-llm-tiny")
+    texts = ["a much longer report about the heart and the lungs, both normal", "short",
+             "medium length text here", "x", "another fairly long report: no effusion, no pneumothorax"]
+    batched = encode_texts(model, tok, texts, batch_size=2)
+    alone = torch.cat([encode_texts(model, tok, [t], batch_size=1) for t in texts])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)

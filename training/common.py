@@ -397,7 +397,7 @@ def precision_name(dtype) -> str:
 _dtype_name = precision_name
 
 
-def peak_flops(device, dtype=torch.float32, measure: bool = True) -> float:
+def peak_flops(device, dtype=torch.float32, measure: bool = True, refresh: bool = False) -> float:
     """Peak dense FLOP/s of `device` for `dtype` (the dtype the run computes in): a table for
     known GPUs; on the CPU the `F.linear` rate at the text towers' widths and the current
     thread count, measured once per process (`open_clip_cxr.precision.peak_flops`), or
@@ -406,7 +406,7 @@ def peak_flops(device, dtype=torch.float32, measure: bool = True) -> float:
     device = torch.device(device)
     if device.type == "cpu" and not measure:
         return CPU_PEAK_DEFAULT.get(_dtype_name(dtype), CPU_PEAK_DEFAULT["fp32"])
-    return precision.peak_flops(device, dtype)
+    return precision.peak_flops(device, dtype, refresh=refresh)
 
 
 def peak_header(device, dtype, num_processes: int = 1) -> str:
