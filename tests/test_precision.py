@@ -167,3 +167,21 @@ def test_length_sorted_text_batches_keep_the_input_order():
     batched = encode_texts(model, tok, texts, batch_size=2)
     alone = torch.cat([encode_texts(model, tok, [t], batch_size=1) for t in texts])
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available() or __import__("platform").machine() != "x86_64",
+                    reason="oneDNN on x86 only")
+def test_auto_picks_fp32_where_bf16_is_emulated():
+    """oneDNN capped at AVX2 (ONEDNN_MAX_CPU_ISA) runs bf16 like an AVX2-only CPU: ~4x slower
+    than fp32 on this machine (measured), so auto must pick fp32 there."""
+    import os
+    import subprocess
+    import sys
+    code = ("from open_clip_cxr import precision; c = precision.choose('auto', threads=1); "
+            "print(c.precision, round(c.ratio, 3))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(ROOT)}
+    env.pop(precision.ENV, None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    pick, ratio = out.stdout.split()
+    assert pick == "fp32" and float(ratio) < 1.0
