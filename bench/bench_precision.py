@@ -207,7 +207,9 @@ def stage1_runs(threads: int, mntp_steps: int, supcon_steps: int, cache_reports:
                    "--set", "supcon.warmup_steps=1", "--set", "eval.enabled=false", "--set", "train.log_with=none",
                    "--set", "train.log_every=1", "--set", "train.checkpoint_every=0"]
             t0 = time.time()
-            subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+            run = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if run.returncode:
+                raise SystemExit(f"stage-1 run ({forced}) failed:\n{run.stderr[-3000:]}")
             wall = time.time() - t0
             logged = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()]
             summary = json.loads(Path(f"{tmp}/run/summary.json").read_text())
