@@ -271,6 +271,21 @@ def choose(value=None, device="cpu", threads: Optional[int] = None) -> Choice:
     return Choice(pick, req, source, "cpu", reason, threads, fp32 / 1e9, bf16 / 1e9)
 
 
+def agree(choice: Choice) -> Choice:
+    """Under torch.distributed (initialised), every process computes in one precision: bf16 only
+    when every process measured it faster (each probes its own CPU, and loads differ)."""
+    import dataclasses
+    import torch.distributed as dist
+    if choice.requested != "auto" or not (dist.is_available() and dist.is_initialized()) \
+            or dist.get_world_size() == 1:
+        return choice
+    flag = torch.tensor([int(choice.precision == "bf16")])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    if choice.precision == "bf16" and not flag.item():
+        return dataclasses.replace(choice, precision="fp32", reason="another process measured bf16 slower")
+    return choice
+
+
 def choose_threads(value=None, precision: str = "fp32") -> Tuple[int, str]:
     """(threads, why) for a `num_threads` value: an int is taken as given; None leaves torch's
     current setting; "auto" times the probe in `precision` at 1 thread and at every usable

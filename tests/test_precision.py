@@ -185,3 +185,26 @@ def test_auto_picks_fp32_where_bf16_is_emulated():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     pick, ratio = out.stdout.split()
     assert pick == "fp32" and float(ratio) < 1.0
+
+
+def _agree_rank(rank, world, port, out):
+    import os
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    # rank 1 measures bf16 slower (a busier or an AVX2-only machine); rank 0 faster
+    rates = {"fp32": 60e9, "bf16": 170e9 if rank == 0 else 6e9}
+    precision.linear_rates = lambda modes, *a, **k: {m: rates[m] for m in modes}
+    choice = precision.agree(precision.choose("auto", "cpu", threads=1))
+    Path(f"{out}.{rank}").write_text(choice.precision)
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_processes_agree_on_one_precision(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_agree_rank, args=(2, port, str(tmp_path / "p")), nprocs=2)
+    assert [(tmp_path / f"p.{r}").read_text() for r in range(2)] == ["fp32", "fp32"]

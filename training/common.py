@@ -221,6 +221,10 @@ def _resolve_precision(recipe: dict):
     value = value if value is not None else recipe.get("mixed_precision", "auto")
     threads = _opt(recipe, "train.num_threads", "num_threads")
     choice, n, why = precision.resolve(value, threads, "cpu" if cpu else "cuda")
+    if cpu and choice.requested == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        PartialState(cpu=True)                 # the process group the Accelerator will use
+        choice = precision.agree(choice)       # one precision on every process
     recipe["resolved"] = {**choice.record(), "threads_reason": why}
     return choice, n, why
 
