@@ -186,8 +186,7 @@ def tower_encode_fn(tower, tokenizer, max_length: Optional[int] = None, max_toke
     (`OPEN_CLIP_CXR_PRECISION` overrides)."""
     pad = tower.config.pad_token_id
     if isinstance(dtype, str):
-        from open_clip_cxr.precision import choose
-        dtype = choose(dtype, device).dtype
+        dtype = choose_precision(dtype, device).dtype
 
     @torch.no_grad()
     def encode(texts):
