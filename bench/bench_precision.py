@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._util import table  # noqa: E402
+from bench._util import table, timeit_interleaved  # noqa: E402
 from open_clip_cxr import precision  # noqa: E402
 
 
@@ -53,7 +53,8 @@ def cpu_info() -> str:
                 flags = " ".join(f for f in fl if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"))
     except OSError:
         pass
-    return f"{name} [{flags or 'no avx512/amx flags'}], {precision.usable_cores()} usable cores, torch {torch.__version__}"
+    return (f"{name} [{flags or 'no avx512/amx flags'}], {precision.usable_cores()} usable cores, "
+            f"torch {torch.__version__}")
 
 
 def load() -> str:
@@ -118,7 +119,7 @@ def report_texts(n: int):
     return [base_text(r) for r in openi_reports("validate", limit=n)]
 
 
-def encode_rates(texts, threads: int, max_tokens: int = 2048, repeats: int = 2) -> dict:
+def encode_rates(texts, threads: int, max_tokens: int = 2048, repeats: int = 3) -> dict:
     import open_clip
     from transformers import AutoModel
     import open_clip_cxr  # noqa: F401
@@ -157,10 +158,10 @@ def encode_rates(texts, threads: int, max_tokens: int = 2048, repeats: int = 2) 
             TextStateCache(tower, tok, texts, 0, 128, max_tokens, dtype=dtype, log_every=1e9)
 
         casts = [FrozenCast(tower, dtype), FrozenCast(plain_wrap(plain), dtype)]
-        try:
-            t_tower = min(_time(lambda: enc(texts)) for _ in range(repeats))
-            t_cache = min(_time(run_cache) for _ in range(repeats))
-            t_plain = min(_time(run_plain) for _ in range(repeats))
+        try:   # round-robin, so a change of load hits the three alike; median of `repeats`
+            t = timeit_interleaved({"tower": lambda: enc(texts), "cache": run_cache, "plain": run_plain},
+                                   repeat=repeats, warmup=0)
+            t_tower, t_cache, t_plain = t["tower"], t["cache"], t["plain"]
         finally:
             for c in casts:
                 c.restore()
@@ -187,12 +188,6 @@ class plain_wrap:
         self.llm = model
 
 
-def _time(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 # ---------------------------------------------------------------- stage 1
 
 def stage1_runs(threads: int, mntp_steps: int, supcon_steps: int, cache_reports: int) -> dict:
@@ -215,12 +210,14 @@ def stage1_runs(threads: int, mntp_steps: int, supcon_steps: int, cache_reports:
             summary = json.loads(Path(f"{tmp}/run/summary.json").read_text())
         res = {"wall_s": round(wall, 1), "cache": summary.get("cache")}
         for stage in ("mntp", "supcon"):
-            ms = sorted(r["ms_per_step"] for r in logged if r.get("stage") == stage and "ms_per_step" in r)[1:]  # first: warm-up
+            ms = sorted(r["ms_per_step"] for r in logged if r.get("stage") == stage and "ms_per_step" in r)
+            ms = ms[:-1] if len(ms) > 1 else ms      # the slowest (the first step's warm-up) left out
             mfu = [r["mfu"] for r in logged if r.get("stage") == stage and "mfu" in r]
             res[stage] = {"ms_per_step_median": ms[len(ms) // 2] if ms else None, "mfu_max": max(mfu) if mfu else None}
         out[forced] = res
         c = res["cache"] or {}
-        rows.append([forced, f"{res['mntp']['ms_per_step_median'] or 0:.0f}", f"{res['supcon']['ms_per_step_median'] or 0:.0f}",
+        rows.append([forced, f"{res['mntp']['ms_per_step_median'] or 0:.0f}",
+                     f"{res['supcon']['ms_per_step_median'] or 0:.0f}",
                      f"{c.get('texts_per_s', 0):.1f}", f"{100 * c.get('of_peak', 0):.0f}%",
                      f"{max(res['mntp']['mfu_max'] or 0, res['supcon']['mfu_max'] or 0):.1f}%", f"{wall:.0f}"])
     print(f"stage 1, cxr-llm-small-l4, {mntp_steps} MNTP + {supcon_steps} contrastive steps, "

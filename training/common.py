@@ -421,7 +421,8 @@ def peak_header(device, dtype, num_processes: int = 1) -> str:
     how = (f"F.linear x{MODEL_SHAPE[1]}->{MODEL_SHAPE[2]} measured, {torch.get_num_threads()} thread(s)"
            if device.type == "cpu" else f"table, {torch.cuda.get_device_name(device)}")
     total = peak_flops(device, dtype) * num_processes
-    return f"MFU peak {total / 1e9:.1f} GFLOP/s {name} ({how}{f', x{num_processes} processes' if num_processes > 1 else ''})"
+    procs = f", x{num_processes} processes" if num_processes > 1 else ""
+    return f"MFU peak {total / 1e9:.1f} GFLOP/s {name} ({how}{procs})"
 
 
 class Throughput:

@@ -425,8 +425,8 @@ def _train(recipe: dict) -> dict:
             cache = TextStateCache(tower, tokenizer, [x for t in pool for x in t.all_texts()], top,
                                    max_length, max_tokens, dtype=low)
             rate = cache_rate(tower, cache, low)
-            accelerator.print(f"supcon: cached {len(cache)} texts of {len(pool)} reports "
-                              f"below the top {cache.k} layers in {cache.seconds:.0f} s: {rate['texts_per_s']:.1f} texts/s, "
+            accelerator.print(f"supcon: cached {len(cache)} texts of {len(pool)} reports below the top "
+                              f"{cache.k} layers in {cache.seconds:.0f} s: {rate['texts_per_s']:.1f} texts/s, "
                               f"{rate['gflops']:.1f} GFLOP/s ({rate['of_peak']:.0%} of the measured "
                               f"{rate['precision']} linear peak)")
             summary["cache"] = rate     # summary.json
