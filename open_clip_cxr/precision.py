@@ -266,7 +266,7 @@ def choose(value=None, device="cpu", threads: Optional[int] = None) -> Choice:
     rates = linear_rates(("fp32", "bf16"), MODEL_SHAPE, device, threads)
     fp32, bf16 = rates["fp32"], rates["bf16"]
     pick = "bf16" if bf16 >= BF16_MARGIN * fp32 else "fp32"
-    reason = (f"bf16 measured faster" if pick == "bf16"
+    reason = ("bf16 measured faster" if pick == "bf16"
               else f"bf16 not measured >= {BF16_MARGIN:.2f}x fp32")
     return Choice(pick, req, source, "cpu", reason, threads, fp32 / 1e9, bf16 / 1e9)
 
