@@ -284,6 +284,12 @@ def summarise(out: Path, results: dict) -> str:
 
 # ---------------------------------------------------------------- CLI
 
+def _threads_arg(value: str):
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: give a positive integer or auto")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="recipe",
@@ -291,7 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a smaller text cache)")
     parser.add_argument("--eval-reports", type=int, default=None,
                         help="first N test-split reports for the robustness suite (default: all)")
-    parser.add_argument("--threads", default="auto",
+    parser.add_argument("--threads", default="auto", type=_threads_arg,
                         help="torch CPU threads (default auto: 1 vs every core, measured at start)")
     parser.add_argument("--clip-steps", type=int, default=12, help="CLIP-stage steps on the package images")
     parser.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier outputs")
