@@ -35,8 +35,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "(text-robustness: optional when --baselines are given)")
     m.add_argument("--pretrained", default=None, help="checkpoint file or pretrained tag (ignored for local-dir:/hf-hub:)")
     m.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    m.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "pure_fp16", "pure_bf16"],
-                   help="model precision (default: fp32)")
+    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "pure_fp16", "pure_bf16"],
+                   help="model precision (default: auto: bf16 where measured faster on this CPU or supported "
+                        "by the GPU, else fp32; OPEN_CLIP_CXR_PRECISION overrides)")
     m.add_argument("--batch-size", type=int, default=64, help="images or reports per forward pass")
     d = p.add_argument_group("data")
     d.add_argument("--shards", action="append", help="WebDataset shards to evaluate (brace pattern)")
@@ -97,8 +98,10 @@ def _check_shards(args) -> dict:
 def load_model(args):
     """(model, preprocess, tokenizer) on args.device; our plugin registers its model names on import."""
     import open_clip_cxr
+    from open_clip_cxr.eval.encode import model_precision
     model, _, preprocess = open_clip_cxr.create_model_and_transforms(
-        args.model, pretrained=args.pretrained, precision=args.precision, device=args.device)
+        args.model, pretrained=args.pretrained, precision=model_precision(args.precision, args.device),
+        device=args.device)
     return model.eval(), preprocess, open_clip_cxr.get_tokenizer(args.model)
 
 

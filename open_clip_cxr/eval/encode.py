@@ -4,6 +4,8 @@ Errors say what is wrong and how to fix it: shards whose samples lack a study id
 report to embed, or a tokenizer that does not belong to the model (token ids beyond the
 model's vocabulary, or sequences longer than its positional table).
 """
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -97,10 +99,23 @@ def check_tokens(model: torch.nn.Module, tokens: torch.Tensor, tokenizer=None) -
         raise ValueError(f"token id {int(tokens.max())} is outside the model's vocabulary of {vocab}; {hint}")
 
 
+def model_precision(value: str = "auto", device="cpu") -> str:
+    """OpenCLIP's `precision` for encoding. "auto" (the default; `OPEN_CLIP_CXR_PRECISION`
+    overrides) becomes bf16 where `open_clip_cxr.precision` measures it faster on this CPU (or
+    the GPU supports it), else fp32; OpenCLIP's own values (fp32, bf16, pure_bf16, ...) pass."""
+    from open_clip_cxr import precision
+    if value in ("auto", None) or os.environ.get(precision.ENV, "").strip():
+        choice = precision.choose(value if value in precision.VALUES else "auto", device)
+        print(choice.line(), file=sys.stderr)
+        return choice.precision
+    return value
+
+
 @torch.no_grad()
 def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = 64,
                  device="cpu", progress: bool = False, normalize: bool = True) -> torch.Tensor:
-    """Text embeddings [N, D] (float32, CPU; L2-normalised unless `normalize=False`), `batch_size` at a time."""
+    """Text embeddings [N, D] (float32, CPU; L2-normalised unless `normalize=False`), `batch_size`
+    texts at a time, batched by length (the LLM towers drop the padding a whole batch shares), in input order."""
     texts = list(texts)
     if not texts:
         raise ValueError("no texts to encode: the report bank is empty (check the shards' split and --limit)")
@@ -108,15 +123,17 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[st
         raise TypeError("encode_texts takes a list of strings")
     model.eval()
     out = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     starts = range(0, len(texts), batch_size)
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="reports", unit="batch")
     for s in starts:
-        tokens = tokenizer(texts[s:s + batch_size])
+        tokens = tokenizer([texts[i] for i in order[s:s + batch_size]])
         check_tokens(model, tokens, tokenizer)   # cheap, and a bad id would index out of range
         out.append(model.encode_text(tokens.to(device), normalize=normalize).float().cpu())
-    return torch.cat(out)
+    emb = torch.cat(out)
+    return emb.index_copy(0, torch.tensor(order), emb.clone())   # back to input order
 
 
 @dataclass
