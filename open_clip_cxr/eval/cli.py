@@ -59,8 +59,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k-reports", type=int, default=1, help="join this many distinct retrieved reports")
     g.add_argument("--judge", default=None, help="GREEN judge: model id or folder (e.g. StanfordAIMI/GREEN-radllama2-7b)")
     g.add_argument("--judge-gguf-file", default=None, help="GGUF file inside --judge (for a small stand-in judge)")
-    g.add_argument("--judge-batch-size", type=int, default=4)
-    g.add_argument("--judge-max-new-tokens", type=int, default=1024)
+    g.add_argument("--judge-batch-size", type=int, default=8, help="GREEN judge batch (GREEN's own: 8)")
+    g.add_argument("--judge-max-new-tokens", type=int, default=None,
+                   help="cap the judge's answer (default: GREEN's max_length of 2048 tokens, prompt included)")
+    g.add_argument("--judge-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="judge weights dtype (GREEN's own: float16)")
     g.add_argument("--bertscore-model", default="minilm",
                    help="encoder folder for BERTScore ('minilm': the shipped MiniLM; 'none': skip)")
     g.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
@@ -160,7 +163,7 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
         from open_clip_cxr.eval.green import GreenJudge
         kw = {"gguf_file": args.judge_gguf_file} if args.judge_gguf_file else {}
         judge = GreenJudge.from_pretrained(args.judge, device=args.device, batch_size=args.judge_batch_size,
-                                           max_new_tokens=args.judge_max_new_tokens, progress=True,
+                                           max_new_tokens=args.judge_max_new_tokens, dtype=args.judge_dtype, progress=True,
                                            cache_path=os.path.join(args.out, "green_cache.jsonl"), **kw)
     res = evaluate_report_generation(generated, references, bert_scorer=scorer, judge=judge, meteor=not args.no_meteor)
     per_green = res.pop("per_report_green", None)
@@ -169,7 +172,7 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
             rec = {"image": key, "study_id": test.image_study_ids[i], "retrieved_studies": used[i],
                    "generated": generated[i], "reference": references[i]}
             if per_green is not None:
-                rec["green"] = {k: per_green[i][k] for k in ("score", "parsed", "error", "matched", "significant")}
+                rec["green"] = {k: v for k, v in per_green[i].items() if k != "output"}
             f.write(json.dumps(rec) + "\n")
     res["bank_reports"] = len(bank.texts)
     return res

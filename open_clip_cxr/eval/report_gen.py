@@ -51,6 +51,8 @@ def evaluate_report_generation(generated: Sequence[str], references: Sequence[st
         g = judge(references, generated)
         out["green"] = g["summary"]
         out["metrics"]["GREEN"] = g["summary"]["green"]
+        out["metrics"]["GREEN_std"] = g["summary"].get("green_std")
+        # outputs without GREEN's sections: scored 0 and averaged in, as GREEN's own code does
         out["metrics"]["GREEN_unparsed"] = g["summary"]["n_unparsed"]
         out["per_report_green"] = g["per_report"]
     return out
