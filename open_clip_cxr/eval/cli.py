@@ -65,7 +65,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--judge-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                    help="judge weights dtype (GREEN's own: float16)")
     g.add_argument("--bertscore-model", default="minilm",
-                   help="encoder folder for BERTScore ('minilm': the shipped MiniLM; 'none': skip)")
+                   help="BERTScore encoder: folder or cached hub id ('minilm': the shipped MiniLM; 'none': skip)")
+    g.add_argument("--bertscore-layers", type=int, default=None,
+                   help="BERTScore layer (default: bert-score's tuned layer for known models, else the last)")
+    g.add_argument("--bertscore-idf", action="store_true", help="BERTScore idf weights (from the references)")
+    g.add_argument("--bertscore-baseline", default=None,
+                   help="rescale BERTScore with a baseline: 'builtin' (bert-score's, known models) or a .tsv file")
+    g.add_argument("--radgraph", nargs="?", const="radgraph", default=None,
+                   choices=["radgraph", "radgraph-xl", "modern-radgraph-xl"],
+                   help="add RadGraph-F1 (the `radgraph` package; its weights must be in its cache folder)")
+    g.add_argument("--chexbert", action="store_true",
+                   help="add CheXbert-F1 (the `f1chexbert` package; chexbert.pth must be in its cache folder)")
     g.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     t = p.add_argument_group("text robustness")
     t.add_argument("--baselines", default="", help="comma list from: bow, minilm (compared side by side)")
@@ -145,6 +155,12 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval.encode import embed_shards
     from open_clip_cxr.eval.report_gen import evaluate_report_generation, retrieve_reports
     _require(args, "bank-shards")
+    from open_clip_cxr.eval.clinical_metrics import MetricUnavailableError
+    from open_clip_cxr.eval.report_gen import check_clinical_metrics
+    try:   # before any embedding: an asked-for metric that cannot run is a usage error
+        check_clinical_metrics(args.radgraph, args.chexbert)
+    except MetricUnavailableError as e:
+        raise SystemExit(str(e))
     test = embed_shards(model, preprocess, None, _urls(args.shards), args.batch_size, args.device,
                         limit=args.limit, splits=[args.split] if args.split else None,
                        num_workers=args.workers)
@@ -158,14 +174,18 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
     scorer = judge = None
     if args.bertscore_model.lower() != "none":
         from open_clip_cxr.eval.text_metrics import BertScorer
-        scorer = BertScorer(None if args.bertscore_model == "minilm" else args.bertscore_model, device=args.device)
+        base = args.bertscore_baseline
+        scorer = BertScorer(args.bertscore_model, num_layers=args.bertscore_layers, idf=args.bertscore_idf,
+                            rescale_with_baseline=bool(base), baseline_path=None if base in (None, "builtin") else base,
+                            device=args.device)
     if args.judge:
         from open_clip_cxr.eval.green import GreenJudge
         kw = {"gguf_file": args.judge_gguf_file} if args.judge_gguf_file else {}
         judge = GreenJudge.from_pretrained(args.judge, device=args.device, batch_size=args.judge_batch_size,
                                            max_new_tokens=args.judge_max_new_tokens, dtype=args.judge_dtype, progress=True,
                                            cache_path=os.path.join(args.out, "green_cache.jsonl"), **kw)
-    res = evaluate_report_generation(generated, references, bert_scorer=scorer, judge=judge, meteor=not args.no_meteor)
+    res = evaluate_report_generation(generated, references, bert_scorer=scorer, judge=judge, meteor=not args.no_meteor,
+                                     radgraph=args.radgraph, chexbert=args.chexbert, device=args.device)
     per_green = res.pop("per_report_green", None)
     with open(os.path.join(args.out, "generated.jsonl"), "w") as f:
         for i, key in enumerate(test.image_keys):
