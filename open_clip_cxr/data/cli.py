@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cols.add_argument("--study-col", help="study id column (default: one study per row)")
     cols.add_argument("--patient-col", help="patient id column, for patient-level hash splits")
     cols.add_argument("--split-col", help="split column (train / validate / test)")
+    cols.add_argument("--label-cols", nargs="+", default=None, metavar="COL",
+                      help="label columns (1/0/-1) stored as each image's labels, for eval --task zeroshot --labels")
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
     out.add_argument("--max-side", type=int, default=512,
@@ -102,6 +104,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         records = iter_source(args.source, root=args.root, reports=args.reports, table=args.table, views=views,
                               val=args.val_frac, test=args.test_frac, **table_cols)
+        if getattr(args, "label_cols", None):
+            if args.source != "table":
+                raise ValueError("--label-cols reads a --source table's columns; other sources bring their own labels")
+            from open_clip_cxr.data.table_labels import attach_table_labels
+            records = attach_table_labels(records, args.table, args.label_cols, image_col=args.image_col, root=args.root)
         manifest = write_shards(
             records, args.out,
             options=EncodeOptions(max_side=args.max_side, image_format=args.image_format,

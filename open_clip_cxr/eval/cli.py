@@ -55,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--storage-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype embeddings are held in during search (scores are always float32)")
     r.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block")
+    z = p.add_argument_group("zero-shot")
+    z.add_argument("--labels", nargs="+", default=None, metavar="NAME",
+                   help="label names to score (from the shards' metadata; a table source's --label-cols); "
+                        "default: every class with prompts")
+    z.add_argument("--prompts", default=None, metavar="YAML",
+                   help="class -> {positive: [...], negative: [...]} prompts, replacing the built-in CheXpert ones")
     g = p.add_argument_group("report generation")
     g.add_argument("--top-k-reports", type=int, default=1, help="join this many distinct retrieved reports")
     g.add_argument("--judge", default=None, help="GREEN judge: model id or folder (e.g. StanfordAIMI/GREEN-radllama2-7b)")
@@ -141,14 +147,28 @@ def run_retrieval(args, model, preprocess, tokenizer) -> dict:
 
 
 def run_zeroshot(args, model, preprocess, tokenizer) -> dict:
+    from open_clip_cxr.eval import zeroshot as Z
     from open_clip_cxr.eval.encode import embed_shards, encode_texts
-    from open_clip_cxr.eval.zeroshot import evaluate_zeroshot, model_logit_scale
+    try:   # a bad prompts file or an unknown label is the user's to fix, before any embedding
+        prompts = Z.load_prompts(args.prompts) if args.prompts else Z.PROMPTS
+        if args.labels:
+            prompts = Z.select_prompts(prompts, args.labels)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e))
     emb = embed_shards(model, preprocess, None, _urls(args.shards), args.batch_size, args.device,
                        limit=args.limit, splits=[args.split] if args.split else None,
                        num_workers=args.workers)
     labels = [emb.meta[s].get("labels") for s in emb.image_study_ids]
+    if args.labels:
+        from open_clip_cxr.data.table_labels import label_names
+        try:
+            Z.select_prompts(prompts, args.labels, available=label_names({"labels": lab} for lab in labels))
+        except ValueError as e:
+            raise SystemExit(str(e))
     encode_fn = lambda texts: encode_texts(model, tokenizer, texts, args.batch_size, args.device)  # noqa: E731
-    return evaluate_zeroshot(emb.image_emb, labels, encode_fn, logit_scale=model_logit_scale(model))
+    res = Z.evaluate_zeroshot(emb.image_emb, labels, encode_fn, logit_scale=Z.model_logit_scale(model), prompts=prompts)
+    res["prompts"] = args.prompts or "built-in CheXpert prompts"
+    return res
 
 
 def run_report_gen(args, model, preprocess, tokenizer) -> dict:
