@@ -275,11 +275,13 @@ def encode_like_green(tokenizer, texts: Sequence[str], max_length: int = MAX_LEN
     right-truncated to `max_length` (keeping the EOS), padded on the left with EOS."""
     import torch
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if eos is None:
+        raise ValueError("the judge's tokenizer has no EOS token (GREEN appends it and pads with it)")
+    pad = eos   # GREEN sets pad_token = eos_token, whatever the tokenizer had
     rows = []
     for t in texts:
         ids = list(tokenizer(t, add_special_tokens=True)["input_ids"])
-        if eos is not None and (not ids or ids[-1] != eos):
+        if not ids or ids[-1] != eos:
             ids.append(eos)
         if len(ids) > max_length:
             ids = ids[:max_length - 1] + ids[-1:]
@@ -353,7 +355,7 @@ class GreenJudge:
         eos = tok.eos_token or "</s>"
         input_ids, mask = encode_like_green(tok, [chat_text(p, eos) for p in prompts], self.max_length)
         device = next(self.model.parameters()).device
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        pad = tok.eos_token_id   # GREEN pads with EOS
         length = {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {"max_length": self.max_length}
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
