@@ -91,8 +91,8 @@ def test_bertscore_model_absent_offline_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_radgraph_and_chexbert_without_weights_say_what_is_missing(tmp_path, monkeypatch):
     from open_clip_cxr.eval import clinical_metrics as CM
-    pytest.importorskip("radgraph")
-    pytest.importorskip("f1chexbert")
+    with pytest.raises(CM.MetricUnavailableError, match="package is not installed"):
+        CM._package_cache("no_such_package_xyz", "x")
     with pytest.raises(CM.MetricUnavailableError, match="no radgraph weights in .*cannot be downloaded offline"):
         CM.check_radgraph("radgraph", model_cache_dir=str(tmp_path))
     folder = tmp_path / "radgraph"
@@ -104,11 +104,14 @@ def test_radgraph_and_chexbert_without_weights_say_what_is_missing(tmp_path, mon
         CM.check_radgraph("radgraph", model_cache_dir=str(tmp_path))
     with pytest.raises(CM.MetricUnavailableError, match="unknown RadGraph model"):
         CM.check_radgraph("radgraph-xxl")
-    import f1chexbert.f1chexbert as fc
-    monkeypatch.setattr(fc, "CACHE_DIR", str(tmp_path))
     with pytest.raises(CM.MetricUnavailableError, match="no CheXbert weights"):
-        CM.check_chexbert()
-    with pytest.raises(CM.MetricUnavailableError):
+        CM.check_chexbert(str(tmp_path))
+    (tmp_path / "chexbert.pth").write_bytes(b"")
+    monkeypatch.setattr(CM, "_hf_cached", lambda repo: False)
+    with pytest.raises(CM.MetricUnavailableError, match="bert-base-uncased"):
+        CM.check_chexbert(str(tmp_path))
+    monkeypatch.setattr(CM, "_package_cache", lambda package, app: str(tmp_path / "empty"))
+    with pytest.raises(CM.MetricUnavailableError, match="no CheXbert weights"):
         RG.evaluate_report_generation(REFS, REFS, meteor=False, chexbert=True)
 
 

@@ -26,20 +26,33 @@ def _hf_cached(repo_id: str) -> bool:
     return isinstance(hit, str) and os.path.exists(hit)
 
 
+def _package_cache(package: str, app: str) -> str:
+    """The cache folder a package downloads into (`appdirs.user_cache_dir(app)`), found without
+    importing the package (importing radgraph or f1chexbert takes seconds)."""
+    import importlib.util
+    if importlib.util.find_spec(package) is None:
+        raise MetricUnavailableError(f"the `{package}` package is not installed; pip install {package} "
+                                     "(or pip install open_clip_cxr[clinical])")
+    from appdirs import user_cache_dir
+    return user_cache_dir(app)
+
+
+def _radgraph_folder(model_type: str, model_cache_dir: Optional[str]) -> str:
+    if model_cache_dir is None:
+        from importlib.metadata import version
+        model_cache_dir = os.path.join(_package_cache("radgraph", "radgraph"), version("radgraph"))
+    return os.path.join(model_cache_dir, model_type)
+
+
 def check_radgraph(model_type: str = "radgraph", model_cache_dir: Optional[str] = None) -> str:
     """The folder holding the RadGraph model; MetricUnavailableError when it (or its encoder) is missing."""
     if model_type not in RADGRAPH_TYPES:
         raise MetricUnavailableError(f"unknown RadGraph model {model_type!r}; use one of {', '.join(RADGRAPH_TYPES)}")
-    try:
-        import radgraph.radgraph as rg
-    except Exception as e:   # noqa: BLE001  (an incompatible install fails in many ways)
-        raise MetricUnavailableError(f"RadGraph-F1 needs the `radgraph` package, which does not import here "
-                                     f"({type(e).__name__}: {e}); pip install radgraph") from e
-    folder = os.path.join(model_cache_dir or rg.CACHE_DIR, model_type)
+    folder = _radgraph_folder(model_type, model_cache_dir)
     if not os.path.isfile(os.path.join(folder, "config.json")) or not os.path.isfile(os.path.join(folder, "weights.th")):
         raise MetricUnavailableError(
             f"RadGraph-F1: no {model_type} weights in {folder} (config.json, weights.th, vocabulary/), and they "
-            f"cannot be downloaded offline; unpack {rg.MODEL_MAPPING[model_type]} from the hub repo "
+            f"cannot be downloaded offline; unpack {model_type}.tar.gz from the hub repo "
             "StanfordAIMI/RRG_scorers there on a connected machine")
     import json
     with open(os.path.join(folder, "config.json")) as f:
@@ -51,11 +64,20 @@ def check_radgraph(model_type: str = "radgraph", model_cache_dir: Optional[str] 
     return folder
 
 
+def _import(package: str):
+    import importlib
+    try:
+        return importlib.import_module(package)
+    except Exception as e:   # noqa: BLE001  (an install that does not fit our pins fails in many ways)
+        raise MetricUnavailableError(f"the `{package.split('.')[0]}` package does not import with this "
+                                     f"environment's versions ({type(e).__name__}: {e})") from e
+
+
 def radgraph_f1(candidates: Sequence[str], references: Sequence[str], model_type: str = "radgraph",
                 model_cache_dir: Optional[str] = None, device: str = "cpu") -> dict:
     """Mean RadGraph F1 at the package's three reward levels (simple, partial, complete)."""
     check_radgraph(model_type, model_cache_dir)
-    from radgraph import F1RadGraph
+    F1RadGraph = _import("radgraph").F1RadGraph
     cuda = int(device.split(":")[1]) if device.startswith("cuda:") else (0 if device == "cuda" else -1)
     scorer = F1RadGraph(reward_level="all", model_type=model_type, model_cache_dir=model_cache_dir, cuda=cuda)
     mean, per, _, _ = scorer(refs=list(references), hyps=list(candidates))
@@ -64,14 +86,9 @@ def radgraph_f1(candidates: Sequence[str], references: Sequence[str], model_type
             "per_pair_partial": [float(x) for x in per[1]]}
 
 
-def check_chexbert() -> str:
+def check_chexbert(cache_dir: Optional[str] = None) -> str:
     """The CheXbert checkpoint path; MetricUnavailableError when it or the BERT tokenizer is missing."""
-    try:
-        import f1chexbert.f1chexbert as fc
-    except Exception as e:   # noqa: BLE001
-        raise MetricUnavailableError(f"CheXbert-F1 needs the `f1chexbert` package, which does not import here "
-                                     f"({type(e).__name__}: {e}); pip install f1chexbert") from e
-    ckpt = os.path.join(fc.CACHE_DIR, "chexbert.pth")
+    ckpt = os.path.join(cache_dir or _package_cache("f1chexbert", "chexbert"), "chexbert.pth")
     if not os.path.isfile(ckpt):
         raise MetricUnavailableError(f"CheXbert-F1: no CheXbert weights at {ckpt}, and they cannot be downloaded "
                                      "offline; copy chexbert.pth from the hub repo StanfordAIMI/RRG_scorers there")
@@ -85,7 +102,7 @@ def chexbert_f1(candidates: Sequence[str], references: Sequence[str], device: st
     """CheXbert-labelled F1 of candidates against references: micro/macro over the 14 observations and
     over the 5 common ones (cardiomegaly, edema, consolidation, atelectasis, pleural effusion)."""
     check_chexbert()
-    from f1chexbert import F1CheXbert
+    F1CheXbert = _import("f1chexbert").F1CheXbert
     scorer = F1CheXbert(device=device)
     accuracy, _, cr14, cr5 = scorer(hyps=list(candidates), refs=list(references))
     return {"CheXbert-F1-micro-14": float(cr14["micro avg"]["f1-score"]),
