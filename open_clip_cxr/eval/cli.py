@@ -181,17 +181,7 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
         check_clinical_metrics(args.radgraph, args.chexbert)
     except MetricUnavailableError as e:
         raise SystemExit(str(e))
-    test = embed_shards(model, preprocess, None, _urls(args.shards), args.batch_size, args.device,
-                        limit=args.limit, splits=[args.split] if args.split else None,
-                       num_workers=args.workers)
-    bank_splits = None if args.bank_split == "any" else [args.bank_split]
-    bank = embed_shards(model, preprocess, tokenizer, _urls(args.bank_shards), args.batch_size, args.device,
-                        limit=args.limit, splits=bank_splits, num_workers=args.workers)
-    generated, used = retrieve_reports(test.image_emb, test.image_study_ids, bank.text_emb, bank.text_study_ids,
-                                       bank.texts, k=args.top_k_reports, **_search_kw(args))
-    study_text = dict(zip(test.text_study_ids, test.texts))
-    references = [study_text[s] for s in test.image_study_ids]
-    scorer = judge = None
+    scorer = judge = None   # built first: a missing model fails before any embedding
     if args.bertscore_model.lower() != "none":
         from open_clip_cxr.eval.text_metrics import BertScorer
         base = args.bertscore_baseline
@@ -204,6 +194,16 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
         judge = GreenJudge.from_pretrained(args.judge, device=args.device, batch_size=args.judge_batch_size,
                                            max_new_tokens=args.judge_max_new_tokens, dtype=args.judge_dtype, progress=True,
                                            cache_path=os.path.join(args.out, "green_cache.jsonl"), **kw)
+    test = embed_shards(model, preprocess, None, _urls(args.shards), args.batch_size, args.device,
+                        limit=args.limit, splits=[args.split] if args.split else None,
+                       num_workers=args.workers)
+    bank_splits = None if args.bank_split == "any" else [args.bank_split]
+    bank = embed_shards(model, preprocess, tokenizer, _urls(args.bank_shards), args.batch_size, args.device,
+                        limit=args.limit, splits=bank_splits, num_workers=args.workers)
+    generated, used = retrieve_reports(test.image_emb, test.image_study_ids, bank.text_emb, bank.text_study_ids,
+                                       bank.texts, k=args.top_k_reports, **_search_kw(args))
+    study_text = dict(zip(test.text_study_ids, test.texts))
+    references = [study_text[s] for s in test.image_study_ids]
     res = evaluate_report_generation(generated, references, bert_scorer=scorer, judge=judge, meteor=not args.no_meteor,
                                      radgraph=args.radgraph, chexbert=args.chexbert, device=args.device)
     per_green = res.pop("per_report_green", None)

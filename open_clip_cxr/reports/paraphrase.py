@@ -5,6 +5,12 @@ the text, the model id and the generation settings. Lines are appended and flush
 after every batch, so a rerun skips finished texts and an interrupted run resumes.
 The cache stores keys and paraphrases only, not the source text; paraphrases are still
 derived from it, so keep caches of restricted-licence reports (Open-I) out of the repo.
+
+`LLMVariants` turns two paraphrasers (a rewrite prompt and a one-error prompt) into checked
+report variants: `check_variant` keeps a rewrite only when the mention extractor reads the same
+findings, sides, negations and severities, and a one-error copy only when exactly one of them
+changed; every drop is counted by reason. `attach_llm_variants` feeds them to the shard writer
+(`shards --variants llm|both`), `llm_report_texts` to stage 1 (`supcon.variants: llm|both`).
 """
 import hashlib
 import json
