@@ -413,6 +413,10 @@ def _train(recipe: dict) -> dict:
         bs, n_neg = int(scfg["batch_size"]), int(scfg.get("n_negatives", 2))
         p_sections, p_instr = float(scfg.get("p_sections", 0.3)), float(scfg.get("instruction_prob", 0.0))
         max_variants = scfg.get("max_variants")
+        texts_fn = report_texts   # supcon.variants: rules (default) | llm | both (checked LLM rewrites)
+        if scfg.get("variants", "rules") != "rules":
+            from open_clip_cxr.reports.paraphrase import llm_report_texts
+            texts_fn = llm_report_texts(report_texts, reports, scfg, out / "work" / "llm_variants", accelerator.print)
         max_tokens = int(recipe["train"].get("max_tokens", 4096))
         n_layers = tower.config.llm_config().num_hidden_layers
         top = min(int(lora_cfg.get("layers") or n_layers), n_layers) if lora_cfg else 0   # adapted layers
@@ -421,7 +425,7 @@ def _train(recipe: dict) -> dict:
             # a fixed subset of reports, their texts encoded once below the adapted layers
             n_cache = int(scfg.get("cache_reports") or len(reports))
             pick = random.Random(seed + 2).sample(range(len(reports)), min(n_cache, len(reports)))
-            pool = [t for t in (report_texts(reports[i], seed, max_variants) for i in pick) if t and t.variants]
+            pool = [t for t in (texts_fn(reports[i], seed, max_variants) for i in pick) if t and t.variants]
             cache = TextStateCache(tower, tokenizer, [x for t in pool for x in t.all_texts()], top,
                                    max_length, max_tokens, dtype=low)
             rate = cache_rate(tower, cache, low)
@@ -437,7 +441,7 @@ def _train(recipe: dict) -> dict:
             n_items = len(pool)
         else:
             module = Embedder(tower, pad, max_tokens)
-            texts_of = lambda i, epoch: report_texts(reports[i], seed * 10_007 + epoch, max_variants)  # noqa: E731
+            texts_of = lambda i, epoch: texts_fn(reports[i], seed * 10_007 + epoch, max_variants)  # noqa: E731
             n_items = len(reports)
         data = StepData(n_items, bs, seed + 1, world, rank)
 
