@@ -8,7 +8,6 @@ unreadable upload, a bad k) gives a 400 with a message; the server keeps serving
 
 JSON endpoints: GET /api/search?q=...&k=10, POST /api/search (multipart `image`), GET /health.
 """
-from __future__ import annotations
 
 import argparse
 import hmac
