@@ -268,3 +268,14 @@ def test_cli_errors_are_one_line_and_exit_2(archive, checkpoint, tmp_path, capsy
     assert "--text" in capsys.readouterr().err
     assert cli.main(["index", "--model", "cxr-llm-tiny", "--out", str(tmp_path / "i")]) == 2
     assert "exactly one of --shards" in capsys.readouterr().err
+
+
+def test_demo_step_indexes_held_out_films_and_prints_both_queries(tmp_path, capsys):
+    from open_clip_cxr.search.demo import index_and_query
+    write_archive(tmp_path, 0, 2).rename(tmp_path / "shards")
+    (tmp_path / "images.csv").write_text(f"image,split\n{tmp_path / 'imgs' / 'img1.png'},test\n")
+    res = index_and_query(tmp_path, model="cxr-llm-tiny", k=3)
+    out = capsys.readouterr().out
+    assert "query: text 'Patchy airspace" in out and f"query: image {tmp_path / 'imgs' / 'img1.png'}" in out
+    assert [r["study_id"] for r in res["text"]] == ["s0"]
+    assert res["image"][0]["query_match"] and "the query image's own study" in out
