@@ -112,7 +112,8 @@ def test_approximate_kinds_find_the_exact_top_on_a_small_archive(tiny, built, tm
         m["index"] = {"kind": kind, "params": {**store.DEFAULT_PARAMS[kind], "nlist": 2, "nprobe": 2}, "tables": {}}
         con = store.connect(folder)
         for table in store.FAISS_FILES:
-            index, m["index"]["tables"][table] = store.sync_faiss(folder, con, table, kind, m["index"]["params"], len(m["model"]["probe"]["image"]))
+            dim = len(m["model"]["probe"]["image"])
+            index, m["index"]["tables"][table] = store.sync_faiss(folder, con, table, kind, m["index"]["params"], dim)
             assert index.ntotal == m["counts"][table] and index.is_trained
         con.close()
         store.write_manifest(folder, m)

@@ -1,5 +1,4 @@
 """`open-clip-cxr serve`: the page and the JSON API through FastAPI's TestClient; one slow test in headless Chromium."""
-import io
 import os
 import shutil
 import socket

@@ -297,9 +297,10 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
             done.add(f"{sid}#all")
         if bar is not None:
             bar.close()
+        before = manifest.get("counts") or {}
         manifest["counts"] = {"images": n_img, "studies": n_study,
-                              "skipped_unreadable": skipped[0] + (manifest.get("counts") or {}).get("skipped_unreadable", 0),
-                              "skipped_duplicate_keys": dup + (manifest.get("counts") or {}).get("skipped_duplicate_keys", 0)}
+                              "skipped_unreadable": skipped[0] + before.get("skipped_unreadable", 0),
+                              "skipped_duplicate_keys": dup + before.get("skipped_duplicate_keys", 0)}
         manifest["updated"] = _now()
         if stopped:
             store.write_manifest(out, manifest)

@@ -19,7 +19,7 @@ import math
 import os
 import sqlite3
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, Tuple
 
 import numpy as np
 
