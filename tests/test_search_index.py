@@ -280,3 +280,10 @@ def test_demo_step_indexes_held_out_films_and_prints_both_queries(tmp_path, caps
     assert "query: text 'Patchy airspace" in out and f"query: image {tmp_path / 'imgs' / 'img1.png'}" in out
     assert [r["study_id"] for r in res["text"]] == ["s0"]
     assert res["image"][0]["query_match"] and "the query image's own study" in out
+
+
+def test_local_dir_names_are_stored_absolute(tmp_path, monkeypatch):
+    from open_clip_cxr.search.build import norm_model_name
+    monkeypatch.chdir(tmp_path)
+    assert norm_model_name("local-dir:runs/export") == f"local-dir:{tmp_path.resolve() / 'runs' / 'export'}"
+    assert norm_model_name("cxr-llm-tiny") == "cxr-llm-tiny"

@@ -141,9 +141,16 @@ def probe_embeddings(model, preprocess, tokenizer, device="cpu") -> dict:
 def model_record(model, preprocess, tokenizer, name: str, pretrained: Optional[str], precision: str,
                  device="cpu") -> dict:
     cfg = store.preprocess_config(model)
-    return {"name": name, "pretrained": _norm_pretrained(pretrained), "precision": precision,
+    return {"name": norm_model_name(name), "pretrained": _norm_pretrained(pretrained), "precision": precision,
             "config_hash": store.config_hash(model, cfg), "preprocess": cfg,
             "probe": probe_embeddings(model, preprocess, tokenizer, device)}
+
+
+def norm_model_name(name: str) -> str:
+    """`local-dir:` folders as absolute paths, so an index opens from any working folder."""
+    if name and name.startswith("local-dir:"):
+        return "local-dir:" + str(Path(name[len("local-dir:"):]).resolve())
+    return name
 
 
 def _norm_pretrained(p):

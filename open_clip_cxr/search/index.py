@@ -73,8 +73,10 @@ class Index:
         `model_name`/`pretrained` default to the manifest's; naming another model is refused, as is
         a model whose architecture, preprocessing or probe embeddings differ from the index's.
         """
+        from open_clip_cxr.search.build import norm_model_name
         manifest = store.read_manifest(folder)
         built = manifest["model"]
+        model_name = norm_model_name(model_name) if model_name is not None else None
         if model_name is not None and model_name != built["name"]:
             raise SearchIndexError(f"index {folder} was built with model {built['name']!r}, not {model_name!r}; "
                                    "embeddings of different models are not comparable")
