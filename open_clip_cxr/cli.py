@@ -20,6 +20,9 @@ COMMANDS = {
     "convert": ("conversion.cli", "import the authors' releases; merge LoRA"),
     "export": ("conversion.export", "write an OpenCLIP Hub folder (config, safetensors, tokenizer, card)"),
     "push": ("hub_cards.push", "upload an exported folder to the Hugging Face Hub"),
+    "index": ("open_clip_cxr.search.cli_index", "encode an archive into a searchable index (FAISS + SQLite)"),
+    "search": ("open_clip_cxr.search.cli_search", "search an index by report text or by image"),
+    "serve": ("open_clip_cxr.search.serve", "a local web page to search an index"),
     "demo": ("training.demo", "the whole pipeline on real offline assets, on the CPU"),
 }
 
