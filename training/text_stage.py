@@ -324,7 +324,8 @@ def train(recipe: dict) -> dict:
 
 def _train(recipe: dict) -> dict:
     t0 = time.time()
-    recipe = dict(recipe)
+    from training.recipe_check import check_before_work   # refused recipes and data leave no run folder
+    recipe = dict(check_before_work(recipe, "text"))
     recipe.setdefault("train", {})
     out = Path(recipe.setdefault("output_dir", "runs/stage1"))
     accelerator = common.setup_accelerator(recipe)
@@ -574,11 +575,7 @@ def evaluate(tower, tokenizer, recipe: dict, device="cpu") -> dict:
 
 # ---------------------------------------------------------------- CLI
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="YAML recipe (default: the CPU recipe)")
-    parser.add_argument("--out", default=None, help="output folder (the exported OpenCLIP model); overrides output_dir")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set supcon.steps=20 (repeatable)")
+from training.text_cli import add_arguments  # noqa: E402,F401  (the flags live there, free of torch: a fast --help)
 
 
 def run(args: argparse.Namespace) -> int:
