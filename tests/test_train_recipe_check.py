@@ -149,3 +149,10 @@ def test_help_does_not_import_torch(command):
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert "--recipe" in out.stdout and "--set" in out.stdout, out.stdout + out.stderr
     assert out.stdout.strip().splitlines()[-1] == "False", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("stage", ["text", "clip"])
+def test_a_runs_saved_recipe_with_its_resolved_block_passes(stage):
+    """A run folder's own recipe.yaml carries `resolved:` (what `auto` became); it is accepted back."""
+    from training.recipe_check import check_recipe
+    check_recipe({"resolved": {"precision": "bf16", "threads": 1, "ratio": 2.3}}, stage)

@@ -44,6 +44,7 @@ _COMMON_EXTRA = {
     "train.cpu": False, "train.num_threads": 1, "train.mixed_precision": "no", "train.grad_accum_steps": 1,
     "train.gradient_accumulation_steps": 1, "train.log_every": 1, "train.checkpoint_every": 1,
     "train.stop_after": 1, "train.log_with": "tensorboard", "train.frozen_low_precision": True,
+    "resolved": {},   # what `auto` precision/threads became, written into a run's saved recipe.yaml
 }
 _LORA = {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj"]}
 EXTRA_KEYS: Dict[str, Dict[str, Any]] = {
@@ -66,7 +67,7 @@ EXTRA_KEYS: Dict[str, Dict[str, Any]] = {
 }
 NULLABLE_SECTIONS = ("mntp.lora", "supcon.lora", "data.text_choice",
                      "mntp", "supcon", "eval", "data")
-FREE_DICTS = ("data.text_choice", "train.compile")   # dicts read as a whole (names -> shares; compile options)
+FREE_DICTS = ("data.text_choice", "train.compile", "resolved")   # dicts read as a whole (names -> shares; compile options)
 # kinds a key takes besides the ones its examples show
 EXTRA_KINDS = {"train.compile": {_DICT}, "train.log_with": {_LIST, _BOOL}, "log_with": {_LIST, _BOOL},
                "train.resume": {_BOOL}}
