@@ -66,23 +66,47 @@ class ReportTexts:
         return out
 
 
-def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = None) -> Optional[ReportTexts]:
+def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = None,
+                 part: Optional[str] = "train") -> Optional[ReportTexts]:
     """The texts of one report (None without text); `seed` picks the rewrites, `max_variants`
-    keeps a random subset of the rewrite styles (fewer texts per report, more reports per budget)."""
+    keeps a random subset of the rewrite styles (fewer texts per report, more reports per budget).
+    Rewrites come from the `part` of the style split ("train": never the held-out entries the
+    held-out protocol measures with; None: both parts, for ablations only)."""
     base = base_text(report)
     if not base:
         return None
-    variants = [v.text for v in equivalent_variants(report, seed) if v.text != base]
+    variants = [v.text for v in equivalent_variants(report, seed, part=part) if v.text != base]
     if max_variants is not None and len(variants) > max_variants:
         variants = random.Random(seed).sample(variants, max_variants)
-    negatives = [v.text for v in hard_negatives(report, seed)]
+    negatives = [v.text for v in hard_negatives(report, seed, part=part)]
     sections = {}
     findings, impression = report.findings.strip(), report.impression.strip()
     if findings and impression:
         for text in (findings, impression):   # errors of the section alone, read as a one-section report
             sections[text] = [v.text for v in hard_negatives(
-                Report(study_id=report.study_id, source=report.source, findings=text), seed)]
+                Report(study_id=report.study_id, source=report.source, findings=text), seed, part=part)]
     return ReportTexts(base, variants, negatives, sections)
+
+
+# Splits stage 1 never trains on: the official test split of each dataset (the `split` a source
+# defines, else the hash split of the study id).
+HELD_OUT_SPLITS = ("test",)
+
+
+def training_split(recipe: dict) -> str:
+    """The split stage 1 reads (`data.split`), refused when it is a test split, empty (every
+    split, test included) or the split the run evaluates on (`eval.split`)."""
+    split = (recipe.get("data") or {}).get("split", "train")
+    if not split:
+        raise ValueError("data.split is empty, which reads every split including the official test split: "
+                         "set data.split: train")
+    if split in HELD_OUT_SPLITS:
+        raise ValueError(f"data.split: {split} is the official test split and is never training data: "
+                         "set data.split: train")
+    ecfg = recipe.get("eval") or {}
+    if ecfg.get("enabled", True) and ecfg.get("split", "validate") == split:
+        raise ValueError(f"data.split and eval.split are both {split}: never evaluate on training data")
+    return split
 
 
 def sample_example(texts: ReportTexts, rng: random.Random, p_sections: float = 0.3,

@@ -43,7 +43,7 @@ from training.speedups import FrozenCast, low_precision_dtype
 from training.mntp import LORA_TARGETS, mntp_loss, mask_tokens, resolve_mask_token_id, special_token_ids, IGNORE
 from open_clip_cxr.text.instructions import with_instruction
 from training.supcon import (INSTRUCTIONS, CachedEmbedder, Embedder, Example, TextStateCache, length_chunks,
-                             report_texts, sample_example, supcon_loss, text_key)
+                             report_texts, sample_example, supcon_loss, text_key, training_split)
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "text-cxr-llm-small-cpu.yaml"
 
@@ -334,7 +334,7 @@ def _train(recipe: dict) -> dict:
     state = common.TrainState()
     accelerator.register_for_checkpointing(state)
 
-    reports = load_reports(recipe.get("data", {}), recipe.get("data", {}).get("split", "train"))
+    reports = load_reports(recipe.get("data", {}), training_split(recipe))   # never a test split
     if not reports:
         raise ValueError("no training reports: check `data` in the recipe")
     accelerator.print(f"stage 1: {len(reports)} training reports, model {recipe.get('model', 'cxr-llm-small')}")
