@@ -71,3 +71,21 @@ def test_training_texts_come_from_the_training_part():
     # the held-out protocol's style names never appear as training styles
     from open_clip_cxr.reports.variants import VARIANT_STYLES
     assert not set(HELDOUT_STYLES) & set(VARIANT_STYLES)
+
+
+def test_phrase_pairs_pair_a_short_form_with_its_expansion():
+    import random
+    from training.supcon import phrase_pairs, sample_example
+    text = "Small right pleural effusion. No pneumothorax. Left lower lobe atelectasis."
+    pairs = phrase_pairs(text, seed=0)
+    assert ("No PTX.", "No pneumothorax.") in [(s, lg) for s, lg, _ in pairs]
+    for short, long, negs in pairs:
+        assert short != long and short.lower() != long.lower()
+        assert all(n != long for n in negs)
+    r = Report("x", "test", findings=text, impression="Small right effusion.")
+    texts = report_texts(r, 0, phrases=True)
+    assert texts.phrases and all(s in texts.all_texts() for s, _, _ in texts.phrases)
+    exs = [sample_example(texts, random.Random(i), p_sections=0.0, p_phrases=1.0) for i in range(8)]
+    assert all(e.task == "phrase" for e in exs)
+    assert {(e.anchor, e.positive) for e in exs} <= {p for s, lg, _ in pairs for p in ((s, lg), (lg, s))}
+    assert report_texts(r, 0).phrases == []

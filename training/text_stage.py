@@ -398,6 +398,8 @@ def _train(recipe: dict) -> dict:
         bs, n_neg = int(scfg["batch_size"]), int(scfg.get("n_negatives", 2))
         p_sections, p_instr = float(scfg.get("p_sections", 0.3)), float(scfg.get("instruction_prob", 0.0))
         max_variants = scfg.get("max_variants")
+        p_phrases = float(scfg.get("p_phrases", 0.0))     # sentence-level abbreviation pairs (supcon.py)
+        text_kw = {"phrases": p_phrases > 0, "styles": scfg.get("variant_styles")}   # null: every style
         max_tokens = int(recipe["train"].get("max_tokens", 4096))
         n_layers = tower.config.llm_config().num_hidden_layers
         top = min(int(lora_cfg.get("layers") or n_layers), n_layers) if lora_cfg else 0   # adapted layers
@@ -406,7 +408,8 @@ def _train(recipe: dict) -> dict:
             # a fixed subset of reports, their texts encoded once below the adapted layers
             n_cache = int(scfg.get("cache_reports") or len(reports))
             pick = random.Random(seed + 2).sample(range(len(reports)), min(n_cache, len(reports)))
-            pool = [t for t in (report_texts(reports[i], seed, max_variants) for i in pick) if t and t.variants]
+            pool = [t for t in (report_texts(reports[i], seed, max_variants, **text_kw) for i in pick)
+                    if t and t.variants]
             cache = TextStateCache(tower, tokenizer, [x for t in pool for x in t.all_texts()], top,
                                    max_length, max_tokens)
             accelerator.print(f"supcon: cached {len(cache)} texts of {len(pool)} reports "
@@ -418,7 +421,8 @@ def _train(recipe: dict) -> dict:
             n_items = len(pool)
         else:
             module = Embedder(tower, pad, max_tokens)
-            texts_of = lambda i, epoch: report_texts(reports[i], seed * 10_007 + epoch, max_variants)  # noqa: E731
+            texts_of = lambda i, epoch: report_texts(reports[i], seed * 10_007 + epoch, max_variants,  # noqa: E731
+                                                     **text_kw)
             n_items = len(reports)
         data = StepData(n_items, bs, seed + 1, world, rank)
 
@@ -429,7 +433,7 @@ def _train(recipe: dict) -> dict:
                 ex = None
                 while ex is None:      # a report with nothing to pair: draw another
                     texts = texts_of(i, epoch)
-                    ex = sample_example(texts, rng, p_sections, n_neg) if texts else None
+                    ex = sample_example(texts, rng, p_sections, n_neg, p_phrases) if texts else None
                     i = rng.randrange(n_items)
                 if p_instr and rng.random() < p_instr:
                     ex.anchor = with_instruction(ex.anchor, INSTRUCTIONS[ex.task], tokenizer)[0]
