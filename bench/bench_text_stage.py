@@ -58,7 +58,7 @@ def tower_column(name: str, seed: int):
     return tower, tokenizer
 
 
-def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",)) -> dict:
+def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",), unshout=False) -> dict:
     """{protocol: suite result} for one column, each protocol of `styles` ("train", "heldout")."""
     from training.speedups import FrozenCast
     from training.text_stage import tower_encode_fn
@@ -71,6 +71,10 @@ def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("t
         tower, tokenizer = tower_column(name, seed)
         FrozenCast(tower, torch.bfloat16)   # weights in bf16 for speed; nothing is merged afterwards
         fn = tower_encode_fn(tower, tokenizer, max_tokens=max_tokens)
+        if unshout:     # an input normaliser in front of the tower (measured, not part of the model)
+            from open_clip_cxr.reports.noise import unshout as fold
+            enc = fn
+            fn = lambda texts: enc([fold(t) for t in texts])  # noqa: E731
     return {st: run_robustness(reports, fn, seed=seed, styles=st) for st in styles}
 
 
@@ -88,7 +92,7 @@ def beats_baselines(results: dict, column: str) -> dict:
     out = {}
     for metric, v in flat[column].items():
         base = [flat[b].get(metric) for b in ("bow", "minilm") if b in flat]
-        if v is not None and all(b is not None for b in base):
+        if v is not None and base and all(b is not None for b in base):
             out[metric] = v > max(base)
     return out
 
@@ -111,6 +115,9 @@ def main():
     ap.add_argument("--heldout-styles", action="store_true",
                     help="the style-held-out protocol (held-out rewrite rules and noise) instead of the in-distribution one")
     ap.add_argument("--both", action="store_true", help="with --heldout-styles: the in-distribution table too")
+    ap.add_argument("--unshout", action="store_true",
+                    help="lower-case all-caps inputs before the tower columns (reports.noise.unshout); "
+                         "their columns are named '<folder>+unshout'")
     args = ap.parse_args()
     protocols = (["train"] if args.both or not args.heldout_styles else []) + (["heldout"] if args.heldout_styles else [])
     torch.set_num_threads(args.threads)
@@ -132,6 +139,8 @@ def main():
     reports = openi_reports(split=args.split, limit=args.limit)
     print(f"{len(reports)} {args.split} reports", flush=True)
 
+    if args.unshout:
+        args.after = [a + "+unshout" for a in args.after]
     columns = [c for c in args.columns.split(",") if c] + args.after
     for st in protocols:
         results = {}
@@ -142,12 +151,13 @@ def main():
                 results[col] = store[col]
                 continue
             t = time.time()
-            res = evaluate_column(col, reports, args.seed, args.max_tokens, (st,))[st]
+            res = evaluate_column(col.removesuffix("+unshout"), reports, args.seed, args.max_tokens, (st,),
+                                  unshout=col.endswith("+unshout"))[st]
             res["eval_wall_s"] = round(time.time() - t, 1)
             if col in timings:
                 res["train"] = timings[col]
             if col in args.after:
-                res["mtime"] = os.path.getmtime(Path(col) / "open_clip_model.safetensors")
+                res["mtime"] = os.path.getmtime(Path(col.removesuffix("+unshout")) / "open_clip_model.safetensors")
             results[col] = store[col] = res
             print(f"{col} [{st}]: evaluated in {res['eval_wall_s']} s", flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,7 +199,7 @@ def _summary(results: dict, after, protocol: str) -> None:
 
 def _newer(col: str, cached: dict) -> bool:
     """The folder was re-exported since its column was cached."""
-    weights = Path(col) / "open_clip_model.safetensors"
+    weights = Path(col.removesuffix("+unshout")) / "open_clip_model.safetensors"
     return weights.exists() and os.path.getmtime(weights) != cached.get("mtime")
 
 

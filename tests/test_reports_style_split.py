@@ -113,3 +113,10 @@ def test_suite_heldout_protocol_with_bag_of_words():
     assert res["variant_to_original"]["caps_headers"]["R@1"] == 1.0
     with pytest.raises(ValueError):
         RB.run_robustness(REPORTS, RB.bow_encode_fn(), styles="nope")
+
+
+def test_unshout_folds_all_caps_reports_only():
+    assert noise.unshout("FINDINGS: NO PTX. SMALL RIGHT EFFUSION.") == "findings: no PTX. small right effusion."
+    assert noise.unshout("No PTX. Small right effusion.") == "No PTX. Small right effusion."
+    caps = [v.text for v in noise.heldout_variants(REPORTS[0]) if v.style == "caps_headers"][0]
+    assert noise.unshout(caps).lower() == caps.lower() and not noise.unshout(caps).isupper()

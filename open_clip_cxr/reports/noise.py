@@ -208,3 +208,18 @@ def heldout_negatives(report: Report, seed: int = 0) -> List[Variant]:
     """Single-error rewrites from the held-out error templates."""
     from .negatives import hard_negatives
     return hard_negatives(report, seed, part="heldout")
+
+
+# ---------------------------------------------------------------- input normalisation (not a rewrite)
+
+_KEEP_CAPS = {s for e in LEXICON for s in e.short if s.isupper()}
+
+
+def unshout(text: str, threshold: float = 0.6) -> str:
+    """`text` lower-cased (lexicon acronyms kept) when more than `threshold` of its letters are
+    capitals; other texts unchanged. An input normaliser for encoders that read case (a tower
+    trained on sentence-case reports does not read an all-caps report: see the README)."""
+    letters = [c for c in text if c.isalpha()]
+    if not letters or sum(c.isupper() for c in letters) / len(letters) <= threshold:
+        return text
+    return re.sub(r"[A-Za-z]+", lambda m: m.group(0) if m.group(0) in _KEEP_CAPS else m.group(0).lower(), text)
