@@ -9,6 +9,8 @@ from open_clip_cxr.reports import (ERROR_TYPES, LEXICON, VARIANT_STYLES, Report,
                                    classify_edit, equivalent_variants, expand, extract_mentions,
                                    hard_negatives, join_sections, make_variants, mention_keys)
 from open_clip_cxr.reports.clean import clean_text
+from open_clip_cxr.reports.negatives import _AFFIRM_TEMPLATES, _NEGATE_TEMPLATES
+from open_clip_cxr.reports.style_split import part_of
 
 # Hand-written (findings, impression) pairs in the styles of several institutions:
 # full sentences, telegraphic, organ sub-headings, numbered impressions, abbreviations.
@@ -256,8 +258,11 @@ def test_specific_hard_negatives():
     negs = {v.error_type: v for v in hard_negatives(r)}
     assert negs["laterality"].text == "Small right pleural effusion. No pneumothorax."
     assert negs["severity"].text == "Large left pleural effusion. No pneumothorax."
-    assert negs["negation"].text in ("No left pleural effusion. No pneumothorax.",
-                                     "Small left pleural effusion. Pneumothorax is present.")
+    negated = {t.format(x="left pleural effusion", X="Left pleural effusion", be="is") + " No pneumothorax."
+               for t in _NEGATE_TEMPLATES.values()}
+    affirmed = {"Small left pleural effusion. " + t.format(x="pneumothorax", X="Pneumothorax", be="is")
+                for t in _AFFIRM_TEMPLATES.values()}
+    assert negs["negation"].text in negated | affirmed
     assert negs["insertion"].style in ("insert_device", "insert_finding")
     # the inserted sentence names a finding the report did not mention at all
     added = mention_keys(negs["insertion"].text) - mention_keys(r.text)
@@ -267,12 +272,15 @@ def test_specific_hard_negatives():
 
 def test_negated_list_affirms_one_item():
     r = _report(0, "No focal consolidation, pleural effusion, or pneumothorax.", "")
-    texts = {v.text for s in range(12) for v in hard_negatives(r, seed=s) if v.error_type == "negation"}
+    texts = {v.text for s in range(12) for v in hard_negatives(r, seed=s, part="train")
+             if v.error_type == "negation"}
+    affirm = [t for k, t in _AFFIRM_TEMPLATES.items() if part_of("affirm_template", k) == "train"]
     assert texts <= {
-        "No pleural effusion or pneumothorax. Focal consolidation is present.",
-        "No focal consolidation or pneumothorax. Pleural effusion is present.",
-        "No focal consolidation or pleural effusion. Pneumothorax is present.",
-    }
+        rest + " " + t.format(x=x, X=x[:1].upper() + x[1:], be="is")
+        for rest, x in (("No pleural effusion or pneumothorax.", "focal consolidation"),
+                        ("No focal consolidation or pneumothorax.", "pleural effusion"),
+                        ("No focal consolidation or pleural effusion.", "pneumothorax"))
+        for t in affirm}
     assert len(texts) >= 2
 
 
@@ -289,5 +297,6 @@ def test_make_variants_is_equivalents_then_negatives():
     r = REPORT_OBJS[2]
     assert make_variants(r, seed=2) == equivalent_variants(r, seed=2) + hard_negatives(r, seed=2)
     assert VARIANT_STYLES == ("abbreviate", "expand", "impression_only", "findings_only", "reorder",
-                              "rephrase", "terse")
+                              "rephrase", "terse", "lowercase", "line_list", "section_headers",
+                              "compose")
     assert ERROR_TYPES == ("laterality", "negation", "severity", "insertion")

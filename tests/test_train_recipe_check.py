@@ -156,3 +156,11 @@ def test_a_runs_saved_recipe_with_its_resolved_block_passes(stage):
     """A run folder's own recipe.yaml carries `resolved:` (what `auto` became); it is accepted back."""
     from training.recipe_check import check_recipe
     check_recipe({"resolved": {"precision": "bf16", "threads": 1, "ratio": 2.3}}, stage)
+
+
+def test_stage1_variant_keys_of_the_llm_and_style_options_are_known():
+    """`supcon.variants/paraphraser` (LLM rewrites) and `p_phrases/variant_styles` (style ablations) pass; a bad choice names the options."""
+    from training.recipe_check import check_recipe
+    check_recipe({"supcon": {"variants": "both", "paraphraser": "m", "p_phrases": 0.25, "variant_styles": None}}, "text")
+    with pytest.raises(Exception, match="rules, llm, both"):
+        check_recipe({"supcon": {"variants": "llmz"}}, "text")

@@ -61,6 +61,8 @@ EXTRA_KEYS: Dict[str, Dict[str, Any]] = {
         "supcon.n_negatives": 2, "supcon.p_sections": 0.3, "supcon.temperature": 0.05, "supcon.symmetric": True,
         "supcon.instruction_prob": 0.0, "supcon.cache": True, "supcon.cache_reports": 1, "supcon.head_lr": 1e-3,
         "supcon.head_steps": 1, "supcon.max_variants": 1, "supcon.lora.layers": 2,
+        "supcon.variants": "rules", "supcon.paraphraser": "x", "supcon.p_phrases": 0.0,
+        "supcon.variant_styles": ["x"],
         "eval.enabled": True, "eval.split": "validate", "eval.limit": 1, "eval.seed": 0, "eval.bf16": True,
     },
     "clip": {**_COMMON_EXTRA},
@@ -117,6 +119,7 @@ CHOICES: Dict[str, Tuple[Any, ...]] = {
     "loss.name": ("clip", "siglip"),
     "data.resume": ("reseed", "skip"),
     "data.source": ("openi", "table"),
+    "supcon.variants": ("rules", "llm", "both"),
 }
 AUTO_OK = ("*num_threads", "*mixed_precision")   # `auto` is a first-class value there
 

@@ -7,7 +7,11 @@ Each training example is (anchor, positive, hard negatives):
   flip, severity change, inserted finding), so the encoder must keep a rewrite close and a
   one-word clinical change far;
 - "sections": the impression and the findings of the same report (either way round); hard
-  negatives are single-error rewrites of the positive section.
+  negatives are single-error rewrites of the positive section;
+- "phrase" (`p_phrases`): one sentence of the report with its abbreviations (training part of the
+  lexicon) and the same sentence written out, so that a short form and its expansion meet at the
+  phrase level, where they are most of the text; hard negatives are single-error rewrites of the
+  sentence.
 
 The loss is InfoNCE: each anchor against the positives of ALL anchors (in-batch negatives,
 gathered across processes) plus every hard negative, at temperature 0.05. Candidates that are
@@ -23,7 +27,7 @@ import hashlib
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,12 +35,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from open_clip_cxr.reports.types import Report
+from open_clip_cxr.reports.clean import split_sentences
+from open_clip_cxr.reports.lexicon import abbreviate, expand
+from open_clip_cxr.reports.rewrite_common import rng_for
 from open_clip_cxr.reports.variants import base_text, equivalent_variants, hard_negatives
 
 INSTRUCTIONS = {
     "variant": "Given a chest X-ray report, retrieve reports with the same findings",
     "impression->findings": "Given the impression of a chest X-ray report, retrieve its findings",
     "findings->impression": "Given the findings of a chest X-ray report, retrieve its impression",
+    "phrase": "Given a sentence of a chest X-ray report, retrieve sentences with the same findings",
 }
 
 
@@ -58,37 +66,90 @@ class ReportTexts:
     variants: List[str]
     negatives: List[str]
     sections: Dict[str, List[str]]    # findings / impression text -> its one-error copies
+    phrases: List[Tuple[str, str, List[str]]] = field(default_factory=list)  # (short, long, one-error copies)
 
     def all_texts(self) -> List[str]:
         out = [self.base, *self.variants, *self.negatives]
         for text, negs in self.sections.items():
             out += [text, *negs]
+        for short, long, negs in self.phrases:
+            out += [short, long, *negs]
         return out
 
 
-def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = None) -> Optional[ReportTexts]:
+def phrase_pairs(text: str, seed: int = 0, part: Optional[str] = "train", max_pairs: int = 3,
+                 n_negatives: int = 2) -> List[Tuple[str, str, List[str]]]:
+    """(sentence with abbreviations, the sentence written out, its one-error copies) for up to
+    `max_pairs` sentences of `text` that hold a lexicon term of `part` (in either form)."""
+    out = []
+    for s in split_sentences(text):
+        rng = rng_for(seed, "phrase", s)
+        long = expand(s, part=part)
+        short = abbreviate(long, rng, p=1.0, part=part)
+        if short == long:
+            continue
+        negs = [v.text for v in hard_negatives(Report(study_id="", source="", findings=long), seed, part=part)]
+        out.append((short, long, negs[:n_negatives]))
+        if len(out) >= max_pairs:
+            break
+    return out
+
+
+def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = None,
+                 part: Optional[str] = "train", phrases: bool = False,
+                 styles: Optional[Sequence[str]] = None) -> Optional[ReportTexts]:
     """The texts of one report (None without text); `seed` picks the rewrites, `max_variants`
-    keeps a random subset of the rewrite styles (fewer texts per report, more reports per budget)."""
+    keeps a random subset of the rewrite styles (fewer texts per report, more reports per budget),
+    `phrases` adds sentence-level abbreviation pairs (`phrase_pairs`), `styles` keeps only those
+    rewrite styles (None: every style of `VARIANT_STYLES`). Rewrites come from the `part` of the style split ("train": never the held-out entries the
+    held-out protocol measures with; None: both parts, for ablations only)."""
     base = base_text(report)
     if not base:
         return None
-    variants = [v.text for v in equivalent_variants(report, seed) if v.text != base]
+    variants = [v.text for v in equivalent_variants(report, seed, part=part)
+                if v.text != base and (styles is None or v.style in styles)]
     if max_variants is not None and len(variants) > max_variants:
         variants = random.Random(seed).sample(variants, max_variants)
-    negatives = [v.text for v in hard_negatives(report, seed)]
+    negatives = [v.text for v in hard_negatives(report, seed, part=part)]
     sections = {}
     findings, impression = report.findings.strip(), report.impression.strip()
     if findings and impression:
         for text in (findings, impression):   # errors of the section alone, read as a one-section report
             sections[text] = [v.text for v in hard_negatives(
-                Report(study_id=report.study_id, source=report.source, findings=text), seed)]
-    return ReportTexts(base, variants, negatives, sections)
+                Report(study_id=report.study_id, source=report.source, findings=text), seed, part=part)]
+    return ReportTexts(base, variants, negatives, sections, phrase_pairs(base, seed, part) if phrases else [])
+
+
+# Splits stage 1 never trains on: the official test split of each dataset (the `split` a source
+# defines, else the hash split of the study id).
+HELD_OUT_SPLITS = ("test",)
+
+
+def training_split(recipe: dict) -> str:
+    """The split stage 1 reads (`data.split`), refused when it is a test split, empty (every
+    split, test included) or the split the run evaluates on (`eval.split`)."""
+    split = (recipe.get("data") or {}).get("split", "train")
+    if not split:
+        raise ValueError("data.split is empty, which reads every split including the official test split: "
+                         "set data.split: train")
+    if split in HELD_OUT_SPLITS:
+        raise ValueError(f"data.split: {split} is the official test split and is never training data: "
+                         "set data.split: train")
+    ecfg = recipe.get("eval") or {}
+    if ecfg.get("enabled", True) and ecfg.get("split", "validate") == split:
+        raise ValueError(f"data.split and eval.split are both {split}: never evaluate on training data")
+    return split
 
 
 def sample_example(texts: ReportTexts, rng: random.Random, p_sections: float = 0.3,
-                   n_negatives: int = 2) -> Optional[Example]:
+                   n_negatives: int = 2, p_phrases: float = 0.0) -> Optional[Example]:
     """One (anchor, positive, hard negatives) from a report's texts (None if nothing pairs)."""
-    if len(texts.sections) == 2 and rng.random() < p_sections:
+    if texts.phrases and p_phrases and rng.random() < p_phrases:
+        short, long, negs = rng.choice(texts.phrases)
+        anchor, positive = (short, long) if rng.random() < 0.5 else (long, short)
+        negs = list(negs) if positive == long else []    # the error copies are of the long form
+        task = "phrase"
+    elif len(texts.sections) == 2 and rng.random() < p_sections:
         findings, impression = texts.sections
         anchor, positive = (impression, findings) if rng.random() < 0.5 else (findings, impression)
         task = "impression->findings" if anchor == impression else "findings->impression"

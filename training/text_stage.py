@@ -44,7 +44,7 @@ from training.speedups import FrozenCast, low_precision_dtype
 from training.mntp import LORA_TARGETS, mntp_loss, mask_tokens, resolve_mask_token_id, special_token_ids, IGNORE
 from open_clip_cxr.text.instructions import with_instruction
 from training.supcon import (INSTRUCTIONS, CachedEmbedder, Embedder, Example, TextStateCache, length_chunks,
-                             report_texts, sample_example, supcon_loss, text_key)
+                             report_texts, sample_example, supcon_loss, text_key, training_split)
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "text-cxr-llm-small-cpu.yaml"
 
@@ -350,7 +350,7 @@ def _train(recipe: dict) -> dict:
     state = common.TrainState()
     accelerator.register_for_checkpointing(state)
 
-    reports = load_reports(recipe.get("data", {}), recipe.get("data", {}).get("split", "train"))
+    reports = load_reports(recipe.get("data", {}), training_split(recipe))   # never a test split
     if not reports:
         raise ValueError("no training reports: check `data` in the recipe")
     accelerator.print(f"stage 1: {len(reports)} training reports, model {recipe.get('model', 'cxr-llm-small')}")
@@ -418,6 +418,8 @@ def _train(recipe: dict) -> dict:
         if scfg.get("variants", "rules") != "rules":
             from open_clip_cxr.reports.paraphrase import llm_report_texts
             texts_fn = llm_report_texts(report_texts, reports, scfg, out / "work" / "llm_variants", accelerator.print)
+        p_phrases = float(scfg.get("p_phrases", 0.0))     # sentence-level abbreviation pairs (supcon.py)
+        text_kw = {"phrases": p_phrases > 0, "styles": scfg.get("variant_styles")}   # null: every style
         max_tokens = int(recipe["train"].get("max_tokens", 4096))
         n_layers = tower.config.llm_config().num_hidden_layers
         top = min(int(lora_cfg.get("layers") or n_layers), n_layers) if lora_cfg else 0   # adapted layers
@@ -426,7 +428,8 @@ def _train(recipe: dict) -> dict:
             # a fixed subset of reports, their texts encoded once below the adapted layers
             n_cache = int(scfg.get("cache_reports") or len(reports))
             pick = random.Random(seed + 2).sample(range(len(reports)), min(n_cache, len(reports)))
-            pool = [t for t in (texts_fn(reports[i], seed, max_variants) for i in pick) if t and t.variants]
+            pool = [t for t in (texts_fn(reports[i], seed, max_variants, **text_kw) for i in pick)
+                    if t and t.variants]
             cache = TextStateCache(tower, tokenizer, [x for t in pool for x in t.all_texts()], top,
                                    max_length, max_tokens, dtype=low)
             rate = cache_rate(tower, cache, low)
@@ -442,7 +445,8 @@ def _train(recipe: dict) -> dict:
             n_items = len(pool)
         else:
             module = Embedder(tower, pad, max_tokens)
-            texts_of = lambda i, epoch: texts_fn(reports[i], seed * 10_007 + epoch, max_variants)  # noqa: E731
+            texts_of = lambda i, epoch: texts_fn(reports[i], seed * 10_007 + epoch, max_variants,  # noqa: E731
+                                                 **text_kw)
             n_items = len(reports)
         data = StepData(n_items, bs, seed + 1, world, rank)
 
@@ -453,7 +457,7 @@ def _train(recipe: dict) -> dict:
                 ex = None
                 while ex is None:      # a report with nothing to pair: draw another
                     texts = texts_of(i, epoch)
-                    ex = sample_example(texts, rng, p_sections, n_neg) if texts else None
+                    ex = sample_example(texts, rng, p_sections, n_neg, p_phrases) if texts else None
                     i = rng.randrange(n_items)
                 if p_instr and rng.random() < p_instr:
                     ex.anchor = with_instruction(ex.anchor, INSTRUCTIONS[ex.task], tokenizer)[0]

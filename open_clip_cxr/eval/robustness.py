@@ -10,6 +10,12 @@ Three probes, on any list of `Report`s (Open-I's, read at run time, by default):
 - error discrimination: with the original as anchor, a report passes when its equivalent
   rewrite is more similar to the original than EVERY one of its single-error rewrites
   (laterality swap, negation flip, severity change, inserted finding); also per error type.
+
+Two protocols (`styles`): "train" builds the variants from the training part of the rule tables
+(what stage 1 learns from: the in-distribution suite), "heldout" (`run_heldout`) only from the
+held-out part plus rewrite operations no training rule makes (`reports.noise`: shorthand and
+typed acronyms, typos, capitals under other headers, numbered lists, telegraphic impressions).
+The held-out protocol is the model-selection metric of stage 1 (see `reports.style_split`).
 """
 import re
 import zlib
@@ -25,6 +31,9 @@ EncodeFn = Callable[[List[str]], torch.Tensor]
 # which equivalent rewrite is the positive in error discrimination, first available wins;
 # the *_only styles drop a section, which no single-error negative does, so they are not used
 POSITIVE_STYLES = ("rephrase", "reorder", "expand", "abbreviate", "terse")
+# the same for the held-out protocol: the light rewrites first, the whole-report restyles last
+HELDOUT_POSITIVE_STYLES = ("paraphrase_heldout", "abbreviate_heldout", "typos", "numbered_list", "caps_headers")
+STYLE_PROTOCOLS = ("train", "heldout", "all")
 
 
 # ------------------------------------------------------------------ encoders
@@ -132,18 +141,35 @@ def _r1(emb: _Embedder, queries: Sequence[str], targets: Sequence[str], gallery:
     return float((r.ranks == 0).float().mean())
 
 
+def run_heldout(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0, **kw) -> dict:
+    """The suite on held-out styles only (`reports.noise.heldout_variants`/`heldout_negatives`)."""
+    return run_robustness(reports, encode_fn, seed=seed, styles="heldout", **kw)
+
+
 def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0,
                    variants_fn: Optional[Callable[[Report], List[Variant]]] = None,
                    negatives_fn: Optional[Callable[[Report], List[Variant]]] = None,
-                   positive_styles: Sequence[str] = POSITIVE_STYLES, progress: Optional[str] = None,
-                   **search_kw) -> dict:
+                   positive_styles: Optional[Sequence[str]] = None, progress: Optional[str] = None,
+                   styles: str = "train", **search_kw) -> dict:
     """All three probes on `reports`; a JSON-able dict. `variants_fn`/`negatives_fn` default to
-    `reports.variants.equivalent_variants`/`hard_negatives` with `seed`; `progress` names a
-    progress bar over the encoding (none by default)."""
+    the rewriters of the `styles` protocol ("train": `reports.variants.equivalent_variants`/
+    `hard_negatives` on the training part of the style split; "heldout": `reports.noise`;
+    "all": both parts of the rule tables) with `seed`; `progress` names a progress bar over the
+    encoding (none by default)."""
+    if styles not in STYLE_PROTOCOLS:
+        raise ValueError(f"styles must be one of {STYLE_PROTOCOLS}, got {styles!r}")
     if variants_fn is None or negatives_fn is None:
-        from open_clip_cxr.reports import variants as V
-        variants_fn = variants_fn or (lambda r: V.equivalent_variants(r, seed=seed))
-        negatives_fn = negatives_fn or (lambda r: V.hard_negatives(r, seed=seed))
+        if styles == "heldout":
+            from open_clip_cxr.reports import noise
+            variants_fn = variants_fn or (lambda r: noise.heldout_variants(r, seed=seed))
+            negatives_fn = negatives_fn or (lambda r: noise.heldout_negatives(r, seed=seed))
+        else:
+            from open_clip_cxr.reports import variants as V
+            part = None if styles == "all" else styles
+            variants_fn = variants_fn or (lambda r: V.equivalent_variants(r, seed=seed, part=part))
+            negatives_fn = negatives_fn or (lambda r: V.hard_negatives(r, seed=seed, part=part))
+    if positive_styles is None:
+        positive_styles = HELDOUT_POSITIVE_STYLES if styles == "heldout" else POSITIVE_STYLES
     reports = [r for r in reports if original_text(r)]
     if not reports:
         raise ValueError("no reports with text to evaluate")
@@ -155,7 +181,7 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     texts += [r.findings.strip() for r in both] + [r.impression.strip() for r in both]
     emb = _Embedder(encode_fn, texts, progress)
 
-    out: dict = {"n_reports": len(reports)}
+    out: dict = {"n_reports": len(reports), "styles": styles}
     # 1. variant -> original, per style
     per_style: Dict[str, dict] = {}
     by_style: Dict[str, list] = {}

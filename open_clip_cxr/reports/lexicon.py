@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+from .style_split import in_part
+
 _VIEW_CONTEXT = (r"(?=(?i:\s*(?:and|/|&)?\s*(?:lat(?:eral)?|views?|projections?|radiographs?|chest"
                  r"|upright|supine|semi-upright|portable|films?|images?|ap|pa)\b))")
 
@@ -59,7 +61,7 @@ LEXICON: Tuple[Abbrev, ...] = (
     Abbrev(("CABG",), "coronary artery bypass graft", "explains sternotomy wires and clips"),
     Abbrev(("AVR",), "aortic valve replacement", "prosthetic valve"),
     Abbrev(("s/p",), "status post", "after a procedure", case_sensitive=False),
-    Abbrev(("b/l",), "bilateral", "both sides", case_sensitive=False),
+    Abbrev(("b/l", "bilat"), "bilateral", "both sides", case_sensitive=False),
     Abbrev(("w/o",), "without", "negation cue: must expand to a word the negation rules know",
            case_sensitive=False),
     Abbrev(("c/w",), "consistent with", "interpretive phrase", case_sensitive=False),
@@ -73,6 +75,39 @@ LEXICON: Tuple[Abbrev, ...] = (
            context=_VIEW_CONTEXT),
     Abbrev(("lat",), "lateral", "projection, only in 'PA and lat' ('lat' is not a side)",
            case_sensitive=False, context=r"(?<=and lat)", long_context=r"(?<=and lateral)"),
+    # -- shorthand words (hospital style: "sm lt eff", "nl heart size")
+    Abbrev(("eff",), "effusion", "pleural effusion shorthand", case_sensitive=False),
+    Abbrev(("atx", "atel"), "atelectasis", "shorthand", case_sensitive=False),
+    Abbrev(("consol",), "consolidation", "shorthand", case_sensitive=False),
+    Abbrev(("nl",), "normal", "shorthand", case_sensitive=False),
+    Abbrev(("WNL",), "within normal limits", "shorthand"),
+    Abbrev(("NAD",), "no acute disease", "impression shorthand"),
+    Abbrev(("rt",), "right", "side shorthand ('rt lower lobe')", case_sensitive=False),
+    Abbrev(("lt",), "left", "side shorthand", case_sensitive=False),
+    Abbrev(("pulm",), "pulmonary", "shorthand", case_sensitive=False),
+    Abbrev(("vasc",), "vascular", "shorthand", case_sensitive=False),
+    Abbrev(("sm",), "small", "size shorthand", case_sensitive=False),
+    Abbrev(("lg",), "large", "size shorthand", case_sensitive=False),
+    Abbrev(("mod",), "moderate", "grade shorthand", case_sensitive=False),
+    Abbrev(("dz",), "disease", "shorthand", case_sensitive=False),
+    Abbrev(("fx",), "fracture", "shorthand", case_sensitive=False),
+    Abbrev(("LAD",), "lymphadenopathy", "'hilar LAD' (not the coronary artery here)"),
+    Abbrev(("degen",), "degenerative", "'degen changes of the spine'", case_sensitive=False),
+    Abbrev(("calc",), "calcified", "'calc granuloma'", case_sensitive=False),
+    Abbrev(("T-spine",), "thoracic spine", "spine segment", case_sensitive=False),
+    Abbrev(("incr",), "increased", "shorthand", case_sensitive=False),
+    Abbrev(("decr",), "decreased", "shorthand", case_sensitive=False),
+    Abbrev(("w/",), "with", "shorthand", case_sensitive=False),
+    Abbrev(("approx",), "approximately", "shorthand", case_sensitive=False),
+    Abbrev(("pt",), "patient", "shorthand", case_sensitive=False),
+    Abbrev(("HTN",), "hypertension", "indication"),
+    Abbrev(("CAD",), "coronary artery disease", "indication"),
+    Abbrev(("SOB",), "shortness of breath", "indication"),
+    Abbrev(("ant",), "anterior", "shorthand", case_sensitive=False),
+    Abbrev(("hemidiaph",), "hemidiaphragm", "shorthand", case_sensitive=False),
+    Abbrev(("mediast",), "mediastinal", "shorthand", case_sensitive=False),
+    Abbrev(("CTA",), "clear to auscultation", "clinical; rare in reports"),
+    Abbrev(("XR",), "x-ray", "the study", case_sensitive=False),
 )
 
 # Word boundaries that also treat "/" and "-" as part of a word, so that "s/p"
@@ -113,11 +148,18 @@ def _replace_spans(text: str, spans) -> str:
     return "".join(out)
 
 
-def _find(text: str, table) -> list:
-    """Non-overlapping matches over all entries, longer spans first."""
+def entry_part_key(entry: Abbrev) -> str:
+    """The key the style split hashes for a lexicon entry (its long form)."""
+    return entry.long
+
+
+def _find(text: str, table, part: Optional[str] = None) -> list:
+    """Non-overlapping matches over all entries (of `part`), longer spans first."""
     hits = []
     low = text.lower()
     for entry, rx, first_words in table:
+        if part is not None and not in_part("lexicon", entry_part_key(entry), part):
+            continue
         if not any(w in low for w in first_words):
             continue     # cheap substring test first: most entries are absent from a given text
         for m in rx.finditer(text):
@@ -131,10 +173,10 @@ def _find(text: str, table) -> list:
     return sorted(chosen, key=lambda h: h[0])
 
 
-def expand(text: str) -> str:
-    """Replace every known abbreviation with its long form (deterministic)."""
+def expand(text: str, part: Optional[str] = None) -> str:
+    """Replace every known abbreviation (of the style split's `part`; None: all) with its long form."""
     spans = []
-    for start, end, entry, src in _find(text, _SHORT_RE):
+    for start, end, entry, src in _find(text, _SHORT_RE, part):
         at_start = _sentence_start(text, start)
         repl = entry.long
         if at_start or (src[:1].isupper() and not src.isupper()):
@@ -143,10 +185,12 @@ def expand(text: str) -> str:
     return _replace_spans(text, spans)
 
 
-def abbreviate(text: str, rng: Optional[random.Random] = None, p: float = 0.7) -> str:
-    """Abbreviate each long form with probability `p` (at least one when any is present)."""
+def abbreviate(text: str, rng: Optional[random.Random] = None, p: float = 0.7,
+               part: Optional[str] = None) -> str:
+    """Abbreviate each long form with probability `p` (at least one when any is present),
+    using only the lexicon entries of the style split's `part` (None: all)."""
     rng = rng or random.Random(0)
-    hits = _find(text, _LONG_RE)
+    hits = _find(text, _LONG_RE, part)
     if not hits:
         return text
     keep = [rng.random() < p for _ in hits]
@@ -163,6 +207,11 @@ def abbreviate(text: str, rng: Optional[random.Random] = None, p: float = 0.7) -
     return _replace_spans(text, spans)
 
 
-def known_abbreviations() -> Sequence[str]:
-    """All abbreviated forms in the lexicon (for documentation and tests)."""
-    return [s for e in LEXICON for s in e.short]
+def known_abbreviations(part: Optional[str] = None) -> Sequence[str]:
+    """All abbreviated forms in the lexicon, or in one part of the style split."""
+    return [s for e in entries(part) for s in e.short]
+
+
+def entries(part: Optional[str] = None) -> Tuple[Abbrev, ...]:
+    """The lexicon entries of one part of the style split (None: all)."""
+    return tuple(e for e in LEXICON if part is None or in_part("lexicon", entry_part_key(e), part))

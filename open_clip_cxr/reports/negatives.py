@@ -14,6 +14,7 @@ from .clean import join_sections, split_sentences
 from .lexicon import expand
 from .mentions import MODIFIER_CUT_RE, SIDES_RE, classify_edit, extract_mentions
 from .rewrite_common import NOT_NP_RE, cap, decap, plural, report_sections, rng_for, sentences
+from .style_split import in_part
 from .types import Report, Variant
 
 ERROR_TYPES = ("laterality", "negation", "severity", "insertion")
@@ -30,7 +31,8 @@ def _match_case(src: str, repl: str) -> str:
     return repl
 
 
-def _laterality_candidates(sentence: str, rng: random.Random) -> List[Tuple[str, str]]:
+def _laterality_candidates(sentence: str, rng: random.Random, part: Optional[str] = None) -> List[Tuple[str, str]]:
+    # one operation (a side swap) with nothing to split: used by both parts
     out = []
     for m in _SIDE_WORD_RE.finditer(sentence):
         if m.group(1):
@@ -48,11 +50,15 @@ _SEV_WORD_RE = re.compile(
 _SIZED = re.compile(r"effusion|pneumothora|nodule|mass|hernia|granuloma|PTX", re.I)
 
 
-def _severity_options(word: str, sized: bool) -> List[str]:
+def _severity_options(word: str, sized: bool, part: Optional[str] = None) -> List[str]:
     w = re.sub(r"\s*-\s*|\s+to\s+", "-", word.lower())
     if "-" in w:     # a range ("mild to moderate"): jump to the other end of the scale
+        if not in_part("severity", "range", part):
+            return []
         high = w.endswith(("large", "severe")) and w.startswith("moderate")
         return [("small" if sized else "mild") if high else ("large" if sized else "severe")]
+    if not in_part("severity", w, part):
+        return []
     table = {
         "mild": ["moderate", "severe"], "moderate": ["small", "large"] if sized else ["mild", "severe"],
         "severe": ["mild"], "small": ["large"], "large": ["small"], "tiny": ["large"], "trace": ["large"],
@@ -63,11 +69,11 @@ def _severity_options(word: str, sized: bool) -> List[str]:
     return table.get(w, [])
 
 
-def _severity_candidates(sentence: str, rng: random.Random) -> List[Tuple[str, str]]:
+def _severity_candidates(sentence: str, rng: random.Random, part: Optional[str] = None) -> List[Tuple[str, str]]:
     out = []
     sized = bool(_SIZED.search(sentence))
     for m in _SEV_WORD_RE.finditer(sentence):
-        opts = _severity_options(m.group(0), sized)
+        opts = _severity_options(m.group(0), sized, part)
         if opts:
             repl = _match_case(m.group(0), rng.choice(opts))
             out.append((sentence[:m.start()] + repl + sentence[m.end():], "severity_change"))
@@ -86,10 +92,22 @@ _STATUS_RE = re.compile(r"^(?:(?:there (?:is|are)|again seen is|a|an|the|new|sta
 _NOT_NEGATABLE = {"sternotomy"}
 
 
-def _negate_positive(ex: str, m) -> Optional[str]:
+# How a negated / an affirmed finding is written; split by template between the style parts.
+_NEGATE_TEMPLATES = {"no": "No {x}.", "not_seen": "{X} {be} not seen.", "negative_for": "Negative for {x}.",
+                     "absent": "{X} {be} absent.", "no_evidence": "No evidence of {x}.",
+                     "not_identified": "{X} {be} not identified."}
+_AFFIRM_TEMPLATES = {"present": "{X} {be} present.", "there_is": "There {be} {x}.", "noted": "{X} {be} noted."}
+
+
+def _fill(template: str, x: str) -> str:
+    be = "are" if plural(x) else "is"
+    return template.format(x=x, X=cap(x), be=be)
+
+
+def _negate_positive(ex: str, m, template: str = "No {x}.") -> Optional[str]:
     """'Mild left basilar atelectasis.' -> 'No left basilar atelectasis.' (a one-finding sentence)."""
     if m.finding == "cardiomegaly":
-        return "No cardiomegaly."
+        return _fill(template, "cardiomegaly")
     if m.finding in _NOT_NEGATABLE:
         return None
     s, e = m.span
@@ -101,10 +119,10 @@ def _negate_positive(ex: str, m) -> Optional[str]:
         return None
     if m.side and not SIDES_RE.search(phrase.lower()):
         phrase = f"{m.side} {phrase}"
-    return f"No {phrase}."
+    return _fill(template, phrase)
 
 
-def _affirm_one(ex: str, ms, m) -> Optional[str]:
+def _affirm_one(ex: str, ms, m, template: str = "{X} {be} present.") -> Optional[str]:
     """Take `m` out of a negated list and state it as present.
 
     'No consolidation, effusion, or pneumothorax.' -> 'No consolidation or effusion. Pneumothorax is present.'
@@ -148,11 +166,10 @@ def _affirm_one(ex: str, ms, m) -> Optional[str]:
     if not item or NOT_NP_RE.search(item):
         return None
     side = f"{m.side} " if m.side and not SIDES_RE.search(item.lower()) else ""
-    be = "are" if plural(item) else "is"
-    return (rest.strip() + " " + cap(side + item) + f" {be} present.").strip()
+    return (rest.strip() + " " + _fill(template, side + item)).strip()
 
 
-def _negation_candidates(sentence: str, rng: random.Random) -> List[Tuple[str, str]]:
+def _negation_candidates(sentence: str, rng: random.Random, part: Optional[str] = None) -> List[Tuple[str, str]]:
     ex = expand(sentence)
     if len(ex.lower()) != len(ex) or len(split_sentences(ex)) != 1:
         return []
@@ -160,15 +177,19 @@ def _negation_candidates(sentence: str, rng: random.Random) -> List[Tuple[str, s
     if not ms:
         return []
     out = []
+    negate = [t for k, t in _NEGATE_TEMPLATES.items() if in_part("negate_template", k, part)]
+    affirm = [t for k, t in _AFFIRM_TEMPLATES.items() if in_part("affirm_template", k, part)]
     if len(ms) == 1 and not ms[0].negated:
-        new = _negate_positive(ex, ms[0])
-        if new:
-            out.append((new, "negate"))
+        for t in negate:
+            new = _negate_positive(ex, ms[0], t)
+            if new:
+                out.append((new, "negate"))
     if all(m.negated for m in ms):
         for m in ms:
-            new = _affirm_one(ex, ms, m)
-            if new:
-                out.append((new, "affirm"))
+            for t in affirm:
+                new = _affirm_one(ex, ms, m, t)
+                if new:
+                    out.append((new, "affirm"))
     return out
 
 
@@ -198,11 +219,11 @@ def _apply(split: List[List[str]], i: int, j: int, new: str) -> str:
     return join_sections(*(" ".join(s) for s in parts))
 
 
-def _sentence_edit_negative(split, base, error_type, make, rng, verify) -> Optional[Variant]:
+def _sentence_edit_negative(split, base, error_type, make, rng, verify, part=None) -> Optional[Variant]:
     sites = [(i, j) for i, sents in enumerate(split) for j in range(len(sents))]
     rng.shuffle(sites)
     for i, j in sites:
-        cands = make(split[i][j], rng)
+        cands = make(split[i][j], rng, part)
         rng.shuffle(cands)
         for new_sentence, style in cands:
             if new_sentence == split[i][j]:
@@ -213,9 +234,9 @@ def _sentence_edit_negative(split, base, error_type, make, rng, verify) -> Optio
     return None
 
 
-def _insertion(split, base, rng, verify) -> Optional[Variant]:
+def _insertion(split, base, rng, verify, part=None) -> Optional[Variant]:
     present = {m.finding for m in extract_mentions(base)}
-    pool = [p for p in _INSERTIONS if p[0] not in present]
+    pool = [p for p in _INSERTIONS if p[0] not in present and in_part("insertion", p[1], part)]
     rng.shuffle(pool)
     sec = 0 if len(split) > 1 else len(split) - 1     # findings when there is one
     for _, sentence, style in pool:
@@ -227,8 +248,9 @@ def _insertion(split, base, rng, verify) -> Optional[Variant]:
     return None
 
 
-def hard_negatives(report: Report, seed: int = 0, verify: bool = True) -> List[Variant]:
-    """At most one variant per ERROR_TYPES entry, each with exactly one clinical error."""
+def hard_negatives(report: Report, seed: int = 0, verify: bool = True, part: Optional[str] = None) -> List[Variant]:
+    """At most one variant per ERROR_TYPES entry, each with exactly one clinical error, from the
+    error templates of the style split's `part` ("train", "heldout"; None: all)."""
     sections = report_sections(report)
     base = join_sections(*sections)
     if not base:
@@ -240,9 +262,9 @@ def hard_negatives(report: Report, seed: int = 0, verify: bool = True) -> List[V
     for error_type in ERROR_TYPES:
         rng = rng_for(seed, error_type, base)
         if error_type == "insertion":
-            v = _insertion(split, base, rng, verify)
+            v = _insertion(split, base, rng, verify, part)
         else:
-            v = _sentence_edit_negative(split, base, error_type, makers[error_type], rng, verify)
+            v = _sentence_edit_negative(split, base, error_type, makers[error_type], rng, verify, part)
         if v is not None:
             out.append(v)
     return out

@@ -16,11 +16,17 @@ from .lexicon import abbreviate, expand
 from .mentions import classify_edit
 from .negatives import ERROR_TYPES, hard_negatives
 from .rewrite_common import LIST_RE, base_text, cap, decap, is_np, plural, report_sections, rng_for, sentences
+from .style_split import in_part
 from .types import Report, Variant
 
 __all__ = ["VARIANT_STYLES", "ERROR_TYPES", "equivalent_variants", "hard_negatives", "make_variants", "base_text"]
 
-VARIANT_STYLES = ("abbreviate", "expand", "impression_only", "findings_only", "reorder", "rephrase", "terse")
+VARIANT_STYLES = ("abbreviate", "expand", "impression_only", "findings_only", "reorder", "rephrase", "terse",
+                  "lowercase", "line_list", "section_headers", "compose")
+# Layout and composition families (training side only; the held-out protocol has its own, in `noise`):
+# lower case (held out: capitals), a sentence a line (held out: numbered lists), our own section headers
+# (held out: another institution's) and train rules composed
+# (abbreviate + rephrase + terse at once; held out: `hospital_mix`).
 
 
 # ---------------------------------------------------------------- equivalent styles
@@ -57,8 +63,9 @@ def _reorder(sections: List[str], rng: random.Random) -> Optional[str]:
     return join_sections(*out) if changed else None
 
 
-def _negation_rephrasings(sentence: str) -> List[str]:
-    """Other ways to write a purely negative sentence, with the same negated findings."""
+def _negation_rephrasings(sentence: str, part: Optional[str] = None) -> List[str]:
+    """Other ways to write a purely negative sentence, with the same negated findings
+    (output templates of the style split's `part`; None: all)."""
     forms = [
         (r"^No (?P<x>.+)\.$", "no"),
         (r"^There (?:is|are) no evidence of (?P<x>.+)\.$", "there_no_evidence"),
@@ -82,39 +89,74 @@ def _negation_rephrasings(sentence: str) -> List[str]:
             "there_no_evidence": f"There is no evidence of {x}.",
             "there_no": f"There {be} no {x}.",
             "absent": f"{cap(x)} {be} absent." if single else None,
+            "negative_for": f"Negative for {x}.",
+            "no_radiographic_evidence": f"No radiographic evidence of {x}.",
+            "not_seen": f"{cap(x)} {be} not seen." if single else None,
+            "free_of": f"Free of {x}.",
         }
         options.pop(kind if kind != "no_evidence" else "no")
-        return [o for o in options.values() if o and o != sentence]
+        return [o for k, o in options.items() if o and o != sentence and in_part("negation_template", k, part)]
     return []
 
 
 _SEV_ADVERB = {"mild": "mildly", "moderate": "moderately", "severe": "severely"}
 _SEV_ADJ = {v: k for k, v in _SEV_ADVERB.items()}
 # (pattern, replacement function); both directions are listed, each keeps meaning exactly.
-_SYNONYMS: Tuple[Tuple["re.Pattern", Callable[["re.Match"], str]], ...] = (
-    (re.compile(r"\b(?:(mild|moderate|severe) )?cardiomegaly\b", re.I),
+_SYNONYMS: Tuple[Tuple[str, "re.Pattern", Callable[["re.Match"], str]], ...] = (
+    ("cardiomegaly->enlarged silhouette", re.compile(r"\b(?:(mild|moderate|severe) )?cardiomegaly\b", re.I),
      lambda m: (_SEV_ADVERB[m.group(1).lower()] + " " if m.group(1) else "") + "enlarged cardiac silhouette"),
-    (re.compile(r"\b(?:(mildly|moderately|severely) )?enlarged cardiac silhouette\b", re.I),
+    ("enlarged silhouette->cardiomegaly",
+     re.compile(r"\b(?:(mildly|moderately|severely) )?enlarged cardiac silhouette\b", re.I),
      lambda m: (_SEV_ADJ[m.group(1).lower()] + " " if m.group(1) else "") + "cardiomegaly"),
-    (re.compile(r"\b(?:the )?heart size is normal\b", re.I), lambda m: "the heart is normal in size"),
-    (re.compile(r"\bthe heart is normal in size\b", re.I), lambda m: "heart size is normal"),
-    (re.compile(r"\bcardiomediastinal silhouette is normal\b", re.I),
+    ("heart size normal", re.compile(r"\b(?:the )?heart size is normal\b", re.I),
+     lambda m: "the heart is normal in size"),
+    ("heart normal in size", re.compile(r"\bthe heart is normal in size\b", re.I), lambda m: "heart size is normal"),
+    ("silhouette normal", re.compile(r"\bcardiomediastinal silhouette is normal\b", re.I),
      lambda m: "cardiomediastinal silhouette is within normal limits"),
-    (re.compile(r"\bcardiomediastinal silhouette is within normal limits\b", re.I),
+    ("silhouette wnl", re.compile(r"\bcardiomediastinal silhouette is within normal limits\b", re.I),
      lambda m: "cardiomediastinal silhouette is normal"),
-    (re.compile(r"\bacute cardiopulmonary process\b", re.I), lambda m: "acute cardiopulmonary abnormality"),
-    (re.compile(r"\bacute cardiopulmonary abnormality\b", re.I), lambda m: "acute cardiopulmonary process"),
-    (re.compile(r"\bhilar adenopathy\b", re.I), lambda m: "hilar lymphadenopathy"),
-    (re.compile(r"\bosseous structures\b", re.I), lambda m: "bony structures"),
-    (re.compile(r"\bbony structures\b", re.I), lambda m: "osseous structures"),
+    ("process->abnormality", re.compile(r"\bacute cardiopulmonary process\b", re.I),
+     lambda m: "acute cardiopulmonary abnormality"),
+    ("abnormality->process", re.compile(r"\bacute cardiopulmonary abnormality\b", re.I),
+     lambda m: "acute cardiopulmonary process"),
+    ("adenopathy", re.compile(r"\bhilar adenopathy\b", re.I), lambda m: "hilar lymphadenopathy"),
+    ("osseous->bony", re.compile(r"\bosseous structures\b", re.I), lambda m: "bony structures"),
+    ("bony->osseous", re.compile(r"\bbony structures\b", re.I), lambda m: "osseous structures"),
+    # more pairs, each exact in meaning (the mention checker verifies every rewrite)
+    ("lungs clear", re.compile(r"\bthe lungs are clear\b", re.I), lambda m: "the lungs are without focal abnormality"),
+    ("clear lungs", re.compile(r"\blungs are clear\b", re.I), lambda m: "lung fields are clear"),
+    ("vascularity", re.compile(r"\bpulmonary vascularity\b", re.I), lambda m: "pulmonary vasculature"),
+    ("vasculature", re.compile(r"\bpulmonary vasculature\b", re.I), lambda m: "pulmonary vascularity"),
+    ("within normal limits->normal", re.compile(r"\b(is|are) within normal limits\b", re.I),
+     lambda m: m.group(1) + " normal"),
+    ("unremarkable->normal", re.compile(r"\b(is|are) unremarkable\b", re.I), lambda m: m.group(1) + " normal"),
+    ("stable->unchanged", re.compile(r"\b(is|are) stable\b", re.I), lambda m: m.group(1) + " unchanged"),
+    ("unchanged->stable", re.compile(r"\b(is|are) unchanged\b", re.I), lambda m: m.group(1) + " stable"),
+    ("hyperinflated", re.compile(r"\bhyperinflated\b", re.I), lambda m: "hyperexpanded"),
+    ("hyperexpanded", re.compile(r"\bhyperexpanded\b", re.I), lambda m: "hyperinflated"),
+    ("hyperinflation", re.compile(r"\bhyperinflation\b", re.I), lambda m: "hyperexpansion"),
+    ("degenerative changes", re.compile(r"\bdegenerative changes\b", re.I), lambda m: "degenerative change"),
+    ("acute abnormality->disease", re.compile(r"\bacute (?:cardiopulmonary )?(?:abnormality|process)\b", re.I),
+     lambda m: "acute disease"),
+    ("is seen->is noted", re.compile(r"\b(is|are) seen\b", re.I), lambda m: m.group(1) + " noted"),
+    ("is noted->is seen", re.compile(r"\b(is|are) noted\b", re.I), lambda m: m.group(1) + " seen"),
+    ("heart and lungs", re.compile(r"\bheart and lungs\b", re.I), lambda m: "lungs and heart"),
+    ("no acute findings", re.compile(r"\bno acute findings\b", re.I), lambda m: "no acute abnormality"),
 )
+
+
+def synonym_names(part: Optional[str] = None) -> List[str]:
+    """Names of the synonym rules of one part of the style split (None: all)."""
+    return [n for n, _, _ in _SYNONYMS if in_part("synonym", n, part)]
 
 
 _RANGE_BEFORE_RE = re.compile(r"(?:\bto\s+|-)(?:\w+\s+)?$")
 
 
-def _synonym_rewrite(sentence: str, rng: random.Random) -> Optional[str]:
-    for rx, fn in _SYNONYMS:
+def _synonym_rewrite(sentence: str, rng: random.Random, part: Optional[str] = None) -> Optional[str]:
+    rules = [(rx, fn) for name, rx, fn in _SYNONYMS if in_part("synonym", name, part)]
+    rng.shuffle(rules)    # several rules may apply: any one of them
+    for rx, fn in rules:
         m = rx.search(sentence)
         # "mild to moderate cardiomegaly": the severity is a range, leave it alone
         if m and not _RANGE_BEFORE_RE.search(sentence[:m.start()]):
@@ -125,14 +167,14 @@ def _synonym_rewrite(sentence: str, rng: random.Random) -> Optional[str]:
     return None
 
 
-def _rephrase(sections: List[str], rng: random.Random) -> Optional[str]:
+def _rephrase(sections: List[str], rng: random.Random, part: Optional[str] = None) -> Optional[str]:
     # Collect every sentence that has a rewrite, then apply each with p=0.5 (at least one).
     split = [sentences(s) for s in sections]
     options = []
     for i, sents in enumerate(split):
         for j, s in enumerate(sents):
-            alts = _negation_rephrasings(s)
-            syn = _synonym_rewrite(s, rng)
+            alts = _negation_rephrasings(s, part)
+            syn = _synonym_rewrite(s, rng, part)
             if syn:
                 alts.append(syn)
             if alts:
@@ -173,21 +215,61 @@ def _terse(sections: List[str], rng: random.Random) -> Optional[str]:
     return join_sections(*out)
 
 
-def equivalent_variants(report: Report, seed: int = 0, verify: bool = True) -> List[Variant]:
-    """Rewrites with the same clinical content, one per style that applies (see VARIANT_STYLES)."""
+def _lowercase(text: str) -> str:
+    """Lower case, acronyms kept ("PTX", "RLL": lower-cased they are the held-out typed forms)."""
+    return re.sub(r"\b\w+\b", lambda m: m.group(0) if m.group(0).isupper() and len(m.group(0)) > 1
+                  else m.group(0).lower(), text)
+
+
+def _line_list(sections: List[str], rng: random.Random) -> Optional[str]:
+    """One sentence a line, a blank line between sections (no item markers: the held-out side numbers)."""
+    out = ["\n".join(split_sentences(sec)) for sec in sections]
+    text = "\n\n".join(out)
+    return text if "\n" in text else None
+
+
+def _section_headers(sections: List[str], rng: random.Random) -> str:
+    if len(sections) == 2:
+        f, i = rng.choice((("Findings:", "Impression:"), ("FINDINGS:", "IMPRESSION:"), ("Findings -", "Impression -")))
+        return f"{f} {sections[0]}\n{i} {sections[1]}"
+    return f"{rng.choice(('Findings:', 'Impression:', 'FINDINGS:'))} {sections[0]}"
+
+
+def _compose(sections: List[str], rng: random.Random, part: Optional[str]) -> Optional[str]:
+    """Train rules at once: rephrase, then terse, then abbreviate (each when it applies)."""
+    text = _rephrase(sections, rng, part) or join_sections(*sections)
+    secs = [text] if len(sections) < 2 else _resplit(text, sections)
+    text = _terse(secs, rng) or text
+    return abbreviate(text, rng, p=0.9, part=part)
+
+
+def _resplit(text: str, sections: List[str]) -> List[str]:
+    n_first = len(split_sentences(sections[0]))
+    sents = split_sentences(text)
+    return [" ".join(sents[:n_first]), " ".join(sents[n_first:])] if len(sents) > n_first else [text]
+
+
+def equivalent_variants(report: Report, seed: int = 0, verify: bool = True,
+                        part: Optional[str] = None) -> List[Variant]:
+    """Rewrites with the same clinical content, one per style that applies (see VARIANT_STYLES),
+    drawn from the rule entries of the style split's `part` ("train", "heldout"; None: all)."""
     sections = report_sections(report)
     base = join_sections(*sections)
     if not base:
         return []
     both = bool(report.findings.strip() and report.impression.strip())
     makers = {
-        "abbreviate": lambda r: abbreviate(base, r),
-        "expand": lambda r: expand(base),
+        "abbreviate": lambda r: abbreviate(base, r, part=part),
+        "expand": lambda r: expand(base, part=part),
         "impression_only": lambda r: report.impression.strip() if both else None,
         "findings_only": lambda r: report.findings.strip() if both else None,
         "reorder": lambda r: _reorder(sections, r),
-        "rephrase": lambda r: _rephrase(sections, r),
+        "rephrase": lambda r: _rephrase(sections, r, part),
         "terse": lambda r: _terse(sections, r),
+        "lowercase": lambda r: _lowercase(base),
+        "line_list": lambda r: _line_list(sections, r),
+        "section_headers": lambda r: _section_headers(sections, r),
+        "compose": lambda r: _compose(sections, r, part),
     }
     out = []
     for style in VARIANT_STYLES:
@@ -202,6 +284,6 @@ def equivalent_variants(report: Report, seed: int = 0, verify: bool = True) -> L
     return out
 
 
-def make_variants(report: Report, seed: int = 0) -> List[Variant]:
-    """Equivalent variants followed by hard negatives."""
-    return equivalent_variants(report, seed) + hard_negatives(report, seed)
+def make_variants(report: Report, seed: int = 0, part: Optional[str] = None) -> List[Variant]:
+    """Equivalent variants followed by hard negatives (of the style split's `part`; None: all)."""
+    return equivalent_variants(report, seed, part=part) + hard_negatives(report, seed, part=part)

@@ -1,0 +1,122 @@
+"""The style split (train / held-out rule entries) and the held-out rewrites of `reports.noise`."""
+import random
+import re
+
+import pytest
+
+from open_clip_cxr.eval import robustness as RB
+from open_clip_cxr.reports import noise
+from open_clip_cxr.reports.lexicon import LEXICON, abbreviate, entries, expand
+from open_clip_cxr.reports.mentions import mention_keys
+from open_clip_cxr.reports.negatives import _AFFIRM_TEMPLATES, _INSERTIONS, _NEGATE_TEMPLATES, hard_negatives
+from open_clip_cxr.reports.style_split import part_of
+from open_clip_cxr.reports.types import Report
+from open_clip_cxr.reports.variants import equivalent_variants, synonym_names
+
+REPORTS = [
+    Report("a", "test", findings="There is a small right pleural effusion. No pneumothorax. Heart size is normal.",
+           impression="Small right pleural effusion."),
+    Report("b", "test", findings="Right lower lobe consolidation. The lungs are otherwise clear. No effusion.",
+           impression="Right lower lobe pneumonia. Follow-up radiograph recommended."),
+    Report("c", "test", findings="Status post coronary artery bypass graft. Moderate cardiomegaly. Mild pulmonary "
+           "edema. Bilateral pleural effusions, left larger than right.", impression="Congestive heart failure."),
+    Report("d", "test", findings="The cardiomediastinal silhouette is within normal limits. The lungs are clear. "
+           "No pleural effusion or pneumothorax. Degenerative changes of the thoracic spine.",
+           impression="No acute cardiopulmonary abnormality."),
+    Report("e", "test", findings="Endotracheal tube terminates 4 cm above the carina. Nasogastric tube in the "
+           "stomach. Left lower lobe atelectasis.", impression="Lines and tubes as above. Left lower lobe atelectasis."),
+]
+
+
+def test_split_is_deterministic_and_both_parts_are_used():
+    assert part_of("lexicon", "pneumothorax") == part_of("lexicon", "pneumothorax")
+    train, held = entries("train"), entries("heldout")
+    assert train and held and len(train) + len(held) == len(LEXICON)
+    assert not {e.long for e in train} & {e.long for e in held}
+    assert synonym_names("train") and synonym_names("heldout")
+    for table, keys in (("negate_template", _NEGATE_TEMPLATES), ("affirm_template", _AFFIRM_TEMPLATES),
+                        ("insertion", [p[1] for p in _INSERTIONS])):
+        parts = {part_of(table, k) for k in keys}
+        assert parts == {"train", "heldout"}, table
+    with pytest.raises(ValueError):
+        abbreviate("pneumothorax", part="validation")
+
+
+def test_abbreviate_uses_only_its_part():
+    held_short = {s for e in entries("heldout") for s in e.short}
+    train_short = {s for e in entries("train") for s in e.short}
+    text = " ".join(f"{e.long}." for e in LEXICON if not e.context)
+    for seed in range(5):
+        out = abbreviate(text, random.Random(seed), p=1.0, part="train")
+        words = set(re.findall(r"[\w/.-]+", out))
+        assert not (words & (held_short - train_short)), words & held_short
+        out = abbreviate(text, random.Random(seed), p=1.0, part="heldout")
+        assert set(re.findall(r"[\w/.-]+", out)) & held_short
+    # the mention checker reads every entry, whatever the part
+    for e in LEXICON:
+        if not e.context:
+            assert expand(e.short[0]).lower() == e.long
+
+
+def test_training_rewrites_never_use_heldout_negative_templates():
+    held = [t for k, t in _NEGATE_TEMPLATES.items() if part_of("negate_template", k) == "heldout"]
+    held_ins = [p[1] for p in _INSERTIONS if part_of("insertion", p[1]) == "heldout"]
+    starts = [t.split("{")[0] for t in held if not t.startswith("{")]
+    for r in REPORTS:
+        for seed in range(4):
+            for v in hard_negatives(r, seed, part="train"):
+                assert not any(s in v.text for s in held_ins), v.text
+                if v.error_type == "negation" and starts:
+                    assert not any(v.text.count(s) > r.findings.count(s) + r.impression.count(s)
+                                   for s in starts if s), v.text
+
+
+def test_acronym_forms_and_typos():
+    rng = random.Random(0)
+    forms = {noise.acronym_form("RLL", rng) for _ in range(60)}
+    assert {"R.L.L.", "r l l", "rll"} <= forms
+    assert any(f.endswith("lower lobe") for f in forms)
+    text = "No left pleural effusion. Mild cardiomegaly without pneumothorax."
+    for seed in range(20):
+        t = noise.typos(text, random.Random(seed))
+        assert t != text
+        # negation, side and severity words are never misspelt
+        for w in ("No", "left", "Mild", "without"):
+            assert w in t.split() or w + "." in t.split()
+    assert noise.typos("No PTX.", random.Random(0)) is None
+
+
+def test_heldout_variants_keep_the_findings():
+    seen = set()
+    for r in REPORTS:
+        for v in noise.heldout_variants(r, seed=1):
+            seen.add(v.style)
+            assert v.equivalent and v.style in noise.HELDOUT_STYLES and v.text
+            if v.style == "paraphrase_heldout":
+                assert mention_keys(v.text) == mention_keys(r.findings + " " + r.impression)
+    assert {"abbreviate_heldout", "typos", "caps_headers", "numbered_list", "telegraphic_impression",
+            "hospital_mix"} <= seen
+    caps = [v.text for v in noise.heldout_variants(REPORTS[0]) if v.style == "caps_headers"][0]
+    assert caps.isupper() or caps.upper() == caps
+    assert noise.heldout_variants(REPORTS[0], seed=3) == noise.heldout_variants(REPORTS[0], seed=3)
+    # no held-out style is a training style
+    assert not set(noise.HELDOUT_STYLES) & {v.style for r in REPORTS for v in equivalent_variants(r, part="train")}
+
+
+def test_suite_heldout_protocol_with_bag_of_words():
+    res = RB.run_heldout(REPORTS, RB.bow_encode_fn())
+    assert res["styles"] == "heldout"
+    assert set(res["variant_to_original"]) <= set(noise.HELDOUT_STYLES)
+    assert "abbreviate_heldout" in res["variant_to_original"]
+    assert res["error_discrimination"]["n"] >= 3
+    # caps under other headers: bag of words lower-cases, so it still finds the report
+    assert res["variant_to_original"]["caps_headers"]["R@1"] == 1.0
+    with pytest.raises(ValueError):
+        RB.run_robustness(REPORTS, RB.bow_encode_fn(), styles="nope")
+
+
+def test_unshout_folds_all_caps_reports_only():
+    assert noise.unshout("FINDINGS: NO PTX. SMALL RIGHT EFFUSION.") == "findings: no PTX. small right effusion."
+    assert noise.unshout("No PTX. Small right effusion.") == "No PTX. Small right effusion."
+    caps = [v.text for v in noise.heldout_variants(REPORTS[0]) if v.style == "caps_headers"][0]
+    assert noise.unshout(caps).lower() == caps.lower() and not noise.unshout(caps).isupper()

@@ -1,0 +1,91 @@
+"""Stage 1 trains on the training part of the style split, and never on a test split."""
+import json
+from pathlib import Path
+
+import pytest
+
+from open_clip_cxr.reports.lexicon import entries
+from open_clip_cxr.reports.noise import HELDOUT_STYLES
+from open_clip_cxr.reports.types import Report
+from training import common
+from training.supcon import report_texts, training_split
+from training.text_stage import load_reports
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table(tmp_path: Path) -> Path:
+    rows = [{"study": f"s{i}", "findings": f"Small right pleural effusion number {i}.", "impression": "Effusion.",
+             "split": split} for i, split in enumerate(["train", "train", "test", "validate", "test", "train"])]
+    path = tmp_path / "reports.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _recipe(tmp_path: Path, split):
+    recipe = common.load_recipe(str(ROOT / "training/recipes/text-cxr-llm-small-cpu-short.yaml"), [])
+    recipe["data"] = {"source": "table", "path": str(_table(tmp_path)), "findings_col": "findings",
+                      "impression_col": "impression", "study_col": "study", "split_col": "split", "split": split}
+    return recipe
+
+
+def test_training_reads_the_train_split_only(tmp_path):
+    recipe = _recipe(tmp_path, "train")
+    reports = load_reports(recipe["data"], training_split(recipe))
+    assert [r.study_id for r in reports] == ["s0", "s1", "s5"]
+
+
+@pytest.mark.parametrize("split", ["test", None, ""])
+def test_test_split_is_refused_as_training_data(tmp_path, split):
+    with pytest.raises(ValueError, match="test split"):
+        training_split(_recipe(tmp_path, split))
+
+
+def test_training_on_the_evaluation_split_is_refused(tmp_path):
+    recipe = _recipe(tmp_path, "validate")
+    with pytest.raises(ValueError, match="never evaluate on training data"):
+        training_split(recipe)
+    recipe["eval"]["enabled"] = False
+    assert training_split(recipe) == "validate"
+
+
+def test_stage_one_refuses_a_test_split_before_training(tmp_path):
+    from training.text_stage import train
+    recipe = _recipe(tmp_path, "test")
+    recipe.update(model="cxr-llm-tiny", output_dir=str(tmp_path / "out"))
+    recipe["train"].update(log_with="none", num_threads=1)
+    with pytest.raises(ValueError, match="official test split"):
+        train(recipe)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_training_texts_come_from_the_training_part():
+    r = Report("x", "test", findings="Small right pleural effusion. The lungs are otherwise clear. "
+               "Status post coronary artery bypass graft. Right lower lobe consolidation.",
+               impression="Small right pleural effusion. Normal heart size.")
+    held_short = {s for e in entries("heldout") for s in e.short} - {s for e in entries("train") for s in e.short}
+    for seed in range(2):
+        texts = report_texts(r, seed)
+        for t in texts.variants:     # (a fixed inserted-error sentence may name the SVC)
+            assert not any(f" {s} " in f" {t} " or f" {s}." in f" {t}" for s in held_short), t
+    # the held-out protocol's style names never appear as training styles
+    from open_clip_cxr.reports.variants import VARIANT_STYLES
+    assert not set(HELDOUT_STYLES) & set(VARIANT_STYLES)
+
+
+def test_phrase_pairs_pair_a_short_form_with_its_expansion():
+    import random
+    from training.supcon import phrase_pairs, sample_example
+    text = "Small right pleural effusion. No pneumothorax. Left lower lobe atelectasis."
+    pairs = phrase_pairs(text, seed=0)
+    assert ("No PTX.", "No pneumothorax.") in [(s, lg) for s, lg, _ in pairs]
+    for short, long, negs in pairs:
+        assert short != long and short.lower() != long.lower()
+        assert all(n != long for n in negs)
+    r = Report("x", "test", findings=text, impression="Small right effusion.")
+    texts = report_texts(r, 0, phrases=True)
+    assert texts.phrases and all(s in texts.all_texts() for s, _, _ in texts.phrases)
+    exs = [sample_example(texts, random.Random(i), p_sections=0.0, p_phrases=1.0) for i in range(8)]
+    assert all(e.task == "phrase" for e in exs)
+    assert {(e.anchor, e.positive) for e in exs} <= {p for s, lg, _ in pairs for p in ((s, lg), (lg, s))}
+    assert report_texts(r, 0).phrases == []
