@@ -164,3 +164,9 @@ def test_stage1_variant_keys_of_the_llm_and_style_options_are_known():
     check_recipe({"supcon": {"variants": "both", "paraphraser": "m", "p_phrases": 0.25, "variant_styles": None}}, "text")
     with pytest.raises(Exception, match="rules, llm, both"):
         check_recipe({"supcon": {"variants": "llmz"}}, "text")
+
+
+def test_zero_steps_skips_a_phase_and_is_not_mistaken_for_an_eps():
+    """`mntp.steps: 0` (skip MNTP) is valid; `*eps` once matched every key ending in "steps"."""
+    from training.recipe_check import check_recipe
+    check_recipe({"mntp": {"steps": 0}, "supcon": {"steps": 0}}, "text")

@@ -85,7 +85,7 @@ RANGES: List[Tuple[str, Tuple[Optional[float], bool, Optional[float], bool]]] = 
     ("*lr", (0, False, None, False)),
     ("*temperature", (0, False, None, False)),
     ("*weight_decay", (0, True, None, False)),
-    ("*eps", (0, False, None, False)),
+    ("*.eps", (0, False, None, False)),      # not "*eps": that would catch "*.steps"
     ("*grad_clip", (0, False, None, False)),
     ("*.steps", (0, True, None, False)),
     ("*head_steps", (0, True, None, False)),
