@@ -224,3 +224,21 @@ def test_norms_at_init_on_timm_nets():
     net(torch.randn(2, 3, 64, 64))   # one train-mode forward moves the BatchNorm running stats
     assert norms_at_init(net) is False
     assert norms_at_init(torch.nn.Linear(3, 3)) is None
+
+
+def test_demo_moves_a_clip_run_of_the_old_recipe_aside(tmp_path):
+    """An earlier demo's CLIP run (started with model=local-dir:stage1, a random vision tower)
+    is kept aside rather than resumed under the new recipe; the same recipe is left alone."""
+    import yaml
+    from training import clip_stage as cs
+    from training.demo import _move_aside_if_other_recipe
+    new = cs.with_defaults({"model": "cxr-llm-small", "text": {"from": f"local-dir:{tmp_path / 'stage1'}"}})
+    old = {"model": f"local-dir:{tmp_path / 'stage1'}"}
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "recipe.yaml").write_text(yaml.safe_dump(old))
+    _move_aside_if_other_recipe(tmp_path, "clip", new, cs.DEFAULT_RECIPE)
+    assert not (tmp_path / "clip").exists() and (tmp_path / "clip.previous-1" / "recipe.yaml").exists()
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "recipe.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(new))))
+    _move_aside_if_other_recipe(tmp_path, "clip", new, cs.DEFAULT_RECIPE)
+    assert (tmp_path / "clip" / "recipe.yaml").exists()
