@@ -18,7 +18,8 @@ weights came from (provenance).
                        the architecture), else a random initialisation
   pretrained           timm's pretrained weights for the architecture, whatever the folders hold
   random               a random initialisation (logged as such)
-  source               the text source folder's vision tower as it is, trained or not
+  source               the text source folder's vision tower, even where `auto` would not take
+                       it (unknown history); a tower still at its initialisation is refused
   local-dir:DIR | hf-hub:ORG/NAME   the vision tower of another OpenCLIP folder
   FILE                 a timm trunk checkpoint (.safetensors / .pt / .pth / .bin), loaded into
                        `visual.trunk` (a classifier head in it is dropped)
