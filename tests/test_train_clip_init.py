@@ -195,14 +195,14 @@ def test_vision_from_a_timm_file(pretrained_trunk, tmp_path):
 
 def test_a_vision_source_still_at_init_is_refused(stage1, tmp_path):
     """vision.from names weights that are a random initialisation: an error, not a silent run."""
-    with pytest.raises(RuntimeError, match="normalisation layers are all at their initial values"):
+    with pytest.raises(ValueError, match="normalisation layers are all at their initial values"):
         build(clip_recipe(text__from=f"local-dir:{stage1}", vision__from="source"))
     import timm
     from safetensors.torch import save_file
     net = timm.create_model("test_efficientnet", pretrained=False)
     path = tmp_path / "init.safetensors"
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
-    with pytest.raises(RuntimeError, match="normalisation layers are all at their initial values"):
+    with pytest.raises(ValueError, match="normalisation layers are all at their initial values"):
         build(clip_recipe(vision__from=str(path)))
 
 

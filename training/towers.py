@@ -50,6 +50,13 @@ import torch
 import torch.nn as nn
 
 FOLDER_SCHEMAS = ("local-dir:", "hf-hub:")
+
+
+class RecipeError(ValueError):
+    """A tower source the recipe names cannot be used as asked: the user's to fix (the message
+    says how). The CLI reports it in one line."""
+
+
 VISION_CHOICES = ("auto", "pretrained", "random", "source")
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 CONFIG_NAME = "open_clip_config.json"
@@ -172,10 +179,10 @@ def make_plan(recipe: dict) -> Plan:
                      f"and pretrained_image={recipe['pretrained_image']}")
     vision = recipe["vision"].get("from") or "auto"
     if vision not in VISION_CHOICES and not is_folder(vision) and not str(vision).endswith(WEIGHT_FILE_SUFFIXES):
-        raise ValueError(f"vision.from={vision!r}: use auto, pretrained, random, source, local-dir:DIR, "
+        raise RecipeError(f"vision.from={vision!r}: use auto, pretrained, random, source, local-dir:DIR, "
                          f"hf-hub:ORG/NAME or a timm weights file ({', '.join(WEIGHT_FILE_SUFFIXES)})")
     if vision == "source" and not is_folder(text_from):
-        raise ValueError("vision.from=source takes the text source folder's vision tower, but text.from "
+        raise RecipeError("vision.from=source takes the text source folder's vision tower, but text.from "
                          f"({text_from}) is not a local-dir:/hf-hub: folder: set vision.from to pretrained or random")
     return Plan(arch=arch, text_from=text_from, vision=vision, lines=lines)
 
@@ -198,7 +205,7 @@ def _text_cfg(plan: Plan, recipe: dict, arch_cfg: dict) -> tuple:
         return cfg, src, f"{src} (its text tower's weights{how})"
     named = open_clip.get_model_config(src)
     if named is None:
-        raise ValueError(f"text.from={src!r} is neither a local-dir:/hf-hub: folder nor a known model name")
+        raise RecipeError(f"text.from={src!r} is neither a local-dir:/hf-hub: folder nor a known model name")
     cfg = copy.deepcopy(named["text_cfg"])
     cfg["hf_model_pretrained"] = bool(recipe["pretrained_text"])
     return cfg, src, f"{src}'s text tower ({'base weights' if recipe['pretrained_text'] else 'random init'})"
@@ -219,11 +226,11 @@ def load_trunk_file(visual: nn.Module, path: str) -> None:
     classifier = getattr(trunk, "default_cfg", {}).get("classifier") or "classifier"
     extra = [k for k in state if k not in own]
     if any(not k.startswith(classifier + ".") for k in extra):
-        raise ValueError(f"vision.from={path}: keys the vision trunk does not have: "
+        raise RecipeError(f"vision.from={path}: keys the vision trunk does not have: "
                          f"{[k for k in extra if not k.startswith(classifier + '.')][:5]}")
     missing = [k for k in own if k not in state]
     if missing:
-        raise ValueError(f"vision.from={path}: the file lacks {len(missing)} trunk weights, e.g. {missing[:3]}")
+        raise RecipeError(f"vision.from={path}: the file lacks {len(missing)} trunk weights, e.g. {missing[:3]}")
     trunk.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
 
@@ -240,7 +247,7 @@ def compose(recipe: dict, log=print):
     else:
         arch_cfg = open_clip.get_model_config(plan.arch)
         if arch_cfg is None:
-            raise ValueError(f"model={plan.arch!r} is not a known model name or a local-dir:/hf-hub: folder")
+            raise RecipeError(f"model={plan.arch!r} is not a known model name or a local-dir:/hf-hub: folder")
         preprocess_cfg = PREPROCESS_CFGS.get(plan.arch)
     text_cfg, tokenizer_source, plan.text_desc = _text_cfg(plan, recipe, arch_cfg)
 
@@ -285,7 +292,7 @@ def compose(recipe: dict, log=print):
         try:
             model.text.load_state_dict(text_state, strict=True)
         except RuntimeError as e:
-            raise ValueError(f"text.from={plan.text_from}: its text tower does not fit model={plan.arch} "
+            raise RecipeError(f"text.from={plan.text_from}: its text tower does not fit model={plan.arch} "
                              f"(embed_dim {arch_cfg.get('embed_dim')}): {str(e).splitlines()[0]} ... "
                              f"set model to the architecture the folder was built with") from None
     vision_state = None
@@ -294,7 +301,12 @@ def compose(recipe: dict, log=print):
     elif is_folder(vision):
         vision_state = folder_state_dict(vision)
     if vision_state is not None:
-        model.visual.load_state_dict(sub_state(vision_state, "visual."), strict=True)
+        try:
+            model.visual.load_state_dict(sub_state(vision_state, "visual."), strict=True)
+        except RuntimeError as e:
+            raise RecipeError(f"vision.from={plan.vision if vision != 'source' else plan.text_from}: its vision "
+                              f"tower does not fit model={plan.arch}: {str(e).splitlines()[0]} ... name a folder "
+                              f"of the same architecture, or vision.from=pretrained") from None
         with torch.no_grad():   # a CLIP's temperature belongs with its aligned towers
             for name in ("logit_scale", "logit_bias"):
                 p = getattr(model, name, None)
@@ -306,7 +318,7 @@ def compose(recipe: dict, log=print):
     at_init = norms_at_init(model.visual)
     if vision != "random" and at_init:
         where = "timm's loader" if vision == "pretrained" else vision
-        raise RuntimeError(f"the vision tower should hold {plan.vision_desc}, but its normalisation layers are "
+        raise RecipeError(f"the vision tower should hold {plan.vision_desc}, but its normalisation layers are "
                            f"all at their initial values: the weights from {where} did not arrive. Fix the vision "
                            f"source, or set vision.from=random to train from a random initialisation on purpose")
     if preprocess_cfg:
