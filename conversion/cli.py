@@ -9,8 +9,6 @@
 import logging
 from pathlib import Path
 
-import torch
-
 
 def add_arguments(parser):
     parser.add_argument("--from", dest="source", required=True, choices=["llm2vec", "llm2clip"],
@@ -47,12 +45,16 @@ def _tokenizer(args, model_cfg):
                                 else text_cfg.get("hf_tokenizer_name"))
     try:
         return open_clip.tokenizer.HFTokenizer(str(source), context_length=text_cfg.get("context_length"),
-                                               **text_cfg.get("tokenizer_kwargs", {}))
+                                               **{**text_cfg.get("tokenizer_kwargs", {}), "trust_remote_code": False})
     except Exception as e:
         raise RuntimeError(f"could not load the tokenizer from {source!r} ({e}); pass --tokenizer DIR") from e
 
 
 def run(args) -> int:
+    import torch
+    from open_clip_cxr.errors import UsageError
+    if not Path(args.src).exists():
+        raise UsageError(f"--src {args.src} does not exist; give the authors' release folder or checkpoint file")
     if args.source == "llm2vec":
         from .llm2vec import convert_llm2vec, save_text_tower
         model = convert_llm2vec(args.src, pooler=args.pooler, latent_heads=args.latent_heads,

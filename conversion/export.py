@@ -16,12 +16,6 @@ import logging
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-import torch
-from safetensors.torch import save_file
-
-from open_clip_cxr.text.archs import spec_for
-from open_clip_cxr.text.model import CXRTextModel
-
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
 # transformers 5's AutoTokenizer always reads a repo's config.json first. Missing on the Hub it is
@@ -31,7 +25,10 @@ WEIGHTS_NAME = "open_clip_model.safetensors"
 TEXT_CONFIG_NAME = "config.json"
 
 
-def text_tower(model) -> Optional[CXRTextModel]:
+def text_tower(model):
+    """The model's `CXRTextModel` text tower, or None. (torch and the tower import here, not at the
+    top of the module, so that `open-clip-cxr export --help` stays fast.)"""
+    from open_clip_cxr.text.model import CXRTextModel
     transformer = getattr(getattr(model, "text", None), "transformer", None)
     return transformer if isinstance(transformer, CXRTextModel) else None
 
@@ -41,6 +38,7 @@ def export_model_cfg(model, model_cfg: dict, tokenizer_source: str) -> dict:
     cfg = copy.deepcopy(model_cfg)
     tower = text_tower(model)
     if tower is not None:
+        from open_clip_cxr.text.archs import spec_for
         cfg["text_cfg"]["hf_model_name"] = spec_for(tower.config)
     cfg["text_cfg"]["hf_tokenizer_name"] = tokenizer_source
     cfg["text_cfg"].pop("hf_model_pretrained", None)
@@ -50,6 +48,7 @@ def export_model_cfg(model, model_cfg: dict, tokenizer_source: str) -> dict:
 
 def save_state_dict(model, path: Path) -> None:
     """Safetensors refuses shared storage; store each tensor once, contiguous, on the CPU."""
+    from safetensors.torch import save_file
     seen, state = {}, {}
     for key, tensor in model.state_dict().items():
         tensor = tensor.detach().cpu()
@@ -90,30 +89,32 @@ def export_folder(model, model_cfg: dict, tokenizer, out_dir, *, preprocess_cfg:
 PROBE_TEXTS = ("no acute cardiopulmonary abnormality", "small left pleural effusion", "cardiomegaly", "")
 
 
-def probe_images(model, n: int = 2, seed: int = 0) -> torch.Tensor:
+def probe_images(model, n: int = 2, seed: int = 0):
+    import torch
     size = (getattr(model.visual, "preprocess_cfg", None) or {}).get("size") or model.visual.image_size
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-@torch.no_grad()
-def embeddings(model, tokenizer, texts: Sequence[str] = PROBE_TEXTS, images: Optional[torch.Tensor] = None) -> Dict:
+def embeddings(model, tokenizer, texts: Sequence[str] = PROBE_TEXTS, images=None) -> Dict:
     """Unnormalised text / image embeddings of fixed probes (and the tokens, to compare tokenizers)."""
+    import torch
     model.eval()
     tokens = tokenizer(list(texts))
     images = probe_images(model) if images is None else images
-    return {"tokens": tokens, "text": model.encode_text(tokens).float(), "image": model.encode_image(images).float(),
-            "images": images, "logit_scale": model.logit_scale.detach().float()}
+    with torch.no_grad():
+        return {"tokens": tokens, "text": model.encode_text(tokens).float(), "image": model.encode_image(images).float(),
+                "images": images, "logit_scale": model.logit_scale.detach().float()}
 
 
 class ExportMismatchError(RuntimeError):
     """The exported folder does not reproduce the source model."""
 
 
-@torch.no_grad()
 def verify_export(folder, reference: Dict, atol: float = 1e-4) -> Dict[str, float]:
     """Load `folder` with `open_clip` (`local-dir:`) and compare with `reference` (from `embeddings`
     on the source model, before export). Returns max abs diffs; raises if any exceeds `atol`."""
+    import torch
     import open_clip
     import open_clip_cxr  # noqa: F401  (registers our text tower)
     name = "local-dir:" + str(Path(folder))
@@ -144,6 +145,30 @@ def add_arguments(parser):
                         help="license id for the card (default: from the recipe or the base model)")
     parser.add_argument("--no-card", action="store_true", help="do not write README.md")
     parser.add_argument("--atol", type=float, default=1e-4, help="max abs embedding difference accepted on reload")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into --out even when it holds files export does not write")
+
+
+# What an export writes (and `push` uploads); any other file in --out is someone else's.
+EXPORT_FILES = ("open_clip_config.json", "config.json", "*.safetensors", "README.md", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                "merges.txt", "added_tokens.json", "chat_template.jinja", "adapter.json")
+
+
+def check_out_folder(out, overwrite: bool = False) -> None:
+    """Refuse an --out that is a file, or a folder holding files this export would not write."""
+    import fnmatch
+    from open_clip_cxr.errors import UsageError
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (new or written by export)")
+    if not out.is_dir() or overwrite:
+        return
+    foreign = sorted(p.relative_to(out).as_posix() for p in out.rglob("*")
+                     if p.is_file() and not any(fnmatch.fnmatch(p.name, pat) for pat in EXPORT_FILES))
+    if foreign:
+        raise UsageError(f"--out {out} holds files export did not write ({', '.join(foreign[:3])}"
+                         f"{' ...' if len(foreign) > 3 else ''}); choose an empty folder or pass --overwrite")
 
 
 def load_source(model_name: str, pretrained: Optional[str] = None):
@@ -164,6 +189,11 @@ def load_source(model_name: str, pretrained: Optional[str] = None):
 
 def run(args) -> int:
     from hub_cards.card import load_eval_results, load_recipe, render_card
+    from open_clip_cxr.errors import UsageError
+    check_out_folder(args.out, args.overwrite)
+    for flag, path in (("--eval-json", args.eval_json), ("--recipe", args.recipe), ("--pretrained", args.pretrained)):
+        if path and not Path(path).exists() and not (flag == "--pretrained" and "/" not in path and "." not in path):
+            raise UsageError(f"{flag} {path} does not exist; check the path")
     model, tokenizer, model_cfg = load_source(args.model, args.pretrained)
     if not args.pretrained and not args.model.startswith(("local-dir:", "hf-hub:")) and not Path(args.model).is_dir():
         logging.warning(f"no --pretrained checkpoint: exporting {args.model} with its base weights only")

@@ -77,13 +77,28 @@ def text_config(llm: dict, pooler_options: Optional[dict], instruction_separator
     """Our `CXRTextConfig` for the imported encoder: `pooler_options` (from `convert_pooler`, read
     off the pooler's tensors) for latent attention, None for mean pooling."""
     from open_clip_cxr.text.config import CXRTextConfig
+    # The authors' instruction format (see open_clip_cxr/text/instructions.py): the separator id only
+    # marks where the text starts and is never read by the decoder.
     kwargs = dict(llm=llm, output_norm=False, lora=None, instruction_separator_id=instruction_separator_id,
-                  base_weights=None)
+                  instruction_format="llm2vec", base_weights=None)
     if pooler_options:
         kwargs.update(pooling="latent_attention", **pooler_options)
     else:
         kwargs.update(pooling="mean")
     return CXRTextConfig(**kwargs)
+
+
+def marker_id_from_tokenizer(src: Path) -> Optional[int]:
+    """The id of a known separator token (`instructions.SEPARATORS`) in the source's tokenizer.json,
+    used to mark where an instruction's text starts; None when there is none."""
+    from open_clip_cxr.text.instructions import SEPARATORS
+    path = (src if src.is_dir() else src.parent) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    tok = json.loads(path.read_text())
+    ids = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    ids.update(tok.get("model", {}).get("vocab", {}) if isinstance(tok.get("model", {}).get("vocab"), dict) else {})
+    return next((ids[s] for s in SEPARATORS.values() if s in ids), None)
 
 
 @torch.no_grad()
@@ -106,6 +121,8 @@ def convert_llm2vec(src, pooler: str = "convert", latent_heads: int = 8,
         if not pooler_src:
             raise ValueError(f"{src} has no latent_attn.* pooler tensors; use pooler='drop' for mean pooling")
         ours, options = convert_pooler(pooler_src, hidden_size=llm.get("hidden_size"), heads=latent_heads)
+    if instruction_separator_id is None:
+        instruction_separator_id = marker_id_from_tokenizer(src)
     config = text_config(llm, options, instruction_separator_id)
     model = CXRTextModel(config, with_lora=False)
     result = model.llm.load_state_dict(decoder, strict=False)

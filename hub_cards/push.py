@@ -9,9 +9,12 @@ the standard `huggingface-cli login`, as huggingface_hub resolves it.
 import fnmatch
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
+
+from open_clip_cxr.errors import UsageError
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -20,6 +23,66 @@ ALLOWED = ("open_clip_config.json", "config.json", "*.safetensors", "README.md",
            "special_tokens_map.json", "tokenizer.model", "vocab.json", "vocab.txt", "merges.txt",
            "added_tokens.json", "chat_template.jinja", "adapter.json", "LICENSE", "NOTICE.md")
 REQUIRED = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+# A Hub model id: ORG/NAME, each part a letter or digit then letters, digits, '-', '_', '.'.
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
+# What report text and patient identifiers look like in a text file. Each pattern needs context
+# (a value after the label, a whole clinical phrase), so vocabularies and our own card pass.
+_LEAKS = (
+    ("a patient identifier (MRN)", r"\b(?:MRN|medical record (?:number|no\.?))\s*[:#=]?\s*[A-Z]{0,3}\d{4,}"),
+    ("a social security number", r"\b\d{3}-\d{2}-\d{4}\b"),
+    ("a date of birth", r"\b(?:DOB|date of birth)\s*[:#=]?\s*\d"),
+    ("an accession number", r"\baccession(?: number| no\.?| #)?\s*[:#=]?\s*\d{4,}"),
+    ("a patient name", r"\bpatient(?:'s)? name\s*[:=]"),
+    ("a report section", r"(?m)^\W{0,4}(?:FINDINGS|IMPRESSION|INDICATION|COMPARISON|HISTORY|TECHNIQUE)\s*:\s*\w"),
+    ("report text", r"(?i)\b(?:no|without) (?:evidence of |definite |acute )?(?:acute cardiopulmonary|focal (?:airspace )?"
+                    r"consolidation|(?:a )?(?:large |small )?pleural effusions?|pneumothorax|free air)\b[^.\n]{0,80}\."),
+    ("report text", r"(?i)\b(?:the )?lungs are (?:clear|well expanded|hyperinflated)\b"),
+    ("report text", r"(?i)\b(?:heart size|cardiomediastinal silhouette) (?:is|are) (?:normal|within normal|enlarged|stable|top)"),
+)
+
+
+class LeakError(UsageError):
+    """A file about to be uploaded looks like it holds report text or a patient identifier."""
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse anything but ORG/NAME (no empty part, no `.git`, no `..`/`--`, at most 96 chars each)."""
+    bad = (not isinstance(repo_id, str) or not _REPO_ID.fullmatch(repo_id) or repo_id.endswith(".git")
+           or ".." in repo_id or "--" in repo_id or repo_id.endswith((".", "-")))
+    if bad:
+        raise UsageError(f"repo id must be ORG/NAME (letters, digits, '-', '_', '.'), got {repo_id!r}; "
+                         "e.g. --repo-id my-lab/cxr-llm-small")
+
+
+def find_leak(text: str) -> Optional[str]:
+    """What in `text` looks like report text or PHI (the kind and the start of the match), or None."""
+    for kind, pattern in _LEAKS:
+        m = re.search(pattern, text)
+        if m:  # where, not what: the match itself may be PHI and must not be echoed into logs
+            return f"{kind} (line {text.count(chr(10), 0, m.start()) + 1})"
+    return None
+
+
+def check_uploads(files) -> None:
+    """The export's report-text / PHI check, re-run on every text file about to be uploaded
+    (the card included): a folder edited after `export` must not publish report text."""
+    for f in files:
+        if f.path_in_repo.endswith(".safetensors"):
+            continue
+        raw = f.source if isinstance(f.source, bytes) else f.source.read_bytes()
+        text = raw.decode("utf-8", errors="replace")
+        if f.path_in_repo == "tokenizer.json":  # the vocabulary and merges are tokens, not text
+            try:
+                data = json.loads(text)
+                data.get("model", {}).pop("vocab", None)
+                data.get("model", {}).pop("merges", None)
+                text = json.dumps(data)
+            except (ValueError, AttributeError):
+                pass
+        leak = find_leak(text)
+        if leak is not None:
+            raise LeakError(f"{f.path_in_repo} holds what looks like {leak}: refusing to upload it; "
+                           "remove it from the folder (or re-export the card with `open-clip-cxr export`)")
 
 
 @dataclass
@@ -86,9 +149,11 @@ def push_folder(folder, repo_id: str, private: bool = False, revision: Optional[
     """Validate `folder` and upload it to `repo_id` in one commit. With `dry_run`, validate and
     list the files without touching the network. Re-pushing an unchanged folder is a no-op."""
     folder = Path(folder)
-    if "/" not in repo_id or repo_id.count("/") != 1:
-        raise ValueError(f"repo id must be ORG/NAME, got {repo_id!r}")
+    check_repo_id(repo_id)
+    if not folder.is_dir():
+        raise UsageError(f"--folder {folder} is not a folder; write one with `open-clip-cxr export --out DIR`")
     files, skipped = upload_plan(folder, repo_id)
+    check_uploads(files)
     summary = validate_folder(folder) if validate else {}
     url = f"https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else "")
     result = {"repo_id": repo_id, "url": url, "files": [f.path_in_repo for f in files], "skipped": skipped,

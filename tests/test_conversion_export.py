@@ -62,7 +62,7 @@ def test_adapter_round_trip(tmp_path):
     adapter = export_adapter(trained, tmp_path / "adapter", base_model="cxr-llm-tiny")
     meta = read_adapter_config(adapter)
     assert meta["base_model"] == "cxr-llm-tiny" and meta["lora"]["r"] == 4
-    tensors = load_file(str(adapter / "adapter.safetensors"))
+    tensors = {**load_file(str(adapter / "adapter_model.safetensors")), **load_file(str(adapter / "heads.safetensors"))}
     assert all(".lora_" in k or k.startswith(("text.proj.", "text.transformer.norm.", "logit_")) for k in tensors)
     assert sum(t.numel() for t in tensors.values()) < 0.2 * sum(p.numel() for p in trained.parameters())
     # Same base weights, fresh adapters: loading the adapter restores the trained model.
@@ -77,7 +77,7 @@ def test_adapter_round_trip(tmp_path):
     assert torch.equal(encode(built, tokenizer)[0], encode(trained, tokenizer)[0])
     # An adapter with other LoRA settings is refused before anything is loaded.
     meta["lora"]["r"] = 8
-    (adapter / "adapter.json").write_text(json.dumps(meta))
+    (adapter / "open_clip_cxr_adapter.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="r=8"):
         load_adapter(fresh, adapter)
 

@@ -143,8 +143,8 @@ def _nv_embed(d=D, n=16, mult=4):
             "cross_attend_blocks.1.fn.net.2.bias": torch.zeros(d)}
 
 
-def _mha(d=D, n=16):
-    mha = nn.MultiheadAttention(d, HEADS, batch_first=True)
+def _mha(d=D, n=16, bias_kv=False):
+    mha = nn.MultiheadAttention(d, HEADS, batch_first=True, add_bias_kv=bias_kv)
     state = {"multihead_attn." + k: v for k, v in mha.state_dict().items()}
     return {"latents": torch.randn(n, d), **state, "mlp.0.weight": torch.randn(d, d), "mlp.0.bias": torch.zeros(d),
             "mlp.2.weight": torch.randn(d, d), "mlp.2.bias": torch.zeros(d)}
@@ -252,7 +252,7 @@ def _drop(state, *prefixes):
 
 
 @pytest.mark.parametrize("state,words", [
-    (_mha(), ["no residual"]),
+    (_mha(bias_kv=True), ["no counterpart", "multihead_attn.bias_k"]),
     (_drop(_geglu_prenorm(), "cross_ff.norm."), ["before the attention but none before the feed-forward"]),
     (_drop(_nv_embed(), "cross_attend_blocks.0.norm."), ["before the feed-forward but none before the attention"]),
     (_drop(_geglu_prenorm(), "cross_attn.norm_context."), ["none on the latents"]),
@@ -301,10 +301,28 @@ def test_base_weights_read_the_llm2vec_layout(tmp_path):
     model = CXRTextModel.from_base(config).eval()
     assert model.load_report["pooler_loaded"]
     assert torch.allclose(pooled(model), pooled(tower), atol=1e-6)
-    # A layout that needs a whole-checkpoint conversion (split k/v) is refused, not silently left random.
+    # Another layout is converted as a whole when it fits the config; if not, it is refused
+    # naming the fields (not silently left random: with LoRA on, the pooler stays frozen).
     config.base_weights = str(write_source(tmp_path, tower, _geglu_prenorm(), name="nv_style"))
-    with pytest.raises(PoolerLayoutError, match="convert --from llm2vec"):
+    with pytest.raises(PoolerLayoutError, match="latent_pre_norm: checkpoint True, tower False"):
         CXRTextModel.from_base(config)
+
+
+@torch.no_grad()
+def test_base_weights_convert_the_authors_mha_layout(tmp_path):
+    """`cxr-llm` loads `hf:lukeingawesome/llm2vec4cxr` through base_weights: an "mha" pooler folder
+    is converted as a whole into a tower configured like cxr-llm's pooler."""
+    tower = source_tower()
+    state = _mha(n=16)
+    src = write_source(tmp_path, tower, state)
+    spec = ('cxr-text:cxr-llm-tiny{"lora": null, "output_norm": false, "latent_mlp_ratio": 1, '
+            '"latent_in_bias": true, "latent_residual": false}')
+    config = config_from_spec(spec)
+    config.base_weights = str(src)
+    model = CXRTextModel.from_base(config).eval()
+    assert model.load_report["pooler_loaded"] and not model.load_report["unexpected"]
+    assert torch.equal(model.pooler.to_q.bias, state["multihead_attn.in_proj_bias"][:D])
+    assert torch.allclose(pooled(model), pooled(convert_llm2vec(src, latent_heads=HEADS)), atol=1e-6)
 
 
 @torch.no_grad()

@@ -72,7 +72,8 @@ def test_card_without_results_or_recipe():
 
 def test_base_model_and_license_from_the_text_tower():
     meta, _ = front_matter(card(model_cfg=open_clip.get_model_config("cxr-llm"), recipe={}))
-    assert meta["base_model"] == ["lukeingawesome/llm2vec4cxr"] and meta["license"] == "llama3.2"
+    assert meta["base_model"] == ["lukeingawesome/llm2vec4cxr", "timm/eva02_large_patch14_clip_336.merged2b"]
+    assert meta["license"] == "llama3.2"
 
 
 @pytest.mark.parametrize("bad", [
@@ -112,7 +113,8 @@ def test_identifier_rule():
 
 def test_retrieval_results_shapes(tmp_path):
     single = RESULTS["retrieval"]["mimic-cxr"]
-    assert [n for n, _ in retrieval_results(single)] == ["eval"]
+    assert [n for n, _ in retrieval_results(single)] == [""]   # unnamed: render_card names it (never "eval")
+    assert [n for n, _ in retrieval_results(dict(single, dataset="openi"))] == ["openi"]
     assert [n for n, _ in retrieval_results({"mimic": {"test": single}})] == ["mimic/test"]
     (tmp_path / "r.yaml").write_text("datasets: [a]\nlr: 0.001\n")
     assert load_recipe(tmp_path / "r.yaml") == {"datasets": ["a"], "lr": 0.001}

@@ -93,12 +93,18 @@ def test_config_fields_reach_the_tower_and_the_spec(tmp_path):
     assert torch.allclose(again(input_ids=ids).pooler_output, tower(input_ids=ids).pooler_output, atol=1e-6)
 
 
-def test_cxr_llm_uses_the_nv_style_pooler():
-    """The paper's architecture: NV-style PreNorm + GEGLU latent attention (see pooler_layouts.py)."""
+def test_cxr_llm_uses_the_authors_mha_pooler():
+    """The authors' released layout: nn.MultiheadAttention + Linear-GELU-Linear, no residuals
+    (see conversion/pooler_layouts.py for why), their instruction format and similarity."""
     config = config_from_spec("cxr-text:cxr-llm")
-    assert (config.latent_pre_norm, config.latent_ff, config.latent_head_dim, config.latent_out_bias) == \
-        (True, "geglu", None, False)
+    assert (config.latent_pre_norm, config.latent_ff, config.latent_head_dim, config.latent_out_bias,
+            config.latent_in_bias, config.latent_residual, config.latent_mlp_ratio) == \
+        (False, "gelu", None, True, True, False, 1)
+    assert (config.instruction_format, config.similarity) == ("llm2vec", "clip")
+    assert "_comment" not in config.to_dict()   # the arch's comment is documentation, not a field
     # The small and tiny archs keep the original layout.
     for name in ("cxr-llm-small", "cxr-llm-tiny"):
         c = config_from_spec(f"cxr-text:{name}")
         assert (c.latent_pre_norm, c.latent_ff, c.latent_head_dim, c.latent_out_bias) == (False, "gelu", None, True)
+        assert (c.latent_in_bias, c.latent_residual, c.instruction_format, c.similarity) == \
+            (False, True, "separator", "cosine")

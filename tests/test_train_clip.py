@@ -518,7 +518,7 @@ def test_recipe_files_are_complete(name):
             assert set(values) <= set(DEFAULT_RECIPE[section]), (section, set(values) - set(DEFAULT_RECIPE[section]))
     assert r["text"]["lora"] == {"r": 16, "alpha": 32, "dropout": 0.1,
                                  "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
-    assert isinstance(r["text"]["lr"], float) and r["train"]["mixed_precision"] in ("no", "bf16")
+    assert isinstance(r["text"]["lr"], float) and r["train"]["mixed_precision"] in ("no", "bf16", "auto")
     for cfg in ("ddp_1node", "ddp_multinode", "fsdp", "deepspeed_zero2"):
         acc_cfg = common.load_recipe(str(ROOT / "training" / "recipes" / "accelerate" / f"{cfg}.yaml"))
         assert acc_cfg["distributed_type"] in ("MULTI_GPU", "FSDP", "DEEPSPEED") and acc_cfg["num_processes"] >= 8

@@ -38,7 +38,7 @@ from training.speedups import FrozenCast, compile_blocks, low_precision_dtype
 from training.common import (MetricsWriter, Throughput, TrainState, cosine_with_warmup, data_seed,
                              flops_per_sample_transformer, get_by_path, init_tracking, keep_trainable_only,
                              list_checkpoints, load_recipe, log_line,
-                             measure_forward_flops, move_to, peak_flops, progress_bar, resume_from_checkpoint,
+                             measure_forward_flops, move_to, peak_flops, peak_header, progress_bar, resume_from_checkpoint,
                              save_checkpoint, save_recipe, setup_accelerator)
 
 DEFAULT_RECIPE = {
@@ -466,6 +466,7 @@ def train(recipe: dict) -> dict:
     peak = peak_flops(accelerator.device, accelerator.mixed_precision if accelerator.mixed_precision != "no"
                       else torch.float32) * accelerator.num_processes
     meter = Throughput(flops_per_sample=vision_flops, flops_per_token=text_flops, peak=peak)
+    accelerator.print(peak_header(accelerator.device, accelerator.mixed_precision, accelerator.num_processes))
     pad_id = clip.text.config.pad_token_id
     metrics = MetricsWriter(os.path.join(out_dir, "metrics.jsonl"), enabled=main)
     bar = progress_bar(total, initial=state.step, disable=not main)

@@ -14,11 +14,12 @@ Everything a training script needs besides its model and loss, as small visible 
 Recipe keys read here (all optional; each also accepted at the top level):
     seed: 0
     output_dir: runs/x
-    train.mixed_precision: "no" | "bf16" | "fp16"
+    train.mixed_precision: auto | fp32 | bf16 | fp16   (auto: measured, `open_clip_cxr/precision.py`;
+                                       OPEN_CLIP_CXR_PRECISION overrides; "no" = fp32)
     train.grad_accum_steps: 1          (alias gradient_accumulation_steps)
     train.log_with: tensorboard        ("none"/null to disable, or a list)
     train.cpu: false                   (force the CPU even when a GPU is there)
-    train.num_threads: null            (torch CPU threads; 1 is fastest on a shared, loaded CPU)
+    train.num_threads: null            (torch CPU threads: an int, auto = 1 vs all cores measured, null = torch's)
 
 Throughput and MFU (nanoGPT's definition): achieved model FLOPs per second divided by the
 hardware's peak. The training FLOPs of a transformer are estimated as 6 * N * tokens (2 for
@@ -120,7 +121,9 @@ def _deep_merge(a: dict, b: dict) -> dict:
 
 # keys that may change when a run resumes: speed, logging, evaluation and the run's length
 # (a finished run resumed with more steps trains on), not what is being learned
-RESUMABLE_KEYS = ("output_dir", "train.num_threads", "train.log_every", "train.log_with", "train.checkpoint_every",
+# (precision and threads are speed: an old run saved with `bf16` resumes under `auto`)
+RESUMABLE_KEYS = ("output_dir", "train.num_threads", "train.mixed_precision", "resolved.",
+                  "train.log_every", "train.log_with", "train.checkpoint_every",
                   "train.max_tokens", "train.max_steps", "train.epochs", "train.stop_after", "train.compile",
                   "data.num_workers",
                   "eval.", "*.steps")
@@ -186,9 +189,8 @@ def setup_accelerator(recipe: dict):
         # logs redirected to a file (nohup, a cluster's job log) appear line by line, not in 8 kB blocks
         sys.stdout.reconfigure(line_buffering=True)
     out_dir = _opt(recipe, "output_dir", default="runs/default")
-    mixed = _opt(recipe, "train.mixed_precision", "mixed_precision", default="no")
-    mixed = "no" if mixed is False else str(mixed)   # YAML reads a bare `no` as False
-    mixed = {"fp32": "no", "false": "no", "none": "no", "bfloat16": "bf16", "float16": "fp16"}.get(mixed, mixed)
+    choice, threads, threads_why = _resolve_precision(recipe)
+    mixed = choice.mixed_precision
     accum = int(_opt(recipe, "train.grad_accum_steps", "train.gradient_accumulation_steps",
                      "gradient_accumulation_steps", default=1))
     log_with = _opt(recipe, "train.log_with", "log_with", default="tensorboard")
@@ -202,11 +204,29 @@ def setup_accelerator(recipe: dict):
         cpu=cpu,
         project_config=ProjectConfiguration(project_dir=out_dir, logging_dir=os.path.join(out_dir, "logs")),
     )
-    threads = _opt(recipe, "train.num_threads", "num_threads")
-    if threads:
-        torch.set_num_threads(int(threads))
+    accelerator.precision_choice = choice
+    accelerator.print(f"{choice.line()}; threads {threads} ({threads_why})")
     set_seed(int(_opt(recipe, "seed", default=0)))
     return accelerator
+
+
+def _resolve_precision(recipe: dict):
+    """`train.mixed_precision` (default auto) and `train.num_threads` (auto, an int, or null)
+    resolved by `open_clip_cxr.precision` (measured, cached per process); torch's threads set.
+    The outcome goes into the recipe as `resolved:` (saved with the run, free to differ on a
+    resume: it is what this machine measured, not what is learned)."""
+    from open_clip_cxr import precision
+    cpu = bool(_opt(recipe, "train.cpu", "cpu", default=False)) or not torch.cuda.is_available()
+    value = get_by_path(recipe, "train.mixed_precision")
+    value = value if value is not None else recipe.get("mixed_precision", "auto")
+    threads = _opt(recipe, "train.num_threads", "num_threads")
+    choice, n, why = precision.resolve(value, threads, "cpu" if cpu else "cuda")
+    if cpu and choice.requested == "auto" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        PartialState(cpu=True)                 # the process group the Accelerator will use
+        choice = precision.agree(choice)       # one precision on every process
+    recipe["resolved"] = {**choice.record(), "threads_reason": why}
+    return choice, n, why
 
 
 def reset_accelerator_state() -> None:
@@ -317,9 +337,44 @@ def resume_from_checkpoint(accelerator, out_dir: str, state: TrainState, path: O
         if not ckpts:
             return False
         path = ckpts[-1]
-    accelerator.load_state(path, strict=strict)
+    with _safe_custom_state():
+        accelerator.load_state(path, strict=strict)
     accelerator.print(f"resumed from {path}: {state}")
     return True
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds more than tensors and plain values; loading it could run code."""
+
+
+def load_custom_state_safely(obj, path: str, index: int = 0) -> None:
+    """accelerate's `load_custom_state`, but with `torch.load(weights_only=True)`: accelerate
+    itself unpickles `custom_checkpoint_*.pkl` with `weights_only=False`, so a crafted checkpoint
+    folder could run code on resume. Our registered states (scheduler, `TrainState`) are plain
+    numbers and lists, which the restricted unpickler reads."""
+    file = os.path.join(path, f"custom_checkpoint_{index}.pkl")
+    try:
+        sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError and friends
+        raise UnsafeCheckpointError(
+            f"refusing to resume from {file}: it is not plain tensors and numbers "
+            f"(torch.load(weights_only=True) failed: {str(e).splitlines()[0][:200]}); delete that checkpoint "
+            "folder or start a new run with another --out") from None
+    obj.load_state_dict(sd)
+
+
+class _safe_custom_state:
+    """Swap accelerate's unrestricted custom-state loader for `load_custom_state_safely` while
+    `load_state` runs (accelerate's own model, optimiser and RNG loads already use weights_only)."""
+
+    def __enter__(self):
+        import accelerate.accelerator as acc
+        self._module, self._saved = acc, acc.load_custom_state
+        acc.load_custom_state = load_custom_state_safely
+
+    def __exit__(self, *exc):
+        self._module.load_custom_state = self._saved
+        return False
 
 
 def keep_trainable_only(accelerator) -> None:
@@ -367,50 +422,42 @@ def measure_forward_flops(fn, *inputs, **kwargs) -> float:
     return float(counter.get_total_flops())
 
 
-_PEAK_CACHE: Dict[str, float] = {}
-# dense (no sparsity) peaks, FLOP/s
-_GPU_PEAKS = {
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12},
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12, "tf32": 494e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "tf32": 156e12},
-    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12, "tf32": 60e12},
-}
-# measured on the 2-core development CPU (torch matmul, 1024^2): used if measuring is turned off
+# measured on the 2-core development CPU (AMD EPYC Zen 4, avx512_bf16; torch matmul 1024^2):
+# only with measure=False, a quick guess; runs measure (`open_clip_cxr.precision.peak_flops`)
 CPU_PEAK_DEFAULT = {"bf16": 890e9, "fp16": 890e9, "fp32": 210e9}
 
 
-def _dtype_name(dtype) -> str:
-    if isinstance(dtype, str):
-        return {"no": "fp32", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+def precision_name(dtype) -> str:
+    """torch dtype or accelerate value -> fp32 | bf16 | fp16."""
+    from open_clip_cxr.precision import dtype_name
+    return dtype_name(dtype)
 
 
-def peak_flops(device, dtype=torch.bfloat16, measure: bool = False) -> float:
-    """Peak dense FLOP/s of `device` for `dtype`: a table for known GPUs, and for the CPU a
-    matmul measured once per process (or `CPU_PEAK_DEFAULT` with measure=False)."""
+_dtype_name = precision_name
+
+
+def peak_flops(device, dtype=torch.float32, measure: bool = True, refresh: bool = False) -> float:
+    """Peak dense FLOP/s of `device` for `dtype` (the dtype the run computes in): a table for
+    known GPUs; on the CPU the `F.linear` rate at the text towers' widths and the current
+    thread count, measured once per process (`open_clip_cxr.precision.peak_flops`), or
+    `CPU_PEAK_DEFAULT` with measure=False. Call it before the steps, never inside one."""
+    from open_clip_cxr import precision
+    device = torch.device(device)
+    if device.type == "cpu" and not measure:
+        return CPU_PEAK_DEFAULT.get(_dtype_name(dtype), CPU_PEAK_DEFAULT["fp32"])
+    return precision.peak_flops(device, dtype, refresh=refresh)
+
+
+def peak_header(device, dtype, num_processes: int = 1) -> str:
+    """The log header's peak line: what MFU is measured against."""
+    from open_clip_cxr.precision import MODEL_SHAPE
     device = torch.device(device)
     name = _dtype_name(dtype)
-    if device.type == "cuda":
-        gpu = torch.cuda.get_device_name(device)
-        for key, peaks in _GPU_PEAKS.items():
-            if key in gpu:
-                return peaks.get(name, peaks["bf16"])
-        return 989e12  # unknown GPU: assume H100-class so MFU is never flattering
-    if not measure:
-        return CPU_PEAK_DEFAULT.get(name, CPU_PEAK_DEFAULT["fp32"])
-    key = f"cpu:{name}"
-    if key not in _PEAK_CACHE:
-        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name, torch.float32)
-        n = 1024
-        g = torch.Generator().manual_seed(0)   # its own: the global RNG (dropout, resume) stays untouched
-        a, b = torch.randn(n, n, dtype=dt, generator=g), torch.randn(n, n, dtype=dt, generator=g)
-        a @ b  # warm-up
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 0.2:
-            a @ b
-            reps += 1
-        _PEAK_CACHE[key] = 2 * n ** 3 * reps / (time.perf_counter() - t0)
-    return _PEAK_CACHE[key]
+    how = (f"F.linear x{MODEL_SHAPE[1]}->{MODEL_SHAPE[2]} measured, {torch.get_num_threads()} thread(s)"
+           if device.type == "cpu" else f"table, {torch.cuda.get_device_name(device)}")
+    total = peak_flops(device, dtype) * num_processes
+    procs = f", x{num_processes} processes" if num_processes > 1 else ""
+    return f"MFU peak {total / 1e9:.1f} GFLOP/s {name} ({how}{procs})"
 
 
 class Throughput:

@@ -121,6 +121,7 @@ def robustness(out: Path, n_reports: Optional[int], schedule: str) -> dict:
     from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn, openi_reports,
                                                run_robustness)
     from training import common
+    from open_clip_cxr.precision import choose as choose_precision
     from training.text_stage import FrozenCast, tower_encode_fn
     reports = openi_reports("test", limit=n_reports)
     print(f"{len(reports)} test-split reports")
@@ -130,8 +131,9 @@ def robustness(out: Path, n_reports: Optional[int], schedule: str) -> dict:
     def tower_fn(name):
         model = open_clip.create_model(name, pretrained_image=False).eval()
         tower = model.text.transformer.merge_lora()
-        FrozenCast(tower, torch.bfloat16)   # bf16 weights: the CPU's fast path
-        return tower_encode_fn(tower, open_clip.get_tokenizer(name), max_length=128)
+        dtype = choose_precision("auto").dtype   # bf16 where measured faster (OPEN_CLIP_CXR_PRECISION forces)
+        FrozenCast(tower, dtype)
+        return tower_encode_fn(tower, open_clip.get_tokenizer(name), max_length=128, dtype=dtype)
 
     encoders = {
         "adapted (stage 1)": lambda: tower_fn(f"local-dir:{out / 'stage1'}"),
@@ -312,6 +314,12 @@ def summarise(out: Path, results: dict) -> str:
 
 # ---------------------------------------------------------------- CLI
 
+def _threads_arg(value: str):
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: give a positive integer or auto")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="recipe",
@@ -319,8 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a smaller text cache)")
     parser.add_argument("--eval-reports", type=int, default=None,
                         help="first N test-split reports for the robustness suite (default: all)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="torch CPU threads (default: every core; use 1 on a machine busy with other work)")
+    parser.add_argument("--threads", default="auto", type=_threads_arg,
+                        help="torch CPU threads (default auto: 1 vs every core, measured at start)")
     parser.add_argument("--clip-steps", type=int, default=12, help="CLIP-stage steps on the package images")
     parser.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier outputs")
 
@@ -333,10 +341,15 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
+    from open_clip_cxr.precision import choose, choose_threads
+    choice = choose("auto")
+    threads, why = choose_threads(args.threads, choice.precision)
+    torch.set_num_threads(threads)
+    print(f"{choice.line()}; threads {threads} ({why})", flush=True)
     step = Steps()
     results = {"schedule": args.schedule, "times": step.times,
-               "hardware": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU"}
+               "hardware": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU, "
+                           f"{choice.precision}, {threads} thread(s)"}
     with step("1. parse Open-I reports"):
         results["reports"] = parse_reports()
     with step("2. stage 1: adapt the text tower"):

@@ -202,7 +202,8 @@ class TextStateCache:
         t0 = time.time()
         device = next(tower.parameters()).device
         bar = tqdm(total=len(self.texts), desc="caching text states", unit="text", mininterval=log_every)
-        with bar, torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        store = dtype or torch.bfloat16   # dtype None: computed in fp32, still stored in bf16 (half the memory)
+        with bar, torch.no_grad(), torch.autocast(device.type, dtype=store, enabled=dtype is not None):
             for idx in length_chunks(lengths, max_tokens):
                 rows = torch.tensor(idx)
                 n = max(lengths[i] for i in idx)
@@ -210,7 +211,7 @@ class TextStateCache:
                 h = _run_layers(llm, llm.get_input_embeddings()(sub_ids), sub_mask,
                                 0, n_layers - k, final_norm=k == 0)
                 for j, i in enumerate(idx):
-                    self.states[i] = h[j, :lengths[i]].to(dtype).cpu().clone()
+                    self.states[i] = h[j, :lengths[i]].to(store).cpu().clone()
                     self.ids[i] = ids[i, :lengths[i]].clone()
                 bar.update(len(idx))
         self.seconds = time.time() - t0

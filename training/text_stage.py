@@ -40,6 +40,7 @@ import torch.nn as nn
 
 from training import common
 from training.towers import write_provenance
+from open_clip_cxr.precision import choose as choose_precision
 from training.speedups import FrozenCast, low_precision_dtype
 from training.mntp import LORA_TARGETS, mntp_loss, mask_tokens, resolve_mask_token_id, special_token_ids, IGNORE
 from open_clip_cxr.text.instructions import with_instruction
@@ -179,10 +180,14 @@ def matmul_params(tower) -> int:
 # ---------------------------------------------------------------- encoding for evaluation
 
 def tower_encode_fn(tower, tokenizer, max_length: Optional[int] = None, max_tokens: int = 4096,
-                    dtype: Optional[torch.dtype] = torch.bfloat16, device="cpu"):
+                    dtype="auto", device="cpu"):
     """`encode_fn(list[str]) -> [N, D]` (L2-normalised) from the tower's pooled output, in
-    length-sorted chunks under autocast: what the robustness suite calls."""
+    length-sorted chunks under autocast: what the robustness suite calls. `dtype`: the
+    autocast dtype, None for fp32, "auto" for what `open_clip_cxr.precision.choose` measures
+    (`OPEN_CLIP_CXR_PRECISION` overrides)."""
     pad = tower.config.pad_token_id
+    if isinstance(dtype, str):
+        dtype = choose_precision(dtype, device).dtype
 
     @torch.no_grad()
     def encode(texts):
@@ -245,8 +250,11 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
     accum = accelerator.gradient_accumulation_steps
     log_every, ckpt_every = int(recipe["train"].get("log_every", 10)), int(recipe["train"].get("checkpoint_every", 0))
     stop_after = int(recipe["train"].get("stop_after") or 0)
-    peak = common.peak_flops(accelerator.device, torch.bfloat16, measure=accelerator.device.type == "cpu")
+    run_dtype = low_precision_dtype(accelerator.mixed_precision) or torch.float32   # what the steps compute in
+    peak = common.peak_flops(accelerator.device, run_dtype)    # measured once per process, before any step
     meter = common.Throughput(flops_per_token=tokens_flops, peak=peak * accelerator.num_processes)
+    peak_info = {"precision": common.precision_name(run_dtype), "threads": torch.get_num_threads(),
+                 "peak_gflops": round(peak * accelerator.num_processes / 1e9, 1)}   # what mfu is against
     bar = common.progress_bar(steps, state.step - start_step, not accelerator.is_main_process, desc=name)
     module.train()
     t_log, losses = time.time(), []
@@ -278,12 +286,18 @@ def _stage_loop(accelerator, recipe, name, module, param_groups, cfg, state, sta
         done = state.step == start_step + steps
         if state.step % log_every == 0 or done:
             stats = meter.stats(time.time() - t_log)
+            if stats["mfu"] > 100 and accelerator.device.type == "cpu":
+                # the machine was busier when the peak was probed: probe again, between steps
+                fresh = common.peak_flops(accelerator.device, run_dtype, refresh=True) * accelerator.num_processes
+                stats["mfu"] *= meter.peak / fresh
+                meter.peak = fresh
+                peak_info["peak_gflops"] = round(fresh / 1e9, 1)
             t_log = time.time()
             bar.set_postfix(loss=f"{loss_avg:.3f}")
             if accelerator.is_main_process:
                 common.log_line(state.step, {"stage": name, "loss": sum(losses) / len(losses), "lr": lr,
                                              **stats, **({"lr_head": lrs[-1]} if len(lrs) > 1 else {})})
-                writer.write({**record, "loss_mean": sum(losses) / len(losses), **stats})
+                writer.write({**record, "loss_mean": sum(losses) / len(losses), **stats, **peak_info})
             losses = []
         stopping = bool(stop_after) and state.step >= stop_after and not done
         if (ckpt_every and state.step % ckpt_every == 0) or done or stopping:
@@ -330,8 +344,9 @@ def _train(recipe: dict) -> dict:
     tower.to(accelerator.device)
     pad = tower.config.pad_token_id
     max_length = int(recipe.get("max_length", 128))
-    low = low_precision_dtype(accelerator.mixed_precision)
+    low = low_precision_dtype(accelerator.mixed_precision)    # None when auto chose fp32
     frozen_dtype = low if recipe["train"].get("frozen_low_precision", True) else None
+    accelerator.print(common.peak_header(accelerator.device, low or torch.float32, accelerator.num_processes))
     state = common.TrainState()
     accelerator.register_for_checkpointing(state)
 
@@ -352,7 +367,7 @@ def _train(recipe: dict) -> dict:
         set_lora(tower, {**mcfg.get("lora", {}), "target_modules": mcfg.get("lora", {}).get("target_modules", LORA_TARGETS)})
         if adapter_path.exists():
             from open_clip_cxr.text.lora import load_adapter_state_dict
-            load_adapter_state_dict(tower.llm, torch.load(adapter_path, map_location="cpu"))
+            load_adapter_state_dict(tower.llm, torch.load(adapter_path, map_location="cpu", weights_only=True))
             state.step = max(state.step, m_steps)
             accelerator.print(f"MNTP: reusing {adapter_path}")
         else:
@@ -409,9 +424,13 @@ def _train(recipe: dict) -> dict:
             pick = random.Random(seed + 2).sample(range(len(reports)), min(n_cache, len(reports)))
             pool = [t for t in (report_texts(reports[i], seed, max_variants) for i in pick) if t and t.variants]
             cache = TextStateCache(tower, tokenizer, [x for t in pool for x in t.all_texts()], top,
-                                   max_length, max_tokens)
-            accelerator.print(f"supcon: cached {len(cache)} texts of {len(pool)} reports "
-                              f"below the top {cache.k} layers in {cache.seconds:.0f} s")
+                                   max_length, max_tokens, dtype=low)
+            rate = cache_rate(tower, cache, low)
+            accelerator.print(f"supcon: cached {len(cache)} texts of {len(pool)} reports below the top "
+                              f"{cache.k} layers in {cache.seconds:.0f} s: {rate['texts_per_s']:.1f} texts/s, "
+                              f"{rate['gflops']:.1f} GFLOP/s ({rate['of_peak']:.0%} of the measured "
+                              f"{rate['precision']} linear peak)")
+            summary["cache"] = rate     # summary.json
             if p_instr:
                 raise ValueError("supcon.cache reads fixed texts: set supcon.instruction_prob to 0")
             module = CachedEmbedder(tower, cache, max_tokens)
@@ -521,6 +540,22 @@ def stage1_provenance(recipe: dict, mntp_steps: int, supcon_steps: int) -> dict:
     return {"text": {"init": f"{name}{text_arch}", "trained": True,
                      "by": f"train-text (MNTP {mntp_steps} steps, supervised contrastive {supcon_steps} steps)"},
             "vision": vision}
+def cache_rate(tower, cache: TextStateCache, dtype: Optional[torch.dtype]) -> dict:
+    """Throughput of text-state caching: texts/s, model GFLOP/s (2 x the matmul weights of the
+    layers run, per real token: padding is not work) and its share of the measured `F.linear`
+    peak of the precision in use (`open_clip_cxr.precision.peak_flops`)."""
+    llm = tower.base_llm()
+    n_run = len(llm.layers) - cache.k
+    per_token = 2.0 * sum(p.numel() for layer in list(llm.layers)[:n_run] for p in layer.parameters() if p.dim() > 1)
+    tokens = sum(int(i.numel()) for i in cache.ids)
+    secs = max(cache.seconds, 1e-9)
+    peak = common.peak_flops(next(tower.parameters()).device, dtype or torch.float32)
+    flops = per_token * tokens / secs
+    return {"texts": len(cache), "tokens": tokens, "seconds": round(secs, 2),
+            "texts_per_s": round(len(cache) / secs, 2), "gflops": round(flops / 1e9, 2),
+            "peak_gflops": round(peak / 1e9, 1), "of_peak": round(flops / peak, 4),
+            "precision": "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+            "threads": torch.get_num_threads()}
 
 
 def evaluate(tower, tokenizer, recipe: dict, device="cpu") -> dict:
@@ -531,10 +566,14 @@ def evaluate(tower, tokenizer, recipe: dict, device="cpu") -> dict:
     reports = load_reports(data, ecfg.get("split", "validate"))
     if not reports:
         return {}
-    encode = tower_encode_fn(tower, tokenizer, device=device,
+    # the run's precision (`resolved.precision`, else measured); `eval.bf16: true|false` forces
+    run = (recipe.get("resolved") or {}).get("precision") or "auto"
+    dtype = ({True: torch.bfloat16, False: None}[bool(ecfg["bf16"])] if "bf16" in ecfg
+             else low_precision_dtype(choose_precision(run, device).mixed_precision))
+    encode = tower_encode_fn(tower, tokenizer, device=device, dtype=dtype,
                              max_tokens=int(recipe.get("train", {}).get("max_tokens", 4096)))
     t = time.time()
-    cast = FrozenCast(tower, torch.bfloat16 if ecfg.get("bf16", True) else None)
+    cast = FrozenCast(tower, dtype)
     try:
         res = run_robustness(reports, encode, seed=int(ecfg.get("seed", 0)))
     finally:

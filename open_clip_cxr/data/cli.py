@@ -5,6 +5,7 @@ import argparse
 import os
 import re
 import sys
+from pathlib import Path
 
 SOURCE_HELP = """\
 layouts read by --source:
@@ -60,9 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cols.add_argument("--report-col", default="report", help="report text column (default: report)")
     cols.add_argument("--findings-col", help="findings section column, if any")
     cols.add_argument("--impression-col", help="impression section column, if any")
-    cols.add_argument("--study-col", help="study id column (default: one study per row)")
-    cols.add_argument("--patient-col", help="patient id column, for patient-level hash splits")
-    cols.add_argument("--split-col", help="split column (train / validate / test)")
+    cols.add_argument("--study-col", help="study id column (default: study_id or study, any case, if present; "
+                                          "else one study per row)")
+    cols.add_argument("--patient-col", help="patient id column, for patient-level hash splits "
+                                            "(default: patient_id or patient, any case, if present)")
+    cols.add_argument("--split-col", help="split column: train / validate / test (default: split, any case, if present)")
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
     out.add_argument("--max-side", type=int, default=512,
@@ -93,11 +96,20 @@ def run(args: argparse.Namespace) -> int:
     from open_clip_cxr.data.shard_writer import ShardLimits, ShardWriterError, format_summary, write_shards
     from open_clip_cxr.data.sources import iter_source
 
+    from open_clip_cxr.data.sources import resolve_table_columns
+    from open_clip_cxr.errors import UsageError
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file; give a folder for the shards")
     table_cols = {}
     if args.source == "table":
-        table_cols = dict(image_col=args.image_col, report_col=args.report_col, findings_col=args.findings_col,
-                          impression_col=args.impression_col, study_col=args.study_col,
-                          patient_col=args.patient_col, split_col=args.split_col)
+        if not args.table or not Path(args.table).is_file():
+            raise UsageError(f"--table {args.table} is not a file; give the .csv or .jsonl of image paths and reports")
+        table_cols = resolve_table_columns(
+            args.table, image_col=args.image_col, report_col=args.report_col, findings_col=args.findings_col,
+            impression_col=args.impression_col, study_col=args.study_col, patient_col=args.patient_col,
+            split_col=args.split_col)
+        print("table columns: " + ", ".join(f"{k[:-4]}={v}" for k, v in table_cols.items() if v), file=sys.stderr)
     views = [v.strip() for v in args.views.split(",") if v.strip()] if args.views else None
     try:
         records = iter_source(args.source, root=args.root, reports=args.reports, table=args.table, views=views,
@@ -111,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
             workers=args.workers, limit=args.limit, overwrite=args.overwrite, verify=args.verify,
             progress=not args.no_progress)
     except (ShardWriterError, ValueError, FileNotFoundError) as exc:
-        print(f"open-clip-cxr shards: error: {exc}", file=sys.stderr)
+        print(f"open-clip-cxr shards: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(format_summary(manifest, args.out))
-    return 0 if manifest.get("splits") else 1
+    return 0

@@ -7,12 +7,16 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from dataclasses import asdict, dataclass
 from typing import List, NamedTuple, Optional, Tuple
 
 from PIL import Image, ImageOps
 
-from open_clip_cxr.data.sources import BAD_REPORT, MISSING_FILE, UNREADABLE_IMAGE, Sample, dumps, sample_meta
+from open_clip_cxr.data.sources import (BAD_REPORT, MISSING_FILE, NOT_A_FILE, UNREADABLE_IMAGE, Sample, dumps,
+                                       sample_meta)
+
+_OBJECT_REPR = re.compile(r"<[^<>]*? at 0x[0-9a-fA-F]+>")
 
 IMAGE_FORMATS = ("png", "jpg")
 
@@ -96,6 +100,8 @@ def encode_sample(sample: Sample, opts: EncodeOptions) -> Encoded:
     """Read one image and build its tar members; any failure becomes a counted skip."""
     from open_clip_cxr.vision.io import ImageReadError
     key = sample.key
+    if os.path.isdir(sample.image_path):
+        return Encoded(key, None, NOT_A_FILE, f"{sample.image_path} is a directory")
     if not os.path.isfile(sample.image_path):
         return Encoded(key, None, MISSING_FILE, sample.image_path)
     try:
@@ -103,7 +109,9 @@ def encode_sample(sample: Sample, opts: EncodeOptions) -> Encoded:
         data = encode_image(downscale(img, opts.max_side), opts)
     except (ImageReadError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         # PIL raises all of these on damaged files
-        return Encoded(key, None, UNREADABLE_IMAGE, f"{sample.image_path}: {type(exc).__name__}: {exc}"[:300])
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x7f...>"): say the file instead
+        msg = _OBJECT_REPR.sub(os.path.basename(sample.image_path), str(exc))
+        return Encoded(key, None, UNREADABLE_IMAGE, f"{sample.image_path}: {type(exc).__name__}: {msg}"[:300])
     meta = sample_meta(sample)
     meta["orig_size"] = orig_size
     if opts.variants:

@@ -16,7 +16,7 @@ The loader splits by rank itself: `world_size`/`rank` default to `torch.distribu
 it is initialised, else the RANK/WORLD_SIZE environment variables, else a single process.
 Batches stay on the CPU; the caller moves them to its device.
 
-Urls: local paths, brace patterns (`dir/train-{000000..000009}.tar`, several joined by `::`),
+Urls: local paths, brace patterns (`dir/train-{000000..000009}.tar`, several joined by `::`), globs (`dir/train-*.tar`),
 `pipe:` commands, http(s) (via curl) and `s3://` (via the aws cli), as WebDataset opens them.
 A corrupt sample or a damaged shard is skipped with a warning and counted in
 `loader.skipped.value` (shared with forked DataLoader workers).
@@ -45,13 +45,9 @@ IMAGE_EXTS = ("png", "jpg", "jpeg")
 # ---------------------------------------------------------------- urls and ranks
 
 def expand_urls(urls: Union[str, Sequence[str]]) -> List[str]:
-    """A brace pattern (several joined by `::`) or a list of them -> the list of shard urls."""
-    from webdataset.shardlists import expand_urls as _expand
-    items = [urls] if isinstance(urls, str) else list(urls)
-    out = [u for item in items for u in _expand(str(item))]
-    if not out:
-        raise ValueError("no shard urls given")
-    return out
+    """Brace patterns or globs (several joined by `::`), or a list of them -> the list of shard urls."""
+    from open_clip_cxr.data.shard_check import expand_patterns
+    return expand_patterns(urls)
 
 
 def resolve_world(world_size: Optional[int] = None, rank: Optional[int] = None) -> Tuple[int, int]:

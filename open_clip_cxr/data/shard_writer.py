@@ -244,12 +244,13 @@ def write_shards(records: Iterable[Record], out_dir, *, options: EncodeOptions =
     def done(entry: dict) -> None:
         name = shard_name(entry["split"], entry["index"])
         manifest["shards"][name] = entry
-        summarise(manifest, plan_skips)
+        summarise(manifest, plan_skips + unwritten)
         save_manifest(out_dir, manifest)
         written.append(name)
         if on_shard_done is not None:
             on_shard_done(name, entry)
 
+    unwritten: List[dict] = []  # skips of splits that got no shard at all
     results = _encode_all(jobs, options, workers)
     shard: Optional[_OpenShard] = None
     try:
@@ -281,10 +282,16 @@ def write_shards(records: Iterable[Record], out_dir, *, options: EncodeOptions =
                     # only skips left at the split's end: widen the last shard's slice (its bytes don't change)
                     prev["end"] = end
                     prev["skipped"] = prev["skipped"] + pending
-                    summarise(manifest, plan_skips)
+                    summarise(manifest, plan_skips + unwritten)
                     save_manifest(out_dir, manifest)
                     continue
-                shard = _OpenShard(out_dir, seg.split, index, start)
+                if seg.end is None:
+                    # nothing of this split could be written: no empty shard, but its skips are counted
+                    unwritten.extend(dict(sk, split=seg.split) for sk in pending)
+                    summarise(manifest, plan_skips + unwritten)
+                    save_manifest(out_dir, manifest)
+                    continue
+                shard = _OpenShard(out_dir, seg.split, index, start)  # a rebuilt slice keeps its place
                 shard.skipped.extend(pending)
             if shard is not None:
                 done(shard.finish(end=end))
@@ -295,8 +302,17 @@ def write_shards(records: Iterable[Record], out_dir, *, options: EncodeOptions =
         results.close()
         bar.close()
 
+    summarise(manifest, plan_skips + unwritten)
+    if not manifest["shards"]:
+        save_manifest(out_dir, manifest)  # stays "complete": false, with every skip listed
+        sk = manifest["skipped"]
+        reasons = ", ".join(f"{r}: {n}" for r, n in sk["by_reason"].items())
+        example = sk["samples"][0] if sk["samples"] else None
+        raise ShardWriterError(
+            f"wrote no sample: all {sk['total']} skipped ({reasons}"
+            + (f"; e.g. {example['reason']} {example['detail'][:160]}" if example else "")
+            + f"); check --root / --reports / --table (skips listed in {out_dir / 'manifest.json'})")
     manifest["complete"] = True
-    summarise(manifest, plan_skips)
     save_manifest(out_dir, manifest)
     seconds = time.time() - t0
     manifest["run"] = {"written": written, "reused": sorted(kept), "processed": len(jobs),

@@ -19,7 +19,8 @@ EPILOG = """examples:
       --bank-shards 'shards/train-{000000..000099}.tar' --judge StanfordAIMI/GREEN-radllama2-7b --out runs/rg
   open-clip-cxr eval --task text-robustness --model cxr-llm-small --baselines bow,minilm --out runs/robust
 
-Shard patterns use braces ({000000..000009}); join several with '::' or give the option twice.
+Shard patterns use braces ({000000..000009}) or globs (test-*.tar); join several with '::' or give
+the option twice. Missing, truncated or manifest-mismatched shards are refused (--allow-partial).
 Retrieval is study-level: image->report is correct when the study's report is in the top K,
 report->image when ANY image of the study is. Ties count against the model (--ties).
 --match text counts a report that reads the same as the true one (case, whitespace and list
@@ -36,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                    "(text-robustness: optional when --baselines are given)")
     m.add_argument("--pretrained", default=None, help="checkpoint file or pretrained tag (ignored for local-dir:/hf-hub:)")
     m.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    m.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "pure_fp16", "pure_bf16"],
-                   help="model precision (default: fp32)")
+    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "pure_fp16", "pure_bf16"],
+                   help="model precision (default: auto: bf16 where measured faster on this CPU or supported "
+                        "by the GPU, else fp32; OPEN_CLIP_CXR_PRECISION overrides)")
     m.add_argument("--batch-size", type=int, default=64, help="images or reports per forward pass")
     d = p.add_argument_group("data")
     d.add_argument("--shards", action="append", help="WebDataset shards to evaluate (brace pattern)")
@@ -46,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--bank-split", default="train", help="report-gen: split of the bank ('any': all; default train)")
     d.add_argument("--limit", type=int, default=None, help="read at most this many images (each of test and bank)")
     d.add_argument("--workers", type=int, default=0, help="shard-reading worker processes")
+    d.add_argument("--allow-partial", action="store_true",
+                   help="evaluate despite missing/damaged shards (left out, counted in results.json) instead of refusing")
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="folder for results.json and per-query files")
     o.add_argument("--gallery", default=None, help="retrieval: also write an HTML gallery into this folder")
@@ -60,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--storage-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype embeddings are held in during search (scores are always float32)")
     r.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block")
+    r.add_argument("--similarity", choices=["clip", "cosine", "dot"], default=None,
+                   help="image-report score: 'cosine' (L2-normalised), 'clip' (logit_scale * I @ T^T, no "
+                        "normalisation, the authors' LLM2CLIP4CXR) or 'dot' (default: what the model was trained with)")
     g = p.add_argument_group("report generation")
     g.add_argument("--top-k-reports", type=int, default=1, help="join this many distinct retrieved reports")
     g.add_argument("--judge", default=None, help="GREEN judge: model id or folder (e.g. StanfordAIMI/GREEN-radllama2-7b)")
@@ -80,11 +87,26 @@ def _urls(patterns):
     return "::".join(patterns) if patterns else None
 
 
+def _check_shards(args) -> dict:
+    """Refuse missing, damaged or manifest-mismatched shards unless --allow-partial (see
+    data/shard_check.py); --shards / --bank-shards become the checked lists of shard paths."""
+    from open_clip_cxr.data.shard_check import check_shards
+    report = {}
+    for name in ("shards", "bank_shards"):
+        if getattr(args, name, None):
+            check = check_shards(getattr(args, name), allow_partial=args.allow_partial)
+            report[name] = {"patterns": getattr(args, name), **check.as_dict()}
+            setattr(args, name, check.urls)
+    return report
+
+
 def load_model(args):
     """(model, preprocess, tokenizer) on args.device; our plugin registers its model names on import."""
     import open_clip_cxr
+    from open_clip_cxr.eval.encode import model_precision
     model, _, preprocess = open_clip_cxr.create_model_and_transforms(
-        args.model, pretrained=args.pretrained, precision=args.precision, device=args.device)
+        args.model, pretrained=args.pretrained, precision=model_precision(args.precision, args.device),
+        device=args.device)
     return model.eval(), preprocess, open_clip_cxr.get_tokenizer(args.model)
 
 
@@ -107,11 +129,12 @@ def _require(args, *names):
 
 
 def run_retrieval(args, model, preprocess, tokenizer) -> dict:
-    from open_clip_cxr.eval.encode import embed_shards
+    from open_clip_cxr.eval.encode import embed_shards, similarity_of
     from open_clip_cxr.eval.retrieval import recall_by_match, write_topk_csv
+    similarity = args.similarity or similarity_of(model)
     emb = embed_shards(model, preprocess, tokenizer, _urls(args.shards), args.batch_size, args.device,
                        limit=args.limit, splits=[args.split] if args.split else None,
-                       num_workers=args.workers)
+                       num_workers=args.workers, similarity=similarity)
     metrics, levels = recall_by_match(emb.image_emb, emb.image_study_ids, emb.text_emb, emb.text_study_ids,
                                       emb.texts, match=args.match, ks=args.ks, return_details=True,
                                       **_search_kw(args))
@@ -122,6 +145,7 @@ def run_retrieval(args, model, preprocess, tokenizer) -> dict:
     write_topk_csv(os.path.join(args.out, "text_to_image_topk.csv"), emb.text_study_ids, emb.image_keys,
                    det["text_to_image"], emb.text_study_ids, extra.get("text_to_image"))
     metrics["skipped_samples"] = emb.skipped
+    metrics["similarity"] = similarity
     if args.gallery:
         from open_clip_cxr.eval.gallery import collect_thumbnails, plan_gallery, write_gallery
         t2i, i2t = det["text_to_image"].indices, det["image_to_text"].indices
@@ -210,6 +234,7 @@ def run(args) -> int:
     model = preprocess = tokenizer = None
     if args.task != "text-robustness":
         _require(args, "model", "shards")
+    shard_check = _check_shards(args)
     if args.model:
         model, preprocess, tokenizer = load_model(args)
     if args.task == "retrieval":
@@ -222,6 +247,7 @@ def run(args) -> int:
         res = run_text_robustness(args, model, tokenizer)
     settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, list, type(None)))}
     out = {"task": args.task, "results": res, "settings": settings, "seconds": round(time.time() - started, 1)}
+    out["shard_check"] = shard_check
     _write_json(os.path.join(args.out, "results.json"), out)
     if args.task != "text-robustness":
         print(json.dumps(res.get("metrics", res), indent=2, default=str)[:4000])

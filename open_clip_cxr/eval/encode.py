@@ -4,6 +4,8 @@ Errors say what is wrong and how to fix it: shards whose samples lack a study id
 report to embed, or a tokenizer that does not belong to the model (token ids beyond the
 model's vocabulary, or sequences longer than its positional table).
 """
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -22,7 +24,7 @@ class ShardEmbeddings:
     text_study_ids: List[str]
     texts: List[str]                        # the report of each study, aligned with text_study_ids
     meta: Dict[str, dict] = field(default_factory=dict)   # study_id -> json meta of its first image
-    skipped: int = 0                        # samples the shard reader skipped as corrupt
+    skipped: int = 0                        # samples the shard reader skipped (corrupt, or lost in a damaged tar)
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -65,6 +67,25 @@ def text_limits(model: torch.nn.Module):
     return vocab, ctx
 
 
+SIMILARITIES = ("clip", "cosine", "dot")
+
+
+def similarity_of(model) -> str:
+    """The similarity the model was trained with (its text tower's config `similarity`; OpenCLIP's
+    cosine otherwise): "cosine" (L2-normalised dot), "clip" (`logit_scale.exp() * I @ T^T`, no
+    normalisation: the authors' LLM2CLIP4CXR) or "dot"."""
+    for obj in (getattr(getattr(model, "text", None), "transformer", None), getattr(model, "text", None)):
+        sim = getattr(getattr(obj, "config", None), "similarity", None)
+        if sim in SIMILARITIES:
+            return sim
+    return "cosine"
+
+
+def logit_scale_of(model) -> float:
+    ls = getattr(model, "logit_scale", None)
+    return float(ls.detach().float().exp().reshape(-1)[0]) if isinstance(ls, torch.Tensor) else 1.0
+
+
 def check_tokens(model: torch.nn.Module, tokens: torch.Tensor, tokenizer=None) -> None:
     """Raise ValueError when `tokens` cannot have come from the model's own tokenizer."""
     vocab, ctx = text_limits(model)
@@ -78,10 +99,23 @@ def check_tokens(model: torch.nn.Module, tokens: torch.Tensor, tokenizer=None) -
         raise ValueError(f"token id {int(tokens.max())} is outside the model's vocabulary of {vocab}; {hint}")
 
 
+def model_precision(value: str = "auto", device="cpu") -> str:
+    """OpenCLIP's `precision` for encoding. "auto" (the default; `OPEN_CLIP_CXR_PRECISION`
+    overrides) becomes bf16 where `open_clip_cxr.precision` measures it faster on this CPU (or
+    the GPU supports it), else fp32; OpenCLIP's own values (fp32, bf16, pure_bf16, ...) pass."""
+    from open_clip_cxr import precision
+    if value in ("auto", None) or os.environ.get(precision.ENV, "").strip():
+        choice = precision.choose(value if value in precision.VALUES else "auto", device)
+        print(choice.line(), file=sys.stderr)
+        return choice.precision
+    return value
+
+
 @torch.no_grad()
 def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str], batch_size: int = 64,
-                 device="cpu", progress: bool = False) -> torch.Tensor:
-    """L2-normalised text embeddings [N, D] (float32, CPU), `batch_size` texts at a time."""
+                 device="cpu", progress: bool = False, normalize: bool = True) -> torch.Tensor:
+    """Text embeddings [N, D] (float32, CPU; L2-normalised unless `normalize=False`), `batch_size`
+    texts at a time, batched by length (the LLM towers drop the padding a whole batch shares), in input order."""
     texts = list(texts)
     if not texts:
         raise ValueError("no texts to encode: the report bank is empty (check the shards' split and --limit)")
@@ -89,15 +123,17 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[st
         raise TypeError("encode_texts takes a list of strings")
     model.eval()
     out = []
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     starts = range(0, len(texts), batch_size)
     if progress:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="reports", unit="batch")
     for s in starts:
-        tokens = tokenizer(texts[s:s + batch_size])
+        tokens = tokenizer([texts[i] for i in order[s:s + batch_size]])
         check_tokens(model, tokens, tokenizer)   # cheap, and a bad id would index out of range
-        out.append(model.encode_text(tokens.to(device), normalize=True).float().cpu())
-    return torch.cat(out)
+        out.append(model.encode_text(tokens.to(device), normalize=normalize).float().cpu())
+    emb = torch.cat(out)
+    return emb.index_copy(0, torch.tensor(order), emb.clone())   # back to input order
 
 
 @dataclass
@@ -113,7 +149,7 @@ class ImageEmbeddings:
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, source: Iterable, batch_size: int = 64, device="cpu",
                   limit: Optional[int] = None, progress: bool = False,
-                  require_study_id: bool = True) -> ImageEmbeddings:
+                  require_study_id: bool = True, normalize: bool = True) -> ImageEmbeddings:
     """Embed every image a `SampleSource` (or any iterable of (key, study_id, image, text, meta)) yields."""
     model.eval()
     dtype = _model_dtype(model)
@@ -126,7 +162,7 @@ def encode_images(model: torch.nn.Module, source: Iterable, batch_size: int = 64
 
     def flush():
         x = torch.stack(batch).to(device=device, dtype=dtype)
-        embs.append(model.encode_image(x, normalize=True).float().cpu())
+        embs.append(model.encode_image(x, normalize=normalize).float().cpu())
         if bar is not None:
             bar.update(len(batch))
         batch.clear()
@@ -164,23 +200,54 @@ def encode_images(model: torch.nn.Module, source: Iterable, batch_size: int = 64
     return ImageEmbeddings(torch.cat(embs), keys, studies, texts, metas)
 
 
+class _Counted:
+    """A sample source that counts what it yields; `skipped` and `urls` are the wrapped reader's."""
+
+    def __init__(self, source):
+        self.source, self.read = source, 0
+        self.skipped, self.urls = getattr(source, "skipped", None), getattr(source, "urls", None)
+
+    def __iter__(self):
+        for sample in self.source:
+            self.read += 1
+            yield sample
+
+
+def skipped_samples(reader, read: int, finished: bool) -> int:
+    """Samples lost while reading: the shards' manifest count minus what was read, when the reader
+    went through all shards and their manifests are known (a damaged tar loses many samples in
+    one error); else the reader's count of skip events."""
+    events = getattr(getattr(reader, "skipped", None), "value", 0)
+    urls = getattr(reader, "urls", None)
+    if finished and urls:
+        from open_clip_cxr.data.manifest import count_samples
+        expected = count_samples(urls)
+        if expected is not None:
+            return max(expected - read, 0)
+    return events
+
+
 def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Optional[Callable], urls,
                  batch_size: int = 64, device="cpu", limit: Optional[int] = None, progress: bool = True,
-                 splits: Optional[Sequence[str]] = None, source=None, num_workers: int = 0) -> ShardEmbeddings:
+                 splits: Optional[Sequence[str]] = None, source=None, num_workers: int = 0,
+                 similarity: str = "cosine") -> ShardEmbeddings:
     """Images and reports of WebDataset shards -> embeddings, study ids and report texts.
 
     `splits` keeps only samples whose meta "split" is listed (e.g. ["train"] for a report bank).
     `tokenizer=None` embeds images only. `source` overrides the shard reader (tests, other data).
+    `similarity` (see `similarity_of`) shapes the embeddings so that a plain dot product of image
+    and text rows is that similarity.
     """
+    normalize = similarity == "cosine"
     if source is None:
         from open_clip_cxr.data.loader import SampleSource
         source = SampleSource(urls, preprocess=preprocess, num_workers=num_workers)
-    reader = source
+    reader = source = _Counted(source)  # counts the samples read, before the split filter
     if splits is not None:
         wanted = set(splits)
         source = (s for s in reader if (s[4] or {}).get("split") in wanted)
     try:
-        imgs = encode_images(model, source, batch_size, device, limit=limit, progress=progress)
+        imgs = encode_images(model, source, batch_size, device, limit=limit, progress=progress, normalize=normalize)
     except ValueError as e:
         if splits is not None and str(e).startswith("no samples"):
             raise ValueError(f"{e}; none of the samples read had split in {list(splits)}") from None
@@ -192,6 +259,8 @@ def embed_shards(model: torch.nn.Module, preprocess: Callable, tokenizer: Option
         empty = [s for s, t in zip(study_ids, texts) if not (t or "").strip()]
         if empty:
             raise ValueError(f"{len(empty)} studies have an empty report (e.g. {empty[0]!r})")
-        text_emb = encode_texts(model, tokenizer, texts, batch_size, device, progress=progress)
-    skipped = getattr(getattr(reader, "skipped", None), "value", 0)
+        text_emb = encode_texts(model, tokenizer, texts, batch_size, device, progress=progress, normalize=normalize)
+    if similarity == "clip":
+        imgs.emb = imgs.emb * logit_scale_of(model)
+    skipped = skipped_samples(reader, reader.read, finished=limit is None or len(imgs.keys) < limit)
     return ShardEmbeddings(imgs.emb, imgs.keys, imgs.study_ids, text_emb, study_ids, texts, imgs.meta, skipped)

@@ -235,6 +235,7 @@ class GreenJudge:
         """Load a local or cached judge (the default is GREEN's 7B model; nothing small ships it)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
         load_kw = {k: kw.pop(k) for k in ("gguf_file",) if k in kw}
+        load_kw["trust_remote_code"] = False  # a judge folder's custom code is never run
         tok = AutoTokenizer.from_pretrained(model_id, **load_kw)
         model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **load_kw).to(device).eval()
         return cls(model, tok, judge_id=kw.pop("judge_id", model_id), **kw)

@@ -42,7 +42,8 @@ def hf_mean_pool_encode_fn(model_dir: Optional[str] = None, model=None, tokenize
         from transformers import AutoModel, AutoTokenizer
         from open_clip_cxr.eval.text_metrics import minilm_dir
         model_dir = model_dir or minilm_dir()
-        model, tokenizer = AutoModel.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModel.from_pretrained(model_dir, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     model = model.to(device).eval()
 
     @torch.no_grad()

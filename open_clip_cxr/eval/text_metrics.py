@@ -95,8 +95,8 @@ class BertScorer:
         if model is None:
             from transformers import AutoModel, AutoTokenizer
             model_dir = model_dir or minilm_dir()
-            model = AutoModel.from_pretrained(model_dir)
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            model = AutoModel.from_pretrained(model_dir, trust_remote_code=False)
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
         if tokenizer is None:
             raise ValueError("a loaded model needs its tokenizer")
         self.model, self.tokenizer = model.to(device).eval(), tokenizer

@@ -16,8 +16,8 @@ SPEC_PREFIX = "cxr-text:"
 ARCH_DIR = Path(__file__).parent / "archs"
 # The fields that define a tower; everything else in a transformers config is derived.
 ARCH_FIELDS = ("llm", "pooling", "num_latents", "latent_heads", "latent_mlp_ratio", "latent_pre_norm", "latent_ff",
-               "latent_head_dim", "latent_out_bias", "output_norm", "lora", "train_pooling",
-               "instruction_separator_id", "base_weights")
+               "latent_head_dim", "latent_out_bias", "latent_in_bias", "latent_residual", "output_norm", "lora", "train_pooling",
+               "instruction_separator_id", "instruction_format", "similarity", "base_weights")
 
 _ARCHS: Dict[str, dict] = {}
 
@@ -26,7 +26,7 @@ def register_text_arch(name: str, arch: Union[dict, str, Path]) -> None:
     """Add a named architecture (a dict or a JSON file) so `cxr-text:<name>` resolves to it."""
     if not isinstance(arch, dict):
         arch = json.loads(Path(arch).read_text())
-    _ARCHS[name] = arch
+    _ARCHS[name] = {k: v for k, v in arch.items() if not k.startswith("_")}   # "_comment": documentation
 
 
 def list_text_archs():

@@ -64,7 +64,7 @@ def _gguf_to_cache(spec: str) -> Path:
         return out
     from transformers import AutoModel
     logging.info(f"dequantising {pkg_dir / filename} into {out} (once)")
-    model = AutoModel.from_pretrained(pkg_dir, gguf_file=filename, dtype=torch.float32)
+    model = AutoModel.from_pretrained(pkg_dir, gguf_file=filename, dtype=torch.float32, trust_remote_code=False)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     tmp = out / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"source": f"{package}/{filename}"})
@@ -101,6 +101,27 @@ def _pooler_mappers() -> List[Callable[[str], str]]:
     return [*POOLER_KEY_MAPPERS, pooler_key]
 
 
+def _whole_pooler_converter(keys):
+    """When the folder's pooler (`latent_attn.*`) is in a layout other than ours (e.g. the authors'
+    "mha"), it is converted as a whole: -> (key -> pooler sub-key or None, (sub-keys -> tensors,
+    config) -> our pooler's state dict fitted to the config). None otherwise, or without `conversion`."""
+    try:
+        from conversion.pooler_layouts import convert_pooler_state, detect_layout, pooler_options, split_prefix
+    except ImportError:
+        return None
+    subs = [s[1] for s in map(split_prefix, keys) if s]
+    if not subs or detect_layout(subs) == "cxr":
+        return None
+
+    def pick(key):
+        split = split_prefix(key)
+        return split[1] if split else None
+
+    def convert(sub, config):
+        return convert_pooler_state(sub, hidden_size=config.hidden_size, options=pooler_options(config))
+    return pick, convert
+
+
 def route_key(key: str, ours: bool = False, mappers=()):
     """Source key -> ("llm" | "pooler" | "norm", our key) or None to skip.
 
@@ -135,7 +156,13 @@ def load_into(model, source: str) -> Dict[str, list]:
     mappers = _pooler_mappers()
     n_layers = len(model.base_llm().layers)
     loaded, unexpected, skipped_layers = set(), [], set()
+    whole = None if ours else _whole_pooler_converter(iter_keys(folder))
+    pooler_src = {}   # a pooler in another layout (e.g. the authors' "mha"): converted as a whole below
     for key, tensor in iter_tensors(folder):
+        sub = whole and whole[0](key)
+        if sub:
+            pooler_src[sub] = tensor
+            continue
         routed = route_key(key, ours=ours, mappers=mappers)
         if routed is None:
             continue
@@ -153,6 +180,10 @@ def load_into(model, source: str) -> Dict[str, list]:
             raise ValueError(f"{key}: shape {tuple(tensor.shape)} in {folder} but the model has {tuple(param.shape)}")
         param.copy_(tensor.to(param.dtype))
         loaded.add((part, name))
+    if pooler_src:
+        state = whole[1](pooler_src, model.config)
+        model.pooler.load_state_dict(state)   # strict: the converter fitted it to this config
+        loaded.update(("pooler", k) for k in state)
     missing = [n for n, p in model.base_llm().named_parameters() if ("llm", n) not in loaded]
     if missing:
         raise ValueError(f"text weights from {source} miss {len(missing)} decoder tensors, e.g. {missing[:5]}")

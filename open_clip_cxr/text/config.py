@@ -10,6 +10,13 @@ from transformers import AutoConfig, PretrainedConfig
 
 POOLING_MODES = ("mean", "last_token", "latent_attention")
 LATENT_FF_KINDS = ("gelu", "geglu")
+# "separator": the separator token is read by the decoder, pooling starts after it (ours);
+# "llm2vec": the authors' format, the marker only says where the text starts: it is masked out of
+#   attention and positions (as if removed before tokenising) and only the text's tokens are pooled.
+INSTRUCTION_FORMATS = ("separator", "llm2vec")
+# How the CLIP model that owns this tower was trained to score pairs: "cosine" (L2-normalised,
+# OpenCLIP's loss), "clip" (logit_scale * I @ T^T without normalisation, the authors'), "dot".
+SIMILARITIES = ("cosine", "clip", "dot")
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -27,10 +34,14 @@ class CXRTextConfig(PretrainedConfig):
             latent_ff: str = "gelu",             # latent attention: feed-forward, "gelu" or "geglu" (gated, NV-Embed)
             latent_head_dim: Optional[int] = None,  # latent attention: width per head; None = hidden / heads
             latent_out_bias: bool = True,        # latent attention: bias on the attention's output projection
+            latent_in_bias: bool = False,        # latent attention: biases on the query and key/value projections
+            latent_residual: bool = True,        # latent attention: residuals around attention and feed-forward
             output_norm: bool = True,            # LayerNorm on the pooled vector (OpenCLIP's Linear proj follows)
             lora: Optional[dict] = None,         # {"r", "alpha", "dropout", "target_modules"}; None = no LoRA
             train_pooling: bool = False,         # with LoRA on, also train the pooling weights
             instruction_separator_id: Optional[int] = None,  # tokens up to this id are read but not pooled
+            instruction_format: str = "separator",  # one of INSTRUCTION_FORMATS (how the separator is used)
+            similarity: str = "cosine",          # one of SIMILARITIES: how the CLIP model scores pairs
             base_weights: Optional[str] = None,  # where pretrained weights come from, see `base_weights.py`
             **kwargs,
     ):
@@ -39,6 +50,10 @@ class CXRTextConfig(PretrainedConfig):
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
         if latent_ff not in LATENT_FF_KINDS:
             raise ValueError(f"latent_ff must be one of {LATENT_FF_KINDS}, got {latent_ff!r}")
+        if instruction_format not in INSTRUCTION_FORMATS:
+            raise ValueError(f"instruction_format must be one of {INSTRUCTION_FORMATS}, got {instruction_format!r}")
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if lora is not None:
             lora = {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": list(DEFAULT_LORA_TARGETS), **lora}
         self.llm = llm
@@ -50,10 +65,14 @@ class CXRTextConfig(PretrainedConfig):
         self.latent_ff = latent_ff
         self.latent_head_dim = latent_head_dim
         self.latent_out_bias = latent_out_bias
+        self.latent_in_bias = latent_in_bias
+        self.latent_residual = latent_residual
         self.output_norm = output_norm
         self.lora = lora
         self.train_pooling = train_pooling
         self.instruction_separator_id = instruction_separator_id
+        self.instruction_format = instruction_format
+        self.similarity = similarity
         self.base_weights = base_weights
         # Names OpenCLIP's `arch_dict` reads (width, context length, ...) mirror the decoder's.
         for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size", "max_position_embeddings"):

@@ -98,10 +98,16 @@ class CXRTextModel(PreTrainedModel):
         if attention_mask is None:
             attention_mask = input_ids != self.config.pad_token_id
         mask = attention_mask.bool().clone()
+        sep = self.config.instruction_separator_id
+        if self.config.instruction_format == "llm2vec" and sep is not None:
+            # The authors' marker is not part of the text the decoder reads (they remove it before
+            # tokenising): mask it out of attention and positions; `pool_mask` still sees where it was.
+            mask &= input_ids != sep
         # An empty text (all padding) still gets a valid embedding: read its first slot.
         mask[:, 0] |= ~mask.any(1)
         # Drop columns that are padding in every row (right or left): exact, and much cheaper
         # because OpenCLIP tokenizers pad to the full context length.
+        # (A marker in a dropped column leads the whole text: pooling all tokens is then the same.)
         used = mask.any(0).nonzero().squeeze(1)
         start, stop = int(used[0]), int(used[-1]) + 1
         input_ids, mask = input_ids[:, start:stop], mask[:, start:stop]

@@ -47,7 +47,11 @@ class LatentAttentionPooling(nn.Module):
     feed-forward (`ff_norm`), and on the latents used as keys/values (`norm_latents`);
     `ff="geglu"` makes `mlp.0` project to twice the width and gate it (x * gelu(gate));
     `head_dim` sets the attention's inner width to heads * head_dim (default hidden / heads);
-    `out_bias` gives `to_out` a bias.
+    `out_bias` gives `to_out` a bias; `in_bias` gives `to_q` and `to_kv` biases;
+    `residual=False` drops both residual connections (each sub-layer's output replaces its input).
+    With `in_bias=True, residual=False, ff="gelu", mlp_ratio=1` this is exactly a batch-first
+    `nn.MultiheadAttention` (tokens as queries, latents as keys and values) followed by
+    Linear-GELU-Linear: the pooler of the authors' `llm2vec/llm2vec.py` (conversion layout "mha").
 
     Tokens only attend to the latents, never to each other, so we gather the pooled tokens of
     the whole batch into one packed (T, D) matrix: padding costs nothing and one call serves
@@ -55,7 +59,8 @@ class LatentAttentionPooling(nn.Module):
     """
 
     def __init__(self, hidden_size: int, num_latents: int = 512, heads: int = 8, mlp_ratio: int = 4, *,
-                 pre_norm: bool = False, ff: str = "gelu", head_dim: Optional[int] = None, out_bias: bool = True):
+                 pre_norm: bool = False, ff: str = "gelu", head_dim: Optional[int] = None, out_bias: bool = True,
+                 in_bias: bool = False, residual: bool = True):
         super().__init__()
         if ff not in LATENT_FF_KINDS:
             raise ValueError(f"ff must be one of {LATENT_FF_KINDS}, got {ff!r}")
@@ -65,14 +70,14 @@ class LatentAttentionPooling(nn.Module):
                                  f"(set head_dim to choose the attention width)")
             head_dim = hidden_size // heads
         self.heads, self.head_dim = heads, head_dim
-        self.pre_norm, self.ff = pre_norm, ff
+        self.pre_norm, self.ff, self.residual = pre_norm, ff, residual
         inner = heads * head_dim
         self.latents = nn.Parameter(torch.empty(num_latents, hidden_size))
         if pre_norm:
             self.norm_tokens = nn.LayerNorm(hidden_size)
             self.norm_latents = nn.LayerNorm(hidden_size)
-        self.to_q = nn.Linear(hidden_size, inner, bias=False)
-        self.to_kv = nn.Linear(hidden_size, 2 * inner, bias=False)
+        self.to_q = nn.Linear(hidden_size, inner, bias=in_bias)
+        self.to_kv = nn.Linear(hidden_size, 2 * inner, bias=in_bias)
         self.to_out = nn.Linear(inner, hidden_size, bias=out_bias)
         if pre_norm:
             self.ff_norm = nn.LayerNorm(hidden_size)
@@ -96,7 +101,7 @@ class LatentAttentionPooling(nn.Module):
                 m.reset_parameters()
 
     def attend(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(T, D) token states -> (T, D) after latent cross-attention and feed-forward (residuals)."""
+        """(T, D) token states -> (T, D) after latent cross-attention and feed-forward."""
         t = tokens.shape[0]
         h, dh = self.heads, self.head_dim
         latents = self.latents.to(tokens.dtype)
@@ -108,7 +113,10 @@ class LatentAttentionPooling(nn.Module):
         k = k.view(-1, h, dh).transpose(0, 1)                                        # (H, N, dh)
         v = v.view(-1, h, dh).transpose(0, 1)
         attended = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(t, h * dh)
-        x = tokens + self.to_out(attended)   # the residual takes the un-normalised tokens (PreNorm)
+        x = self.to_out(attended)
+        if not self.residual:
+            return self.mlp(x)
+        x = tokens + x   # the residual takes the un-normalised tokens (PreNorm)
         return x + self.mlp(self.ff_norm(x) if self.pre_norm else x)
 
     def forward(self, hidden, mask):
@@ -128,4 +136,4 @@ def build_pooler(config) -> nn.Module:
     return LatentAttentionPooling(
         config.hidden_size, config.num_latents, config.latent_heads, config.latent_mlp_ratio,
         pre_norm=config.latent_pre_norm, ff=config.latent_ff, head_dim=config.latent_head_dim,
-        out_bias=config.latent_out_bias)
+        out_bias=config.latent_out_bias, in_bias=config.latent_in_bias, residual=config.latent_residual)
