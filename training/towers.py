@@ -180,10 +180,10 @@ def make_plan(recipe: dict) -> Plan:
     vision = recipe["vision"].get("from") or "auto"
     if vision not in VISION_CHOICES and not is_folder(vision) and not str(vision).endswith(WEIGHT_FILE_SUFFIXES):
         raise RecipeError(f"vision.from={vision!r}: use auto, pretrained, random, source, local-dir:DIR, "
-                         f"hf-hub:ORG/NAME or a timm weights file ({', '.join(WEIGHT_FILE_SUFFIXES)})")
+                          f"hf-hub:ORG/NAME or a timm weights file ({', '.join(WEIGHT_FILE_SUFFIXES)})")
     if vision == "source" and not is_folder(text_from):
         raise RecipeError("vision.from=source takes the text source folder's vision tower, but text.from "
-                         f"({text_from}) is not a local-dir:/hf-hub: folder: set vision.from to pretrained or random")
+                          f"({text_from}) is not a local-dir:/hf-hub: folder: set vision.from to pretrained or random")
     return Plan(arch=arch, text_from=text_from, vision=vision, lines=lines)
 
 
@@ -227,7 +227,7 @@ def load_trunk_file(visual: nn.Module, path: str) -> None:
     extra = [k for k in state if k not in own]
     if any(not k.startswith(classifier + ".") for k in extra):
         raise RecipeError(f"vision.from={path}: keys the vision trunk does not have: "
-                         f"{[k for k in extra if not k.startswith(classifier + '.')][:5]}")
+                          f"{[k for k in extra if not k.startswith(classifier + '.')][:5]}")
     missing = [k for k in own if k not in state]
     if missing:
         raise RecipeError(f"vision.from={path}: the file lacks {len(missing)} trunk weights, e.g. {missing[:3]}")
@@ -293,8 +293,8 @@ def compose(recipe: dict, log=print):
             model.text.load_state_dict(text_state, strict=True)
         except RuntimeError as e:
             raise RecipeError(f"text.from={plan.text_from}: its text tower does not fit model={plan.arch} "
-                             f"(embed_dim {arch_cfg.get('embed_dim')}): {str(e).splitlines()[0]} ... "
-                             f"set model to the architecture the folder was built with") from None
+                              f"(embed_dim {arch_cfg.get('embed_dim')}): {str(e).splitlines()[0]} ... "
+                              f"set model to the architecture the folder was built with") from None
     vision_state = None
     if vision == "source":
         vision_state = src_state
@@ -319,8 +319,8 @@ def compose(recipe: dict, log=print):
     if vision != "random" and at_init:
         where = "timm's loader" if vision == "pretrained" else vision
         raise RecipeError(f"the vision tower should hold {plan.vision_desc}, but its normalisation layers are "
-                           f"all at their initial values: the weights from {where} did not arrive. Fix the vision "
-                           f"source, or set vision.from=random to train from a random initialisation on purpose")
+                          f"all at their initial values: the weights from {where} did not arrive. Fix the vision "
+                          f"source, or set vision.from=random to train from a random initialisation on purpose")
     if preprocess_cfg:
         open_clip.set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **preprocess_cfg})
     model_cfg = copy.deepcopy(arch_cfg)
