@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16"],
                    help="the recipe's train.mixed_precision (bf16 autocast: ~1.35x faster on a CPU with bf16)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--summary", action="store_true", help="train nothing: print the tables of the runs under --work")
     p.add_argument("--arms", nargs="+", default=["unadapted", "adapted"], choices=["unadapted", "adapted"])
     args = p.parse_args(argv)
     import torch
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
     if not (data / "studies.jsonl").is_file():
         print(f"--data {data}: no studies.jsonl there; give the image-note folder", file=sys.stderr)
         return 2
-    if "adapted" in args.arms and not (Path(args.stage1 or "") / "open_clip_config.json").is_file():
+    if "adapted" in args.arms and not args.summary and not (Path(args.stage1 or "") / "open_clip_config.json").is_file():
         print(f"--stage1 {args.stage1}: not an exported folder (no open_clip_config.json); run train-text first",
               file=sys.stderr)
         return 2
@@ -182,17 +183,29 @@ def main(argv=None) -> int:
                "stage1": str(args.stage1), "runs": {}, "chance": {}}
     for split in ("validate", "test"):
         results["chance"][split] = chance(shards, split)
-    for seed in args.seeds:
+    for seed in ([] if args.summary else args.seeds):
         for arm in args.arms:
             final = train_arm(arm, sources[arm], seed, shards, args)
             print(f"{arm} seed {seed}: trained {final.get('train_s', '?')} s; text tower: {final['weights']['text']}; "
                   f"vision tower: {final['weights']['vision']}", flush=True)
-            ev = {split: evaluate(final["export_dir"], split, shards, work / "eval" / f"{arm}-seed{seed}" / split)
-                  for split in ("validate", "test")}
-            results["runs"][f"{arm}-seed{seed}"] = {"arm": arm, "seed": seed, "weights": final["weights"],
-                                                    "train_s": final.get("train_s"), "eval": ev,
-                                                    "n_distinct_reports": {s: ev[s]["n_distinct_reports"] for s in ev}}
-            (work / "results.json").write_text(json.dumps(results, indent=2))
+            for split in ("validate", "test"):
+                evaluate(final["export_dir"], split, shards, work / "eval" / f"{arm}-seed{seed}" / split)
+    # every finished run under --work (other processes may have trained some of them)
+    for done in sorted((work / "runs").glob("*-seed*/final_metrics.json")):
+        name = done.parent.name
+        final = json.loads(done.read_text())
+        paths = {split: work / "eval" / name / split / "results.json" for split in ("validate", "test")}
+        if not all(p.exists() for p in paths.values()):
+            continue
+        ev = {split: json.loads(p.read_text())["results"] for split, p in paths.items()}
+        arm, seed = name.rsplit("-seed", 1)
+        results["runs"][name] = {"arm": arm, "seed": int(seed), "weights": final["weights"],
+                                 "train_s": final.get("train_s"), "eval": ev,
+                                 "n_distinct_reports": {s: ev[s]["n_distinct_reports"] for s in ev}}
+    (work / "results.json").write_text(json.dumps(results, indent=2))
+    if not results["runs"]:
+        print("no finished runs yet")
+        return 0
 
     from bench_common import print_table
     header = ["run", "i2t R@1", "R@5", "R@10", "t2i R@1", "R@5", "R@10", "mean"]
