@@ -14,12 +14,15 @@ import sys
 # subcommand -> (module, one-line help). Data flows top to bottom; add a step with one entry.
 COMMANDS = {
     "shards": ("open_clip_cxr.data.cli", "write WebDataset shards from MIMIC-CXR, CheXpert Plus, Open-I or a CSV/JSONL"),
-    "train-text": ("training.text_stage", "stage 1: adapt the text tower (MNTP, then supervised contrastive)"),
-    "train-clip": ("training.clip_stage", "stage 2: contrastive image-report training (LoRA text tower)"),
+    "train-text": ("training.text_cli", "stage 1: adapt the text tower (MNTP, then supervised contrastive)"),
+    "train-clip": ("training.clip_cli", "stage 2: contrastive image-report training (LoRA text tower)"),
     "eval": ("open_clip_cxr.eval.cli", "retrieval recall@K, zero-shot findings, report metrics, text robustness"),
     "convert": ("conversion.cli", "import the authors' releases; merge LoRA"),
     "export": ("conversion.export", "write an OpenCLIP Hub folder (config, safetensors, tokenizer, card)"),
     "push": ("hub_cards.push", "upload an exported folder to the Hugging Face Hub"),
+    "index": ("open_clip_cxr.search.cli_index", "encode an archive into a searchable index (FAISS + SQLite)"),
+    "search": ("open_clip_cxr.search.cli_search", "search an index by report text or by image"),
+    "serve": ("open_clip_cxr.search.serve", "a local web page to search an index"),
     "demo": ("training.demo", "the whole pipeline on real offline assets, on the CPU"),
 }
 

@@ -50,27 +50,69 @@ def test_meteor_with_java():
     assert worse["METEOR"] < out["METEOR"]
 
 
-def test_bertscore_greedy_matching_by_hand():
-    a = torch.eye(3)                                  # three orthogonal tokens
-    p, r, f = TM.BertScorer.greedy_match(a, a)
-    assert (p, r, f) == (1.0, 1.0, 1.0)
-    p, r, f = TM.BertScorer.greedy_match(a[:1], a)   # candidate matches one of three reference tokens
-    assert p == 1.0 and r == pytest.approx(1 / 3) and f == pytest.approx(0.5)
-    assert TM.BertScorer.greedy_match(a[:0], a) == (0.0, 0.0, 0.0)
-
-
-def test_bertscore_with_the_shipped_minilm():
+@pytest.fixture(scope="module")
+def minilm_scorer():
     try:
-        scorer = TM.BertScorer(TM.minilm_dir())
+        TM.minilm_dir()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    out = scorer.score([REFS[0], "Small left pleural effusion.", "Total nonsense about zebras."], REFS)
+    return TM.BertScorer("minilm")
+
+
+def test_bertscore_package_with_the_shipped_minilm(minilm_scorer):
+    out = minilm_scorer.score([REFS[0], "Small left pleural effusion.", "Total nonsense about zebras."], REFS)
     f = out["per_pair_f1"]
     assert f[0] == pytest.approx(1.0, abs=1e-5)
     assert f[1] > f[2]
     assert 0 < out["f1"] < 1
-    m = TM.text_metrics(REFS, REFS, bert_scorer=scorer, meteor=False)
-    assert m["BERTScore-F1"] == pytest.approx(1.0, abs=1e-5)
+    assert minilm_scorer.settings["num_layers"] == 6 and minilm_scorer.settings["idf"] is False
+    m = TM.text_metrics(REFS, REFS, bert_scorer=minilm_scorer, meteor=False)
+    assert m["BERTScore-F1"] == pytest.approx(1.0, abs=1e-5) and m["BERTScore-settings"]["model"].startswith("all-MiniLM")
+
+
+def test_bertscore_idf_and_baseline_options(tmp_path, minilm_scorer):
+    cands = ["The heart is large.", "Small left pleural effusion.", "Total nonsense about zebras."]
+    plain = minilm_scorer.score(cands, REFS)["per_pair_f1"]
+    idf = TM.BertScorer("minilm", idf=True).score(cands, REFS)["per_pair_f1"]
+    assert idf != pytest.approx(plain, abs=1e-3)           # idf from the references ('.' in all: weight 0)
+    base = tmp_path / "baseline.tsv"                     # bert-score's format: one row per layer
+    base.write_text("LAYER,P,R,F\n" + "".join(f"{i},0.5,0.5,0.5\n" for i in range(7)))
+    rescaled = TM.BertScorer("minilm", rescale_with_baseline=True, baseline_path=str(base)).score(cands, REFS)
+    assert rescaled["per_pair_f1"] == pytest.approx([(x - 0.5) / 0.5 for x in plain], abs=1e-4)
+    with pytest.raises(FileNotFoundError, match="no BERTScore baseline"):
+        TM.BertScorer("minilm", rescale_with_baseline=True)   # bert-score has no baseline for MiniLM
+
+
+def test_bertscore_model_absent_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="not available locally"):
+        TM.BertScorer(str(tmp_path / "no-such-model"))
+
+
+def test_radgraph_and_chexbert_without_weights_say_what_is_missing(tmp_path, monkeypatch):
+    from open_clip_cxr.eval import clinical_metrics as CM
+    with pytest.raises(CM.MetricUnavailableError, match="package is not installed"):
+        CM._package_cache("no_such_package_xyz", "x")
+    with pytest.raises(CM.MetricUnavailableError, match="no radgraph weights in .*cannot be downloaded offline"):
+        CM.check_radgraph("radgraph", model_cache_dir=str(tmp_path))
+    folder = tmp_path / "radgraph"
+    folder.mkdir()
+    (folder / "weights.th").write_bytes(b"")
+    (folder / "config.json").write_text('{"model": {"embedder": {"token_embedders": {"bert": '
+                                        '{"model_name": "no-such-org/no-such-encoder"}}}}}')
+    with pytest.raises(CM.MetricUnavailableError, match="encoder 'no-such-org/no-such-encoder' is not in"):
+        CM.check_radgraph("radgraph", model_cache_dir=str(tmp_path))
+    with pytest.raises(CM.MetricUnavailableError, match="unknown RadGraph model"):
+        CM.check_radgraph("radgraph-xxl")
+    with pytest.raises(CM.MetricUnavailableError, match="no CheXbert weights"):
+        CM.check_chexbert(str(tmp_path))
+    (tmp_path / "chexbert.pth").write_bytes(b"")
+    monkeypatch.setattr(CM, "_hf_cached", lambda repo: False)
+    with pytest.raises(CM.MetricUnavailableError, match="bert-base-uncased"):
+        CM.check_chexbert(str(tmp_path))
+    monkeypatch.setattr(CM, "_package_cache", lambda package, app: str(tmp_path / "empty"))
+    with pytest.raises(CM.MetricUnavailableError, match="no CheXbert weights"):
+        RG.evaluate_report_generation(REFS, REFS, meteor=False, chexbert=True)
 
 
 def test_retrieve_reports_excludes_own_study_and_joins_distinct():
@@ -94,8 +136,8 @@ def test_evaluate_report_generation_with_a_fake_judge():
 
     def judge(refs, cands):
         calls.append(len(refs))
-        return {"summary": {"green": 0.5, "n_unparsed": 1}, "per_report": [{}] * len(refs)}
+        return {"summary": {"green": 0.5, "green_std": 0.1, "n_unparsed": 1}, "per_report": [{}] * len(refs)}
 
     out = RG.evaluate_report_generation(REFS, REFS, judge=judge, meteor=False)
-    assert out["metrics"]["GREEN"] == 0.5 and out["metrics"]["GREEN_unparsed"] == 1
+    assert out["metrics"]["GREEN"] == 0.5 and out["metrics"]["GREEN_unparsed"] == 1 and out["metrics"]["GREEN_std"] == 0.1
     assert out["metrics"]["ROUGE-L"] == pytest.approx(1.0) and calls == [3]

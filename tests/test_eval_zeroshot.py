@@ -65,7 +65,7 @@ def test_prompt_ensemble_and_end_to_end():
     labels = [{"Cardiomegaly": 1, "Edema": 0}, {"Cardiomegaly": 0, "Edema": 1},
               {"Cardiomegaly": 1, "Edema": -1}, {"Cardiomegaly": 0, "Edema": 0}]
     res = Z.evaluate_zeroshot(img, labels, encode_fn, logit_scale=10.0, prompts=prompts)
-    assert res["per_finding"]["Cardiomegaly"] == {"auc": 1.0, "accuracy": 1.0, "n_pos": 2, "n_neg": 2}
+    assert res["per_finding"]["Cardiomegaly"] == {"auc": 1.0, "accuracy": 1.0, "n_pos": 2, "n_neg": 2, "support": 4}
     assert res["per_finding"]["Edema"]["n_pos"] == 1 and res["per_finding"]["Edema"]["n_neg"] == 2
     assert res["mean_auc"] == 1.0 and res["n_findings_scored"] == 2
     p = Z.finding_probabilities(img, pos, neg, 10.0)
@@ -82,3 +82,56 @@ def test_missing_class_reports_none_and_no_labels_raises():
 def test_default_prompts_cover_chexpert():
     assert len(Z.FINDINGS) == 14 and "No Finding" in Z.PROMPTS
     assert all(len(p) >= 2 and len(n) >= 2 for p, n in Z.PROMPTS.values())
+
+
+def test_auc_is_sklearns_and_support_is_counted():
+    from sklearn.metrics import roc_auc_score
+    s, y = [0.3, 0.1, 0.8, 0.8, 0.5, 0.2], [0, 0, 1, 0, 1, float("nan")]
+    assert Z.roc_auc(s, y) == pytest.approx(roc_auc_score([0, 0, 1, 0, 1], s[:5]))
+    res = Z.score_findings(np.array([[0.2], [0.8], [0.6]]), np.array([[0.0], [1.0], [np.nan]]), ["Nodule"])
+    assert res["per_finding"]["Nodule"]["support"] == 2 and res["per_finding"]["Nodule"]["auc"] == 1.0
+
+
+def test_load_prompts_and_its_errors(tmp_path):
+    good = tmp_path / "p.yaml"
+    good.write_text("Nodule:\n  positive: [There is a nodule., A pulmonary nodule.]\n  negative: No nodule.\n")
+    assert Z.load_prompts(good) == {"Nodule": (["There is a nodule.", "A pulmonary nodule."], ["No nodule."])}
+    for text, msg in [("- a\n- b\n", "expected a mapping"), ("Nodule:\n  positive: [a]\n", "exactly the keys"),
+                      ("Nodule:\n  positive: []\n  negative: [b]\n", "non-empty list"), ("a: [", "not valid YAML")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            Z.load_prompts(bad)
+
+
+def test_select_prompts_matches_names_and_refuses_unknown_labels():
+    sel = Z.select_prompts(Z.PROMPTS, ["cardiomegaly", "PLEURAL_EFFUSION"])
+    assert list(sel) == ["cardiomegaly", "PLEURAL_EFFUSION"] and sel["cardiomegaly"] == Z.PROMPTS["Cardiomegaly"]
+    with pytest.raises(ValueError, match="unknown label 'Nodule'.*--prompts"):
+        Z.select_prompts(Z.PROMPTS, ["Cardiomegaly", "Nodule"])
+    with pytest.raises(ValueError, match="'Edema' is in no image's metadata.*--label-cols"):
+        Z.select_prompts(Z.PROMPTS, ["Edema"], available=["Cardiomegaly"])
+
+
+def test_eval_cli_zeroshot_with_own_labels_and_prompts(tmp_path, monkeypatch):
+    import argparse
+    import json
+    from test_eval_encode import TinyClip, TinyTokenizer, preprocess, write_shard
+    from open_clip_cxr.eval import cli as C
+    monkeypatch.setattr(C, "load_model", lambda args: (TinyClip(), preprocess, TinyTokenizer()))
+    shard = write_shard(tmp_path / "test-000000.tar", studies={
+        "s1": ("a", {"Nodule": 1, "Cardiomegaly": 0}), "s2": ("b", {"Nodule": 0}), "s3": ("c", {"Nodule": 1})})
+    prompts = tmp_path / "p.yaml"
+    prompts.write_text("Nodule:\n  positive: [a nodule]\n  negative: [no nodule]\n"
+                       "Cardiomegaly:\n  positive: [big heart]\n  negative: [normal heart]\n")
+    p = argparse.ArgumentParser()
+    C.add_arguments(p)
+    base = ["--model", "tiny", "--shards", shard, "--out", str(tmp_path / "out"), "--task", "zeroshot"]
+    assert C.run(p.parse_args(base + ["--labels", "Nodule", "--prompts", str(prompts)])) == 0
+    res = json.load(open(tmp_path / "out" / "results.json"))["results"]
+    assert list(res["per_finding"]) == ["Nodule"] and res["per_finding"]["Nodule"]["support"] == 4  # s2: 2 images
+    assert res["per_finding"]["Nodule"]["n_pos"] == 2 and res["prompts"] == str(prompts)
+    with pytest.raises(SystemExit, match="unknown label 'Nodule'"):          # built-in prompts have no Nodule
+        C.run(p.parse_args(base + ["--labels", "Nodule"]))
+    with pytest.raises(SystemExit, match="'Edema' is in no image's metadata"):
+        C.run(p.parse_args(base + ["--labels", "Edema"]))

@@ -43,12 +43,18 @@ def test_cli_commands_parse(argv):
 
 def test_pipeline_paths_connect():
     """What eval writes (OUT/results.json) is what export reads for the card."""
-    args = {argv[0]: build_parser(load=argv[0]).parse_args(argv) for argv in commands()}
+    args = {}
+    for argv in commands():   # the first line of each command: the numbered pipeline
+        args.setdefault(argv[0], build_parser(load=argv[0]).parse_args(argv))
     assert args["export"].eval_json == str(Path(args["eval"].out) / "results.json")
     assert args["push"].folder == args["export"].out
 
 
-@pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
+MODEL_BLOCKS = [i for i, b in enumerate(PYTHON_BLOCKS) if "Index.open" not in b]
+SEARCH_BLOCKS = [i for i, b in enumerate(PYTHON_BLOCKS) if "Index.open" in b]
+
+
+@pytest.mark.parametrize("index", MODEL_BLOCKS)
 def test_python_blocks_run_on_the_tiny_model(index, tmp_path, monkeypatch):
     monkeypatch.setenv("OPEN_CLIP_CXR_CACHE", str(tmp_path))
     code = PYTHON_BLOCKS[index].replace("cxr-llm-small", "cxr-llm-tiny").replace("'smollm2'", "'random'")
@@ -62,3 +68,22 @@ def test_python_blocks_run_on_the_tiny_model(index, tmp_path, monkeypatch):
 def test_python_blocks_run_verbatim(index):
     """As a user runs it: the tag's checkpoint is built once into the real cache, offline."""
     exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index}", "exec"), {})
+
+
+@pytest.mark.parametrize("index", SEARCH_BLOCKS)
+def test_search_block_runs_on_a_tiny_index(index, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPEN_CLIP_CXR_CACHE", str(tmp_path / "cache"))
+    """The Python API block, verbatim, against runs/index built here with `cxr-llm-tiny` and a real DICOM film."""
+    import shutil
+    import open_clip_cxr
+    from pydicom.data import get_testdata_file
+    from search_fixtures import build, write_archive
+    monkeypatch.chdir(tmp_path)
+    shards = write_archive(tmp_path, 0, 4)
+    tiny = open_clip_cxr.create_model_and_transforms("cxr-llm-tiny", pretrained="random")   # seeded: reloads equal
+    tiny = (tiny[0], tiny[2], open_clip_cxr.get_tokenizer("cxr-llm-tiny"))
+    build(tiny, tmp_path / "runs" / "index", sorted(str(p) for p in shards.glob("*.tar")), pretrained="random")
+    shutil.copy(get_testdata_file("RG1_UNCR.dcm"), tmp_path / "film.dcm")
+    scope = {}
+    exec(compile(PYTHON_BLOCKS[index], f"README.md python block {index}", "exec"), scope)
+    assert scope["hits"] and {"rank", "study_id", "score", "report"} <= set(scope["hits"][0])

@@ -75,7 +75,7 @@ def stage1(tmp_path_factory, pretrained_trunk):
     recipe = common.load_recipe(str(ROOT / "training/recipes/text-cxr-llm-small-cpu.yaml"), [
         "model=cxr-llm-tiny", "max_length=64", "train.log_with=none", "train.num_threads=1",
         "mntp.steps=1", "mntp.batch_size=4", "supcon.steps=1", "supcon.batch_size=4", "supcon.cache=false",
-        "supcon.warmup_steps=0", "eval.enabled=false"])
+        "supcon.warmup_steps=1", "eval.enabled=false"])
     recipe["data"] = {"source": "table", "path": str(tmp / "reports.jsonl"), "findings_col": "findings",
                       "impression_col": "impression", "study_col": "study", "split_col": "split"}
     recipe["output_dir"] = str(tmp / "out")

@@ -398,7 +398,8 @@ def train_flops(model, recipe, device, image_size: int):
 # ---------------------------------------------------------------- the training loop
 
 def train(recipe: dict) -> dict:
-    recipe = with_defaults(recipe)
+    from training.recipe_check import check_before_work   # refused recipes and data leave no run folder
+    recipe = with_defaults(check_before_work(recipe, "clip"))
     r_train, out_dir = recipe["train"], recipe["output_dir"]
     accelerator = setup_accelerator(recipe)                                   # 1. accelerator
     main = accelerator.is_main_process
@@ -579,12 +580,7 @@ def train(recipe: dict) -> dict:
 
 # ---------------------------------------------------------------- CLI
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--recipe", default=None, help="YAML recipe (see training/recipes/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set optim.grad_clip=0.5 (repeatable)")
-    parser.add_argument("--output-dir", default=None, help="shorthand for --set output_dir=DIR")
-    parser.add_argument("--max-steps", type=int, default=None, help="shorthand for --set train.max_steps=N")
+from training.clip_cli import add_arguments  # noqa: E402,F401  (the flags live there, free of torch: a fast --help)
 
 
 def run(args) -> int:

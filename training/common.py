@@ -193,7 +193,8 @@ def setup_accelerator(recipe: dict):
     mixed = choice.mixed_precision
     accum = int(_opt(recipe, "train.grad_accum_steps", "train.gradient_accumulation_steps",
                      "gradient_accumulation_steps", default=1))
-    log_with = _opt(recipe, "train.log_with", "log_with", default="tensorboard")
+    # an explicit `log_with: null` means no tracker (`_opt` would read it as unset: TensorBoard)
+    log_with = get_by_path(recipe, "train.log_with", get_by_path(recipe, "log_with", "tensorboard"))
     if log_with in ("none", "None", False, "", []):
         log_with = None
     cpu = bool(_opt(recipe, "train.cpu", "cpu", default=False))

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from open_clip_cxr.search.demo import index_and_query
+
 RECIPES = Path(__file__).parent / "recipes"
 TEXT_RECIPE = RECIPES / "text-cxr-llm-small-cpu.yaml"
 CLIP_RECIPE = RECIPES / "clip-cxr-llm-small-cpu.yaml"
@@ -366,6 +368,7 @@ def run(args: argparse.Namespace) -> int:
         results["curves"] = str(plot_curves(out))
     print("\n" + summarise(out, results))
     print(f"\nsaved {out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
+    index_and_query(out)
     return 0
 
 

@@ -325,7 +325,8 @@ def train(recipe: dict) -> dict:
 
 def _train(recipe: dict) -> dict:
     t0 = time.time()
-    recipe = dict(recipe)
+    from training.recipe_check import check_before_work   # refused recipes and data leave no run folder
+    recipe = dict(check_before_work(recipe, "text"))
     recipe.setdefault("train", {})
     out = Path(recipe.setdefault("output_dir", "runs/stage1"))
     accelerator = common.setup_accelerator(recipe)
@@ -414,6 +415,10 @@ def _train(recipe: dict) -> dict:
         bs, n_neg = int(scfg["batch_size"]), int(scfg.get("n_negatives", 2))
         p_sections, p_instr = float(scfg.get("p_sections", 0.3)), float(scfg.get("instruction_prob", 0.0))
         max_variants = scfg.get("max_variants")
+        texts_fn = report_texts   # supcon.variants: rules (default) | llm | both (checked LLM rewrites)
+        if scfg.get("variants", "rules") != "rules":
+            from open_clip_cxr.reports.paraphrase import llm_report_texts
+            texts_fn = llm_report_texts(report_texts, reports, scfg, out / "work" / "llm_variants", accelerator.print)
         max_tokens = int(recipe["train"].get("max_tokens", 4096))
         n_layers = tower.config.llm_config().num_hidden_layers
         top = min(int(lora_cfg.get("layers") or n_layers), n_layers) if lora_cfg else 0   # adapted layers
@@ -422,7 +427,7 @@ def _train(recipe: dict) -> dict:
             # a fixed subset of reports, their texts encoded once below the adapted layers
             n_cache = int(scfg.get("cache_reports") or len(reports))
             pick = random.Random(seed + 2).sample(range(len(reports)), min(n_cache, len(reports)))
-            pool = [t for t in (report_texts(reports[i], seed, max_variants) for i in pick) if t and t.variants]
+            pool = [t for t in (texts_fn(reports[i], seed, max_variants) for i in pick) if t and t.variants]
             cache = TextStateCache(tower, tokenizer, [x for t in pool for x in t.all_texts()], top,
                                    max_length, max_tokens, dtype=low)
             rate = cache_rate(tower, cache, low)
@@ -438,7 +443,7 @@ def _train(recipe: dict) -> dict:
             n_items = len(pool)
         else:
             module = Embedder(tower, pad, max_tokens)
-            texts_of = lambda i, epoch: report_texts(reports[i], seed * 10_007 + epoch, max_variants)  # noqa: E731
+            texts_of = lambda i, epoch: texts_fn(reports[i], seed * 10_007 + epoch, max_variants)  # noqa: E731
             n_items = len(reports)
         data = StepData(n_items, bs, seed + 1, world, rank)
 
@@ -585,11 +590,7 @@ def evaluate(tower, tokenizer, recipe: dict, device="cpu") -> dict:
 
 # ---------------------------------------------------------------- CLI
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--recipe", default=str(DEFAULT_RECIPE), help="YAML recipe (default: the CPU recipe)")
-    parser.add_argument("--out", default=None, help="output folder (the exported OpenCLIP model); overrides output_dir")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe value, e.g. --set supcon.steps=20 (repeatable)")
+from training.text_cli import add_arguments  # noqa: E402,F401  (the flags live there, free of torch: a fast --help)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -49,10 +49,12 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from open_clip_cxr.errors import UsageError
+
 FOLDER_SCHEMAS = ("local-dir:", "hf-hub:")
 
 
-class RecipeError(ValueError):
+class RecipeError(UsageError):
     """A tower source the recipe names cannot be used as asked: the user's to fix (the message
     says how). The CLI reports it in one line."""
 

@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cols.add_argument("--patient-col", help="patient id column, for patient-level hash splits "
                                             "(default: patient_id or patient, any case, if present)")
     cols.add_argument("--split-col", help="split column: train / validate / test (default: split, any case, if present)")
+    cols.add_argument("--label-cols", nargs="+", default=None, metavar="COL",
+                      help="label columns (1/0/-1) stored as each image's labels, for eval --task zeroshot --labels")
     out = parser.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="output folder for shards and manifest.json")
     out.add_argument("--max-side", type=int, default=512,
@@ -78,8 +80,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--samples-per-shard", type=int, default=1000, help="max samples per shard (default 1000)")
     out.add_argument("--max-shard-bytes", type=_size, default="1G",
                      help="max shard size, e.g. 500M or 1G (default 1G); whichever limit comes first")
-    out.add_argument("--variants", action="store_true",
-                     help="store report rewrites (equivalent paraphrases and one-error negatives) in the json")
+    out.add_argument("--variants", nargs="?", const="rules", default=None, choices=["rules", "llm", "both"],
+                     help="store report rewrites (equivalent paraphrases and one-error negatives) in the json: "
+                          "rules (the default when given bare), llm (--paraphraser), or both")
+    out.add_argument("--paraphraser", default=None, metavar="MODEL",
+                     help="--variants llm|both: local causal LM folder or cached hub id; rewrites are kept only "
+                          "when the mention check passes (counts in manifest.json), cached in OUT/llm_variants/")
+    out.add_argument("--paraphraser-gguf", default=None, metavar="FILE", help="GGUF file inside --paraphraser")
+    out.add_argument("--paraphraser-batch-size", type=int, default=8)
     out.add_argument("--seed", type=int, default=0, help="seed for the sample order and the variants (default 0)")
     run_opts = parser.add_argument_group("run")
     run_opts.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
@@ -114,16 +122,39 @@ def run(args: argparse.Namespace) -> int:
     try:
         records = iter_source(args.source, root=args.root, reports=args.reports, table=args.table, views=views,
                               val=args.val_frac, test=args.test_frac, **table_cols)
+        if getattr(args, "label_cols", None):
+            if args.source != "table":
+                raise ValueError("--label-cols reads a --source table's columns; other sources bring their own labels")
+            from open_clip_cxr.data.table_labels import attach_table_labels
+            records = attach_table_labels(records, args.table, args.label_cols, image_col=args.image_col, root=args.root)
+        llm = None
+        if args.variants in ("llm", "both"):   # LLM rewrites, made here once, stored by the writer's workers
+            if not args.paraphraser:
+                raise ValueError(f"--variants {args.variants} needs --paraphraser MODEL (a local causal LM)")
+            from open_clip_cxr.data.manifest import load_manifest
+            from open_clip_cxr.reports.paraphrase import attach_llm_variants, load_llm_variants
+            old = (load_manifest(args.out) or {}) if not args.overwrite else {}
+            if old.get("splits") and (old.get("llm_variants") or {}).get("paraphraser") != args.paraphraser:
+                raise ValueError(f"{args.out} holds shards made without --paraphraser {args.paraphraser}; "
+                                 "pass --overwrite to replace them, or choose another --out")
+            llm = load_llm_variants(args.paraphraser, os.path.join(args.out, "llm_variants"),
+                                    batch_size=args.paraphraser_batch_size, gguf_file=args.paraphraser_gguf)
+            records = attach_llm_variants(records, llm)
         manifest = write_shards(
             records, args.out,
             options=EncodeOptions(max_side=args.max_side, image_format=args.image_format,
                                   jpeg_quality=args.jpeg_quality, png_level=args.png_level,
-                                  variants=args.variants, seed=args.seed),
+                                  variants=args.variants in ("rules", "both"), seed=args.seed),
             limits=ShardLimits(args.samples_per_shard, args.max_shard_bytes),
             workers=args.workers, limit=args.limit, overwrite=args.overwrite, verify=args.verify,
             progress=not args.no_progress)
     except (ShardWriterError, ValueError, FileNotFoundError) as exc:
         print(f"open-clip-cxr shards: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    if llm is not None:
+        from open_clip_cxr.data.manifest import save_manifest
+        manifest["llm_variants"] = {**llm.summary(), "paraphraser": args.paraphraser}
+        save_manifest(args.out, manifest)
+        print(f"LLM variants ({llm.summary()['model']}): kept {llm.summary()['kept']}, dropped {llm.summary()['dropped']}")
     print(format_summary(manifest, args.out))
     return 0

@@ -122,5 +122,7 @@ def encode_sample(sample: Sample, opts: EncodeOptions) -> Encoded:
             return Encoded(key, None, BAD_REPORT, f"variants: {exc}"[:300])
         meta["variants"] = [{k: asdict(v)[k] for k in ("text", "style", "equivalent", "error_type")}
                             for v in variants]
+    if getattr(sample, "llm_variants", None):   # checked LLM rewrites (reports/paraphrase.attach_llm_variants)
+        meta["variants"] = meta.get("variants", []) + sample.llm_variants
     ext = "png" if opts.image_format == "png" else "jpg"
     return Encoded(key, [(ext, data), ("txt", sample.report.text.encode("utf-8")), ("json", dumps(meta))])

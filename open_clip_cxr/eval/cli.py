@@ -67,14 +67,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--similarity", choices=["clip", "cosine", "dot"], default=None,
                    help="image-report score: 'cosine' (L2-normalised), 'clip' (logit_scale * I @ T^T, no "
                         "normalisation, the authors' LLM2CLIP4CXR) or 'dot' (default: what the model was trained with)")
+    z = p.add_argument_group("zero-shot")
+    z.add_argument("--labels", nargs="+", default=None, metavar="NAME",
+                   help="label names to score (from the shards' metadata; a table source's --label-cols); "
+                        "default: every class with prompts")
+    z.add_argument("--prompts", default=None, metavar="YAML",
+                   help="class -> {positive: [...], negative: [...]} prompts, replacing the built-in CheXpert ones")
     g = p.add_argument_group("report generation")
     g.add_argument("--top-k-reports", type=int, default=1, help="join this many distinct retrieved reports")
     g.add_argument("--judge", default=None, help="GREEN judge: model id or folder (e.g. StanfordAIMI/GREEN-radllama2-7b)")
     g.add_argument("--judge-gguf-file", default=None, help="GGUF file inside --judge (for a small stand-in judge)")
-    g.add_argument("--judge-batch-size", type=int, default=4)
-    g.add_argument("--judge-max-new-tokens", type=int, default=1024)
+    g.add_argument("--judge-batch-size", type=int, default=8, help="GREEN judge batch (GREEN's own: 8)")
+    g.add_argument("--judge-max-new-tokens", type=int, default=None,
+                   help="cap the judge's answer (default: GREEN's max_length of 2048 tokens, prompt included)")
+    g.add_argument("--judge-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
+                   help="judge weights dtype (GREEN's own: float16)")
     g.add_argument("--bertscore-model", default="minilm",
-                   help="encoder folder for BERTScore ('minilm': the shipped MiniLM; 'none': skip)")
+                   help="BERTScore encoder: folder or cached hub id ('minilm': the shipped MiniLM; 'none': skip)")
+    g.add_argument("--bertscore-layers", type=int, default=None,
+                   help="BERTScore layer (default: bert-score's tuned layer for known models, else the last)")
+    g.add_argument("--bertscore-idf", action="store_true", help="BERTScore idf weights (from the references)")
+    g.add_argument("--bertscore-baseline", default=None,
+                   help="rescale BERTScore with a baseline: 'builtin' (bert-score's, known models) or a .tsv file")
+    g.add_argument("--radgraph", nargs="?", const="radgraph", default=None,
+                   choices=["radgraph", "radgraph-xl", "modern-radgraph-xl"],
+                   help="add RadGraph-F1 (the `radgraph` package; its weights must be in its cache folder)")
+    g.add_argument("--chexbert", action="store_true",
+                   help="add CheXbert-F1 (the `f1chexbert` package; chexbert.pth must be in its cache folder)")
     g.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     t = p.add_argument_group("text robustness")
     t.add_argument("--baselines", default="", help="comma list from: bow, minilm (compared side by side)")
@@ -160,20 +179,53 @@ def run_retrieval(args, model, preprocess, tokenizer) -> dict:
 
 
 def run_zeroshot(args, model, preprocess, tokenizer) -> dict:
+    from open_clip_cxr.eval import zeroshot as Z
     from open_clip_cxr.eval.encode import embed_shards, encode_texts
-    from open_clip_cxr.eval.zeroshot import evaluate_zeroshot, model_logit_scale
+    try:   # a bad prompts file or an unknown label is the user's to fix, before any embedding
+        prompts = Z.load_prompts(args.prompts) if args.prompts else Z.PROMPTS
+        if args.labels:
+            prompts = Z.select_prompts(prompts, args.labels)
+    except (OSError, ValueError) as e:
+        raise SystemExit(str(e))
     emb = embed_shards(model, preprocess, None, _urls(args.shards), args.batch_size, args.device,
                        limit=args.limit, splits=[args.split] if args.split else None,
                        num_workers=args.workers)
     labels = [emb.meta[s].get("labels") for s in emb.image_study_ids]
+    if args.labels:
+        from open_clip_cxr.data.table_labels import label_names
+        try:
+            Z.select_prompts(prompts, args.labels, available=label_names({"labels": lab} for lab in labels))
+        except ValueError as e:
+            raise SystemExit(str(e))
     encode_fn = lambda texts: encode_texts(model, tokenizer, texts, args.batch_size, args.device)  # noqa: E731
-    return evaluate_zeroshot(emb.image_emb, labels, encode_fn, logit_scale=model_logit_scale(model))
+    res = Z.evaluate_zeroshot(emb.image_emb, labels, encode_fn, logit_scale=Z.model_logit_scale(model), prompts=prompts)
+    res["prompts"] = args.prompts or "built-in CheXpert prompts"
+    return res
 
 
 def run_report_gen(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval.encode import embed_shards
     from open_clip_cxr.eval.report_gen import evaluate_report_generation, retrieve_reports
     _require(args, "bank-shards")
+    from open_clip_cxr.eval.clinical_metrics import MetricUnavailableError
+    from open_clip_cxr.eval.report_gen import check_clinical_metrics
+    try:   # before any embedding: an asked-for metric that cannot run is a usage error
+        check_clinical_metrics(args.radgraph, args.chexbert)
+    except MetricUnavailableError as e:
+        raise SystemExit(str(e))
+    scorer = judge = None   # built first: a missing model fails before any embedding
+    if args.bertscore_model.lower() != "none":
+        from open_clip_cxr.eval.text_metrics import BertScorer
+        base = args.bertscore_baseline
+        scorer = BertScorer(args.bertscore_model, num_layers=args.bertscore_layers, idf=args.bertscore_idf,
+                            rescale_with_baseline=bool(base), baseline_path=None if base in (None, "builtin") else base,
+                            device=args.device)
+    if args.judge:
+        from open_clip_cxr.eval.green import GreenJudge
+        kw = {"gguf_file": args.judge_gguf_file} if args.judge_gguf_file else {}
+        judge = GreenJudge.from_pretrained(args.judge, device=args.device, batch_size=args.judge_batch_size,
+                                           max_new_tokens=args.judge_max_new_tokens, dtype=args.judge_dtype, progress=True,
+                                           cache_path=os.path.join(args.out, "green_cache.jsonl"), **kw)
     test = embed_shards(model, preprocess, None, _urls(args.shards), args.batch_size, args.device,
                         limit=args.limit, splits=[args.split] if args.split else None,
                        num_workers=args.workers)
@@ -184,24 +236,15 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
                                        bank.texts, k=args.top_k_reports, **_search_kw(args))
     study_text = dict(zip(test.text_study_ids, test.texts))
     references = [study_text[s] for s in test.image_study_ids]
-    scorer = judge = None
-    if args.bertscore_model.lower() != "none":
-        from open_clip_cxr.eval.text_metrics import BertScorer
-        scorer = BertScorer(None if args.bertscore_model == "minilm" else args.bertscore_model, device=args.device)
-    if args.judge:
-        from open_clip_cxr.eval.green import GreenJudge
-        kw = {"gguf_file": args.judge_gguf_file} if args.judge_gguf_file else {}
-        judge = GreenJudge.from_pretrained(args.judge, device=args.device, batch_size=args.judge_batch_size,
-                                           max_new_tokens=args.judge_max_new_tokens, progress=True,
-                                           cache_path=os.path.join(args.out, "green_cache.jsonl"), **kw)
-    res = evaluate_report_generation(generated, references, bert_scorer=scorer, judge=judge, meteor=not args.no_meteor)
+    res = evaluate_report_generation(generated, references, bert_scorer=scorer, judge=judge, meteor=not args.no_meteor,
+                                     radgraph=args.radgraph, chexbert=args.chexbert, device=args.device)
     per_green = res.pop("per_report_green", None)
     with open(os.path.join(args.out, "generated.jsonl"), "w") as f:
         for i, key in enumerate(test.image_keys):
             rec = {"image": key, "study_id": test.image_study_ids[i], "retrieved_studies": used[i],
                    "generated": generated[i], "reference": references[i]}
             if per_green is not None:
-                rec["green"] = {k: per_green[i][k] for k in ("score", "parsed", "error", "matched", "significant")}
+                rec["green"] = {k: v for k, v in per_green[i].items() if k != "output"}
             f.write(json.dumps(rec) + "\n")
     res["bank_reports"] = len(bank.texts)
     return res

@@ -1,21 +1,44 @@
-"""GREEN (Ostmeier et al., 2024): an LLM judge counts a candidate report's errors against a reference.
+"""GREEN (Ostmeier et al., 2024) as the authors' code computes it: prompt, chat text, generation, parse, score.
 
-The judge answers in a fixed format (see `GREEN_PROMPT`); `parse_green` reads the counts of
-clinically significant / insignificant errors in six categories (a)-(f) and the number of
-matched findings, and `green_score` = matched / (matched + significant errors).
+Written to give the numbers of Stanford-AIMI/GREEN's ``green_score`` package (green.py and
+utils.py, read at commit d72c195) without importing it. What it reproduces:
 
-0/0: as in the GREEN authors' reference scorer, a response with no matched finding scores 0,
-also when it lists no error (both reports empty of findings). An output that cannot be parsed
-gets no score at all: it is counted apart (``n_unparsed``), never averaged in as a zero.
+- the prompt (`make_prompt`): GREEN's text with its 4-space indentation, each report cut to
+  its first 300 whitespace-separated words and re-joined with single spaces;
+- the chat text (`chat_text`): GREEN replaces the tokenizer's chat template with its own,
+  renders ``[human: prompt, gpt: ""]`` with the generation prompt, which gives
+  ``<|user|>\\n{prompt}{eos}\\n<|assistant|>\\n{eos}\\n<|assistant|>\\n``;
+- tokenisation: the tokenizer's own special tokens (BOS for Llama) plus an EOS at the end (GREEN
+  loads the tokenizer with ``add_eos_token=True``), at most 2048 tokens, left padding with EOS;
+- generation: greedy, ``max_length=2048`` tokens in all (prompt included), EOS stops, batches of
+  8 in input order, the model in float16 (GREEN's dtype; bfloat16 is offered);
+- decoding: the whole sequence decoded with special tokens skipped, then GREEN's clean-up
+  (`clean_response`: the text after ``[Explanation]:`` in the part after the last
+  ``<|assistant|>``, ``</s>`` and ``<unk>`` removed);
+- parsing (`parse_green`) and score (`green_score`): a section is the text after
+  ``[<name>]:`` up to the first blank line; a section starting with "No" or missing counts 0;
+  category lines ``(a) ...`` (or ``(1) ...``) count the first ``: N.`` on the line; matched
+  findings are the leading ``N.``; GREEN = matched / (matched + significant errors), and 0
+  when matched is 0. GREEN scores every output: one it cannot read scores 0 and is averaged in
+  (``n_unparsed`` here only says how many lacked GREEN's sections);
+- the summary (`summarise`): mean and population standard deviation of the scores, and per
+  category the fraction of outputs with no clinically significant error of that kind.
+
+Not reproduced: the summary's "representative error" sentences (GREEN clusters error sentences
+with a sentence-transformers model and k-means) and multi-GPU splitting.
 """
 import hashlib
 import json
+import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 DEFAULT_JUDGE = "StanfordAIMI/GREEN-radllama2-7b"
+MAX_WORDS = 300          # words kept of each report in the prompt
+MAX_LENGTH = 2048        # tokens of prompt + answer (GREEN's tokenizer truncation and generate max_length)
+BATCH_SIZE = 8           # GREEN's batch size (greedy outputs can depend on the padding in a batch)
 CATEGORIES = ("a", "b", "c", "d", "e", "f")
 CATEGORY_NAMES = {
     "a": "False report of a finding in the candidate",
@@ -25,8 +48,13 @@ CATEGORY_NAMES = {
     "e": "Mentioning a comparison that isn't in the reference",
     "f": "Omitting a comparison detailing a change from a prior study",
 }
+# the column names of GREEN's results table: "(a) False report of a finding in the candidate", ...
+CATEGORY_COLUMNS = {c: f"({c}) {n}" for c, n in CATEGORY_NAMES.items()}
+SIGNIFICANT, INSIGNIFICANT, MATCHED = "Clinically Significant Errors", "Clinically Insignificant Errors", "Matched Findings"
 
-GREEN_PROMPT = """Objective: Evaluate the accuracy of a candidate radiology report in comparison to a reference radiology report composed by expert radiologists.
+# GREEN's prompt without its indentation; `make_prompt` indents every non-blank line after the
+# first by four spaces, as the authors' f-string does.
+_PROMPT_LINES = """Objective: Evaluate the accuracy of a candidate radiology report in comparison to a reference radiology report composed by expert radiologists.
 
 Process Overview: You will be presented with:
 
@@ -79,170 +107,225 @@ Follow this specific format for your output, even if no errors are found:
 <The number of matched findings>. <Finding 1>; <Finding 2>; ...; <Finding n>
 ```
 """
+_LINES = _PROMPT_LINES.split("\n")
+GREEN_PROMPT = "\n".join([_LINES[0]] + [("    " + s) if s else s for s in _LINES[1:]])
 
 
-def make_prompt(reference: str, candidate: str) -> str:
-    """The GREEN judge's prompt for one (reference, candidate) pair."""
-    return GREEN_PROMPT.format(reference=reference.strip(), candidate=candidate.strip())
+def _first_words(text: str, n: int = MAX_WORDS) -> str:
+    return " ".join(str(text).split()[:n])
+
+
+def make_prompt(reference: str, candidate: str, max_words: int = MAX_WORDS) -> str:
+    """GREEN's prompt for one pair: each report cut to `max_words` words, whitespace collapsed."""
+    return GREEN_PROMPT.format(reference=_first_words(reference, max_words),
+                               candidate=_first_words(candidate, max_words))
+
+
+def chat_text(prompt: str, eos_token: str = "</s>") -> str:
+    """What GREEN's own chat template renders for [human: prompt, gpt: ""] with the generation prompt."""
+    return f"<|user|>\n{prompt}{eos_token}\n<|assistant|>\n{eos_token}\n<|assistant|>\n"
+
+
+_ECHOED_TEMPLATE = "[Explanation]:\n    <Explanation>\n"   # the prompt's own format block, echoed
+
+
+def clean_response(text: str) -> str:
+    """GREEN's clean-up of a decoded sequence (prompt and answer): keep the answer after [Explanation]:."""
+    tag = "[Explanation]:"
+    if tag in text:
+        text = text.rsplit("<|assistant|>", 1)[-1]
+        parts = text.split(tag)
+        # GREEN takes the first split when the template block is there and the last otherwise;
+        # with no tag left after the cut it keeps the whole answer
+        if len(parts) > 1:
+            text = parts[1] if _ECHOED_TEMPLATE in text else parts[-1]
+    text = text.rsplit("<|assistant|>", 1)[-1]
+    return text.replace("</s>", "").replace("<unk>", "")
 
 
 # ------------------------------------------------------------------ parsing
 
-_SECTIONS = {
-    "explanation": r"explanation",
-    "significant": r"clinically\s+significant\s+errors?",
-    "insignificant": r"clinically\s+insignificant\s+errors?",
-    "matched": r"matched\s+findings?",
-}
-# a header starts a line, may be bold/markdown/bracketed, and ends with a colon or a bracket
-_HEADER = re.compile(r"^[ \t>#*_-]*\[?\s*(?P<name>" + "|".join(f"(?P<{k}>{v})" for k, v in _SECTIONS.items())
-                     + r")\s*\]?[ \t*_]*(?::|(?<=\])|$)", re.IGNORECASE | re.MULTILINE)
-_WORDS = {"no": 0, "none": 0, "zero": 0, "nil": 0, "n/a": 0, "na": 0, "one": 1, "two": 2, "three": 3, "four": 4,
-          "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
-_COUNT = r"(\d+|" + "|".join(re.escape(w) for w in sorted(_WORDS, key=len, reverse=True)) + r")\b"
-# "(a) label: N" at a line start ("a)" and "a." too), or "(a)" inside a line when a judge puts all on one line
-_CATEGORY_LINE = re.compile(r"(?:^[ \t*•-]*\(?\s*(?P<cat>[a-fA-F])\s*[).]|(?<=\s)\((?P<inline>[a-fA-F])\))"
-                            r"[ \t]*(?P<label>[^:\n]{0,160}?)[ \t*]*:[ \t*]*(?P<count>" + _COUNT + r"|[^\n]*)",
-                            re.MULTILINE)
-_LEADING_COUNT = re.compile(r"^[\s*:#-]*" + _COUNT, re.IGNORECASE)
-_NOTHING = re.compile(r"^[\s*:.-]*(none|no\b|nil|n/a|0\b|zero|not applicable)", re.IGNORECASE)
+def _section(text: str, name: str) -> Optional[str]:
+    """The text after the first "[name]:" (and the whitespace after it) up to the first blank line."""
+    m = re.search(r"\[" + re.escape(name) + r"\]:\s*", text)
+    if m is None:
+        return None
+    rest = text[m.end():]
+    blank = re.search(r"\n\s*\n", rest)
+    return rest[:blank.start()] if blank else rest
 
 
-def _count(token: str) -> Optional[int]:
-    token = token.strip().lower()
-    if token.isdigit():
-        return int(token)
-    return _WORDS.get(token)
+_LETTER_LINE = re.compile(r"\([a-f]\) [^\n]*")     # from "(x) " to the end of its line
+_NUMBER_LINE = re.compile(r"\([1-6]\) [^\n]*")     # GREEN's fallback when no lettered line is there
+_LINE_COUNT = re.compile(r": (\d+)\.")             # "…: 2." — the first one on the line
+
+
+def _category_lines(body: str) -> Dict[str, List[str]]:
+    """Category -> its lines, in sorted order (GREEN sorts them; the last line with a count wins)."""
+    lines = sorted(_LETTER_LINE.findall(body))
+    keys = {f"({c}) ": c for c in CATEGORIES}
+    if not lines:
+        lines = sorted(_NUMBER_LINE.findall(body))
+        keys = {f"({i + 1}) ": c for i, c in enumerate(CATEGORIES)}
+    out: Dict[str, List[str]] = {c: [] for c in CATEGORIES}
+    for line in lines:
+        for prefix, c in keys.items():
+            if line.startswith(prefix):
+                out[c].append(line)
+    return out
+
+
+def _category_counts(body: Optional[str]) -> Dict[str, int]:
+    counts = {c: 0 for c in CATEGORIES}
+    if body is None or body.startswith("No"):
+        return counts
+    for c, lines in _category_lines(body).items():
+        for line in lines:
+            m = _LINE_COUNT.search(line)
+            if m:
+                counts[c] = int(m.group(1))
+    return counts
+
+
+def _error_sentences(body: Optional[str]) -> Dict[str, List[str]]:
+    """Per category, the ';'-separated items after "N." (GREEN's parse_error_sentences)."""
+    out: Dict[str, List[str]] = {c: [] for c in CATEGORIES}
+    if body is None or body.startswith("No"):
+        return out
+    for c, lines in _category_lines(body).items():
+        for line in lines:
+            after_colon = line.rsplit(":", 1)[-1]
+            out[c] = after_colon.split(".", 1)[-1].split(";")
+    return out
+
+
+def _matched_count(body: Optional[str]) -> int:
+    if body is None or body.startswith("No"):
+        return 0
+    m = re.match(r"(\d+)\.", body)
+    return int(m.group(1)) if m else 0
 
 
 @dataclass
 class GreenParse:
-    """Counts read from one judge output; `ok` is False (with `error`) when it could not be read."""
-    ok: bool
-    significant: Dict[str, int] = field(default_factory=dict)
-    insignificant: Optional[Dict[str, int]] = None
-    matched: Optional[int] = None
-    explanation: str = ""
-    error: str = ""
+    """Counts GREEN's parser reads from one judge output (missing parts count 0, as in GREEN)."""
+    significant: Dict[str, int]
+    insignificant: Dict[str, int]
+    matched: int
+    has_significant: bool        # a "[Clinically Significant Errors]:" section was there
+    has_matched: bool            # a "[Matched Findings]:" section was there
+    significant_sentences: Dict[str, List[str]] = field(default_factory=dict)
 
     @property
     def n_significant(self) -> int:
         return sum(self.significant.values())
 
-
-def _sections(text: str) -> Dict[str, str]:
-    """Header name -> body (up to the next header); the first occurrence of each header wins."""
-    hits = list(_HEADER.finditer(text))
-    out: Dict[str, str] = {}
-    for i, m in enumerate(hits):
-        name = next(k for k in _SECTIONS if m.group(k))
-        end = hits[i + 1].start() if i + 1 < len(hits) else len(text)
-        out.setdefault(name, text[m.end():end])
-    return out
-
-
-def _category_counts(body: str):
-    """({category: count}, error message or ""); categories the judge left out count 0."""
-    counts = {c: 0 for c in CATEGORIES}
-    lines = list(_CATEGORY_LINE.finditer(body))
-    if not lines:
-        if not body.strip() or _NOTHING.match(body):
-            return counts, ""
-        return counts, "no (a)-(f) category counts"
-    seen = set()
-    for m in lines:
-        cat = (m.group("cat") or m.group("inline")).lower()
-        if cat in seen:   # a second list (e.g. an echoed template) ends the first
-            break
-        seen.add(cat)
-        lead = _LEADING_COUNT.match(m.group("count"))
-        n = _count(lead.group(1)) if lead else None
-        if n is None:
-            return counts, f"category ({cat}) has no count: {m.group(0).strip()[:80]!r}"
-        counts[cat] = n
-    return counts, ""
+    @property
+    def well_formed(self) -> bool:
+        """Both sections the score needs were present (GREEN scores the output either way)."""
+        return self.has_significant and self.has_matched
 
 
 def parse_green(text: str) -> GreenParse:
-    """Read a GREEN-format judge output; tolerant of bold/markdown headers, missing brackets,
-    word counts ("None", "two"), and omitted categories (counted 0)."""
-    if not isinstance(text, str) or not text.strip():
-        return GreenParse(False, error="empty output")
-    sec = _sections(text)
-    for needed in ("significant", "matched"):
-        if needed not in sec:
-            return GreenParse(False, explanation=sec.get("explanation", "").strip(),
-                              error=f"no [{'Clinically Significant Errors' if needed == 'significant' else 'Matched Findings'}] section")
-    sig, err = _category_counts(sec["significant"])
-    if err:
-        return GreenParse(False, error=f"clinically significant errors: {err}")
-    insig = None
-    if "insignificant" in sec:
-        insig, err = _category_counts(sec["insignificant"])
-        if err:
-            return GreenParse(False, error=f"clinically insignificant errors: {err}")
-    lead = _LEADING_COUNT.match(sec["matched"])
-    matched = _count(lead.group(1)) if lead else (0 if _NOTHING.match(sec["matched"]) else None)
-    if matched is None:
-        return GreenParse(False, error=f"matched findings has no count: {sec['matched'].strip()[:80]!r}")
-    return GreenParse(True, sig, insig, matched, sec.get("explanation", "").strip())
+    """Read a judge output the way GREEN's parse_error_counts does."""
+    text = text if isinstance(text, str) else ""
+    sig, insig, matched = _section(text, SIGNIFICANT), _section(text, INSIGNIFICANT), _section(text, MATCHED)
+    return GreenParse(significant=_category_counts(sig), insignificant=_category_counts(insig),
+                      matched=_matched_count(matched), has_significant=sig is not None,
+                      has_matched=matched is not None, significant_sentences=_error_sentences(sig))
 
 
-def green_score(parsed: GreenParse) -> Optional[float]:
-    """matched / (matched + clinically significant errors); 0 when nothing matched; None if unparsed."""
-    if not parsed.ok:
-        return None
+def green_score(parsed: GreenParse) -> float:
+    """matched / (matched + clinically significant errors); 0 when nothing matched (GREEN's rule)."""
     if parsed.matched == 0:
         return 0.0
     return parsed.matched / (parsed.matched + parsed.n_significant)
 
 
 def summarise(parses: Sequence[GreenParse]) -> dict:
-    """Mean GREEN over parsed outputs, mean error counts per category, and how many failed to parse."""
-    ok = [p for p in parses if p.ok]
-    scores = [green_score(p) for p in ok]
-    out = {"green": sum(scores) / len(scores) if scores else None, "n_scored": len(ok),
-           "n_unparsed": len(parses) - len(ok),
-           "mean_matched": sum(p.matched for p in ok) / len(ok) if ok else None,
-           "mean_significant_errors": {c: sum(p.significant[c] for p in ok) / len(ok) if ok else None
-                                       for c in CATEGORIES}}
-    with_insig = [p for p in ok if p.insignificant is not None]
-    out["mean_insignificant_errors"] = {c: sum(p.insignificant[c] for p in with_insig) / len(with_insig)
-                                        if with_insig else None for c in CATEGORIES}
-    return out
+    """GREEN's summary numbers: mean and (population) std of the scores, and per category the
+    fraction of outputs without a clinically significant error of that kind; plus mean counts."""
+    n = len(parses)
+    scores = [green_score(p) for p in parses]
+    mean = sum(scores) / n if n else None
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / n) if n else None
+    avg = lambda xs: sum(xs) / n if n else None   # noqa: E731
+    return {
+        "green": mean, "green_std": std, "n": n,
+        "n_unparsed": sum(not p.well_formed for p in parses),
+        "accuracy": {CATEGORY_COLUMNS[c]: avg([float(p.significant[c] == 0) for p in parses]) for c in CATEGORIES},
+        "mean_matched": avg([p.matched for p in parses]),
+        "mean_significant_errors": {c: avg([p.significant[c] for p in parses]) for c in CATEGORIES},
+        "mean_insignificant_errors": {c: avg([p.insignificant[c] for p in parses]) for c in CATEGORIES},
+    }
+
+
+def per_report_record(output: str) -> dict:
+    """One output's score and counts, keyed like GREEN's results table (plus our extras)."""
+    p = parse_green(output)
+    rec = {"green_score": green_score(p), **{CATEGORY_COLUMNS[c]: p.significant[c] for c in CATEGORIES},
+           "Matched Findings": p.matched, "insignificant": dict(p.insignificant), "well_formed": p.well_formed}
+    return rec
 
 
 # ------------------------------------------------------------------ the judge
 
+def encode_like_green(tokenizer, texts: Sequence[str], max_length: int = MAX_LENGTH):
+    """Token ids and mask as GREEN's tokenizer makes them: own special tokens, an EOS appended,
+    right-truncated to `max_length` (keeping the EOS), padded on the left with EOS."""
+    import torch
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the judge's tokenizer has no EOS token (GREEN appends it and pads with it)")
+    pad = eos   # GREEN sets pad_token = eos_token, whatever the tokenizer had
+    rows = []
+    for t in texts:
+        ids = list(tokenizer(t, add_special_tokens=True)["input_ids"])
+        if not ids or ids[-1] != eos:
+            ids.append(eos)
+        if len(ids) > max_length:
+            ids = ids[:max_length - 1] + ids[-1:]
+        rows.append(ids)
+    n = max(map(len, rows))
+    input_ids = torch.tensor([[pad] * (n - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return input_ids, mask
+
+
 class GreenJudge:
-    """Batched greedy generation with any local causal LM, cached on disk, scored with GREEN.
+    """GREEN's judge run over (reference, candidate) pairs, batched and cached on disk.
 
     `cache_path` (JSONL, one {"key", "output"} per line) makes long runs resumable: outputs
-    already there are not generated again; the key hashes the judge's id, the prompt and
-    `max_new_tokens`, so a different judge never reuses another's answers.
+    already there are not generated again; the key hashes the judge's id, the prompt and the
+    generation length, so a different judge never reuses another's answers. The cached output is
+    the cleaned answer (what GREEN parses). `max_new_tokens=None` keeps GREEN's
+    ``max_length=2048`` (prompt + answer); a number caps the answer instead (not GREEN's setting).
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 4, max_new_tokens: int = 1024,
-                 cache_path: Optional[str] = None, judge_id: Optional[str] = None, progress: bool = False):
+    def __init__(self, model, tokenizer, batch_size: int = BATCH_SIZE, max_new_tokens: Optional[int] = None,
+                 max_length: int = MAX_LENGTH, cache_path: Optional[str] = None, judge_id: Optional[str] = None,
+                 progress: bool = False):
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.batch_size, self.max_new_tokens, self.max_length = batch_size, max_new_tokens, max_length
         self.cache_path, self.progress = cache_path, progress
         self.judge_id = judge_id or getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
         self._cache: Dict[str, str] = self._load_cache()
 
     @classmethod
-    def from_pretrained(cls, model_id: str = DEFAULT_JUDGE, device: str = "cpu", dtype=None, **kw) -> "GreenJudge":
-        """Load a local or cached judge (the default is GREEN's 7B model; nothing small ships it)."""
+    def from_pretrained(cls, model_id: str = DEFAULT_JUDGE, device: str = "cpu", dtype="float16", **kw) -> "GreenJudge":
+        """Load a local or cached judge (default: GREEN's 7B model) in `dtype` (GREEN: float16)."""
+        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         load_kw = {k: kw.pop(k) for k in ("gguf_file",) if k in kw}
-        load_kw["trust_remote_code"] = False  # a judge folder's custom code is never run
-        tok = AutoTokenizer.from_pretrained(model_id, **load_kw)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, **load_kw).to(device).eval()
-        return cls(model, tok, judge_id=kw.pop("judge_id", model_id), **kw)
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        tok = AutoTokenizer.from_pretrained(model_id, trust_remote_code=False, **load_kw)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, trust_remote_code=False, **load_kw)
+        return cls(model.to(device).eval(), tok, judge_id=kw.pop("judge_id", model_id), **kw)
 
     # -- cache
     def _key(self, prompt: str) -> str:
-        raw = json.dumps([self.judge_id, self.max_new_tokens, prompt])
+        raw = json.dumps(["green-d72c195", self.judge_id, self.max_length, self.max_new_tokens, prompt])
         return hashlib.sha256(raw.encode()).hexdigest()
 
     def _load_cache(self) -> Dict[str, str]:
@@ -266,39 +349,25 @@ class GreenJudge:
                 f.write(json.dumps({"key": key, "output": output}) + "\n")
 
     # -- generation
-    def _chat(self, prompt: str) -> str:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                           add_generation_prompt=True)
-        return prompt
-
     def _generate_batch(self, prompts: List[str]) -> List[str]:
         import torch
         tok = self.tokenizer
-        side = tok.padding_side
-        tok.padding_side = "left"   # decoder-only: pad on the left so every row ends where generation starts
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        try:
-            texts = [self._chat(p) for p in prompts]
-            templated = bool(getattr(tok, "chat_template", None))
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not templated)
-        finally:
-            tok.padding_side = side
+        eos = tok.eos_token or "</s>"
+        input_ids, mask = encode_like_green(tok, [chat_text(p, eos) for p in prompts], self.max_length)
         device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
-        with torch.no_grad():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False,
-                                      pad_token_id=tok.pad_token_id)
-        new = out[:, enc["input_ids"].shape[1]:]
-        return tok.batch_decode(new, skip_special_tokens=True)
+        pad = tok.eos_token_id   # GREEN pads with EOS
+        length = {"max_new_tokens": self.max_new_tokens} if self.max_new_tokens else {"max_length": self.max_length}
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                      eos_token_id=tok.eos_token_id, pad_token_id=pad, do_sample=False,
+                                      temperature=None, top_p=None, **length)
+        texts = tok.batch_decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        return [clean_response(t) for t in texts]
 
     def generate(self, prompts: Sequence[str]) -> List[str]:
-        """Judge outputs for `prompts`, from the cache where present."""
+        """Cleaned judge answers for `prompts`, from the cache where present (batches in input order)."""
         keys = [self._key(p) for p in prompts]
-        todo = sorted({k: i for i, k in enumerate(keys) if k not in self._cache}.values(),
-                      key=lambda i: len(prompts[i]))   # similar lengths batch with less padding
+        todo = list({k: i for i, k in enumerate(keys) if k not in self._cache}.values())
         starts = range(0, len(todo), self.batch_size)
         if self.progress:
             from tqdm.auto import tqdm
@@ -312,19 +381,15 @@ class GreenJudge:
         return [self._cache[k] for k in keys]
 
     def __call__(self, references: Sequence[str], candidates: Sequence[str]) -> dict:
-        """{"summary": ..., "per_report": [{score, matched, significant, insignificant, parsed, error, output}]}."""
+        """{"summary": GREEN's summary numbers, "per_report": [{green_score, (a)..(f), Matched Findings, output}]}."""
         if len(references) != len(candidates):
             raise ValueError(f"{len(references)} references but {len(candidates)} candidates")
         outputs = self.generate([make_prompt(r, c) for r, c in zip(references, candidates)])
-        parses = [parse_green(o) for o in outputs]
         per = []
-        for p, o in zip(parses, outputs):
-            rec = asdict(p)
-            rec.pop("explanation")
-            rec["parsed"] = rec.pop("ok")
-            rec["score"] = green_score(p)
+        for o in outputs:
+            rec = per_report_record(o)
             rec["output"] = o
             per.append(rec)
-        summary = summarise(parses)
+        summary = summarise([parse_green(o) for o in outputs])
         summary["judge"] = self.judge_id
         return {"summary": summary, "per_report": per}

@@ -42,15 +42,39 @@ def retrieve_reports(query_emb: torch.Tensor, query_study_ids: Sequence, bank_em
     return texts, used
 
 
+def check_clinical_metrics(radgraph: Optional[str] = None, chexbert: bool = False) -> None:
+    """Fail before any work when an asked-for RadGraph/CheXbert model is not on this machine."""
+    from open_clip_cxr.eval import clinical_metrics as CM
+    if radgraph:
+        CM.check_radgraph(radgraph)
+    if chexbert:
+        CM.check_chexbert()
+
+
 def evaluate_report_generation(generated: Sequence[str], references: Sequence[str],
-                               bert_scorer: Optional[BertScorer] = None, judge=None, meteor: bool = True) -> dict:
-    """{"metrics": text metrics (+ "GREEN"), "green": judge summary, "per_report": ...}."""
+                               bert_scorer: Optional[BertScorer] = None, judge=None, meteor: bool = True,
+                               radgraph: Optional[str] = None, chexbert: bool = False, device: str = "cpu") -> dict:
+    """{"metrics": text metrics (+ RadGraph/CheXbert F1 when asked, + "GREEN"), "green": judge summary, ...}.
+
+    `radgraph`: a RadGraph model type ("radgraph", "radgraph-xl", ...) to add RadGraph-F1;
+    `chexbert`: add CheXbert-F1. Both need their weights on disk (see clinical_metrics)."""
     out = {"metrics": text_metrics(generated, references, bert_scorer=bert_scorer, meteor=meteor),
            "n_reports": len(generated)}
+    if radgraph or chexbert:
+        from open_clip_cxr.eval import clinical_metrics as CM
+        check_clinical_metrics(radgraph, chexbert)
+        if radgraph:
+            rg = CM.radgraph_f1(generated, references, model_type=radgraph, device=device)
+            rg.pop("per_pair_partial")
+            out["metrics"].update(rg)
+        if chexbert:
+            out["metrics"].update(CM.chexbert_f1(generated, references, device=device))
     if judge is not None:
         g = judge(references, generated)
         out["green"] = g["summary"]
         out["metrics"]["GREEN"] = g["summary"]["green"]
+        out["metrics"]["GREEN_std"] = g["summary"].get("green_std")
+        # outputs without GREEN's sections: scored 0 and averaged in, as GREEN's own code does
         out["metrics"]["GREEN_unparsed"] = g["summary"]["n_unparsed"]
         out["per_report_green"] = g["per_report"]
     return out

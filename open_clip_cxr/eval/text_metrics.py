@@ -5,17 +5,16 @@ use them); METEOR runs pycocoevalcap's Java jar and is skipped, with a note, whe
 is missing. Texts are lower-cased and split into alphanumeric words first (punctuation
 dropped), instead of the Stanford tokenizer that would need Java for every metric.
 
-BERTScore is implemented here: greedy matching of L2-normalised token embeddings from any
-local transformers encoder (no baseline rescaling, no idf weighting), so no download is needed;
-the MiniLM package that ships with the project is the default encoder.
+BERTScore is the `bert-score` package's, run on a local encoder (a folder or a cached hub id;
+the all-MiniLM-L6-v2 package that ships with the project is the default), with its idf and
+baseline-rescaling options; offline, a model that is not on disk is a clear error.
 """
 import importlib.util
 import os
 import re
 import shutil
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
-import torch
 
 
 def tokenize(text: str) -> str:
@@ -83,64 +82,72 @@ def minilm_dir() -> str:
 
 
 class BertScorer:
-    """BERTScore from token embeddings of a local encoder (a folder or an already loaded model).
+    """BERTScore (Zhang et al., 2020) through the `bert-score` package, with a local encoder.
 
-    P = mean over candidate tokens of the best cosine with a reference token, R the other way,
-    F1 = 2PR / (P + R). Special and padding tokens are left out. `layer` picks a hidden
-    state (default: the last).
+    `model`: "minilm" (the all-MiniLM-L6-v2 package this project ships), a folder, or a hub id
+    already in the local cache. `num_layers`: the hidden layer used (default: bert-score's tuned
+    layer for the models it knows, else the model's last layer). `idf`: weight tokens by inverse
+    document frequency computed on `idf_sents` (default: the references of each call, as
+    `bert_score.score` does). `rescale_with_baseline`: bert-score's baseline rescaling, from its
+    bundled file for the models it knows (`lang`) or from `baseline_path`.
     """
 
-    def __init__(self, model_dir: Optional[str] = None, model=None, tokenizer=None, layer: Optional[int] = None,
-                 device="cpu", batch_size: int = 32, max_length: int = 512):
-        if model is None:
-            from transformers import AutoModel, AutoTokenizer
-            model_dir = model_dir or minilm_dir()
-            model = AutoModel.from_pretrained(model_dir, trust_remote_code=False)
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-        if tokenizer is None:
-            raise ValueError("a loaded model needs its tokenizer")
-        self.model, self.tokenizer = model.to(device).eval(), tokenizer
-        self.layer, self.device = layer, device
-        self.batch_size, self.max_length = batch_size, max_length
-        self.name = model_dir or getattr(getattr(model, "config", None), "_name_or_path", type(model).__name__)
-
-    @torch.no_grad()
-    def embed(self, texts: Sequence[str]) -> List[torch.Tensor]:
-        """One [n_tokens, D] tensor of L2-normalised token embeddings per text."""
-        out = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = self.tokenizer(list(texts[s:s + self.batch_size]), padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt", return_special_tokens_mask=True)
-            special = enc.pop("special_tokens_mask").bool()
-            enc = {k: v.to(self.device) for k, v in enc.items()}
-            hidden = self.model(**enc, output_hidden_states=self.layer is not None)
-            h = hidden.hidden_states[self.layer] if self.layer is not None else hidden.last_hidden_state
-            h = torch.nn.functional.normalize(h.float(), dim=-1).cpu()
-            keep = enc["attention_mask"].cpu().bool() & ~special
-            out.extend(h[i][keep[i]] for i in range(h.shape[0]))
-        return out
-
-    @staticmethod
-    def greedy_match(cand: torch.Tensor, ref: torch.Tensor):
-        """(P, R, F1) of one pair of token-embedding matrices."""
-        if len(cand) == 0 or len(ref) == 0:
-            return 0.0, 0.0, 0.0
-        sim = cand @ ref.T
-        p, r = float(sim.max(1).values.mean()), float(sim.max(0).values.mean())
-        f = 2 * p * r / (p + r) if p + r > 0 else 0.0
-        return p, r, f
+    def __init__(self, model: str = "minilm", num_layers: Optional[int] = None, idf: bool = False,
+                 idf_sents: Optional[Sequence[str]] = None, rescale_with_baseline: bool = False,
+                 baseline_path: Optional[str] = None, lang: str = "en", device: str = "cpu", batch_size: int = 64):
+        try:
+            import bert_score
+            from bert_score.utils import model2layers
+        except ImportError as e:
+            raise ImportError(f"BERTScore needs the `bert-score` package ({e}); pip install bert-score") from e
+        model_type = minilm_dir() if model in (None, "minilm") else model
+        if num_layers is None:
+            num_layers = model2layers.get(model_type) or _n_layers(model_type)
+        try:
+            self.scorer = bert_score.BERTScorer(model_type=model_type, num_layers=num_layers, idf=idf,
+                                                rescale_with_baseline=rescale_with_baseline, baseline_path=baseline_path,
+                                                lang=lang, device=device, batch_size=batch_size)
+        except OSError as e:
+            raise FileNotFoundError(f"BERTScore model {model_type!r} is not available locally ({str(e).splitlines()[0]}); "
+                                    "pass a folder with --bertscore-model, or 'minilm' for the shipped MiniLM") from e
+        if rescale_with_baseline and not os.path.isfile(self.scorer.baseline_path):
+            raise FileNotFoundError(f"no BERTScore baseline for {model_type!r} ({self.scorer.baseline_path}); "
+                                    "bert-score ships baselines only for the models it knows: pass --bertscore-baseline FILE")
+        self.idf, self.idf_sents, self.batch_size = idf, idf_sents, batch_size
+        if idf and idf_sents is not None:
+            self.scorer.compute_idf(list(idf_sents))
+        self.name = model if model not in (None, "minilm") else "all-MiniLM-L6-v2 (shipped)"
+        self.settings = {"model": self.name, "num_layers": num_layers, "idf": idf,
+                         "rescale_with_baseline": rescale_with_baseline, "baseline_path": baseline_path}
 
     def score(self, candidates: Sequence[str], references: Sequence[str]) -> Dict[str, object]:
         """Mean P/R/F1 over pairs, plus the per-pair F1."""
+        import warnings
         if len(candidates) != len(references):
             raise ValueError(f"{len(candidates)} candidates but {len(references)} references")
         if not candidates:
             raise ValueError("no reports to score")
-        ce, re_ = self.embed(candidates), self.embed(references)
-        prf = [self.greedy_match(c, r) for c, r in zip(ce, re_)]
-        n = len(prf)
-        return {"precision": sum(x[0] for x in prf) / n, "recall": sum(x[1] for x in prf) / n,
-                "f1": sum(x[2] for x in prf) / n, "per_pair_f1": [x[2] for x in prf]}
+        if self.idf and self.idf_sents is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # "overwriting the previous importance weights"
+                self.scorer.compute_idf(list(references))
+        p, r, f = self.scorer.score(list(candidates), list(references), batch_size=self.batch_size)
+        return {"precision": float(p.mean()), "recall": float(r.mean()), "f1": float(f.mean()),
+                "per_pair_f1": [float(x) for x in f]}
+
+
+def _n_layers(model_dir: str) -> int:
+    """The number of hidden layers in a local (or cached) model's config."""
+    from transformers import AutoConfig
+    try:
+        cfg = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except OSError as e:
+        raise FileNotFoundError(f"BERTScore model {model_dir!r} is not available locally ({str(e).splitlines()[0]}); "
+                                "pass a folder with --bertscore-model, or 'minilm' for the shipped MiniLM") from e
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers", None)
+    if not n:
+        raise ValueError(f"cannot tell the layers of {model_dir!r}; pass --bertscore-layers")
+    return int(n)
 
 
 def text_metrics(candidates: Sequence[str], references: Sequence[str], bert_scorer: Optional[BertScorer] = None,
@@ -150,5 +157,5 @@ def text_metrics(candidates: Sequence[str], references: Sequence[str], bert_scor
     if bert_scorer is not None:
         bs = bert_scorer.score(candidates, references)
         out.update({"BERTScore-F1": bs["f1"], "BERTScore-P": bs["precision"], "BERTScore-R": bs["recall"],
-                    "BERTScore-model": str(bert_scorer.name)})
+                    "BERTScore-model": str(bert_scorer.name), "BERTScore-settings": dict(bert_scorer.settings)})
     return out

@@ -1,10 +1,11 @@
-"""Zero-shot finding classification from image-text similarity, scored by AUC and accuracy.
+"""Zero-shot finding classification from image-text similarity, scored by AUC (sklearn) and accuracy.
 
 Each finding has a few positive and a few negative phrasings; the phrasings of one side are
 embedded, averaged and re-normalised (a prompt ensemble), and an image's probability of the
 finding is the softmax over its (positive, negative) similarities, scaled by the model's
 logit scale. Labels come from shard metadata: 1 positive, 0 negative, -1 (uncertain), NaN or
-missing are left out of that finding's scores.
+missing are left out of that finding's scores. The classes are CheXpert's 14 with built-in prompts,
+or any labels (`select_prompts`) with prompts from a YAML file (`load_prompts`).
 """
 import math
 import re
@@ -74,20 +75,64 @@ def label_matrix(labels: Sequence[Optional[Mapping]], findings: Sequence[str] = 
 
 
 def roc_auc(scores, labels) -> float:
-    """Area under the ROC curve from ranks (Mann-Whitney U); tied scores share their mean rank,
-    so a tie between a positive and a negative counts one half. NaN when a class is absent."""
+    """sklearn's ROC AUC over the labelled items (NaN labels or scores left out); NaN when a class is absent."""
+    from sklearn.metrics import roc_auc_score
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels, dtype=np.float64)
     keep = ~np.isnan(y) & ~np.isnan(s)
     s, y = s[keep], y[keep] == 1
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    uniq, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
-    # rank of a tie group = mean of the 1-based positions it occupies
-    mean_rank = np.cumsum(counts) - (counts - 1) / 2.0
-    ranks = mean_rank[inv]
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return float(roc_auc_score(y, s))
+
+
+def _clean_list(value, where: str) -> List[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ValueError(f"{where}: needs a non-empty list of prompt strings")
+    return [v.strip() for v in value]
+
+
+def load_prompts(path) -> Dict[str, Tuple[List[str], List[str]]]:
+    """A YAML (or JSON) file `class: {positive: [...], negative: [...]}` as a prompts mapping."""
+    import yaml
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"--prompts {path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"--prompts {path}: expected a mapping of class -> {{positive: [...], negative: [...]}}")
+    out = {}
+    for name, entry in data.items():
+        where = f"--prompts {path}: class {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"positive", "negative"}:
+            raise ValueError(f"{where}: needs exactly the keys 'positive' and 'negative'")
+        out[str(name)] = (_clean_list(entry["positive"], f"{where} positive"),
+                          _clean_list(entry["negative"], f"{where} negative"))
+    return out
+
+
+def select_prompts(prompts: Mapping[str, Tuple[Sequence[str], Sequence[str]]], labels: Sequence[str],
+                   available: Optional[Sequence[str]] = None) -> Dict[str, Tuple[Sequence[str], Sequence[str]]]:
+    """{label: its prompts} for the asked-for labels (names matched ignoring case and punctuation).
+
+    ValueError when a label has no prompts, or (given `available`, the label names in the data)
+    when no image carries it."""
+    by_norm = {_norm_name(k): k for k in prompts}
+    missing = [lab for lab in labels if _norm_name(lab) not in by_norm]
+    if missing:
+        raise ValueError(f"unknown label {', '.join(map(repr, missing))}: no prompts for it (prompts exist for "
+                         f"{', '.join(list(prompts)[:20])}); give --prompts FILE with positive/negative prompts for it")
+    if available is not None:
+        have = {_norm_name(a) for a in available}
+        absent = [lab for lab in labels if _norm_name(lab) not in have]
+        if absent:
+            raise ValueError(f"label {', '.join(map(repr, absent))} is in no image's metadata (labels there: "
+                             f"{', '.join(list(available)[:20]) or 'none'}); for a table source make the shards "
+                             "with --label-cols")
+    return {lab: prompts[by_norm[_norm_name(lab)]] for lab in labels}
 
 
 def prompt_embeddings(encode_fn: Callable[[List[str]], torch.Tensor],
@@ -118,7 +163,7 @@ def score_findings(probs, labels: np.ndarray, findings: Sequence[str] = FINDINGS
         keep = ~np.isnan(y)
         n_pos, n_neg = int((y[keep] == 1).sum()), int((y[keep] == 0).sum())
         acc = float(((p[keep] > threshold) == (y[keep] == 1)).mean()) if keep.any() else float("nan")
-        per[f] = {"auc": roc_auc(p, y), "accuracy": acc, "n_pos": n_pos, "n_neg": n_neg}
+        per[f] = {"auc": roc_auc(p, y), "accuracy": acc, "n_pos": n_pos, "n_neg": n_neg, "support": n_pos + n_neg}
     aucs = [v["auc"] for v in per.values() if not math.isnan(v["auc"])]
     accs = [v["accuracy"] for v in per.values() if not math.isnan(v["accuracy"])]
     # NaN is not JSON: findings without both classes report auc None
@@ -147,7 +192,9 @@ def evaluate_zeroshot(image_emb: torch.Tensor, labels: Sequence[Optional[Mapping
     findings = list(prompts)
     y = label_matrix(labels, findings)
     if np.isnan(y).all():
-        raise ValueError("no usable labels (1 or 0) in the metadata: zero-shot evaluation needs CheXpert-style labels")
+        raise ValueError(f"no usable labels (1 or 0) for {', '.join(findings[:5])}{'...' if len(findings) > 5 else ''} "
+                         "in the metadata: zero-shot needs labelled images (MIMIC/CheXpert labels, or a table "
+                         "source's columns via shards --label-cols and eval --labels)")
     pos, neg = prompt_embeddings(encode_fn, prompts)
     probs = finding_probabilities(image_emb, pos, neg, logit_scale)
     out = score_findings(probs.numpy(), y, findings)

@@ -5,13 +5,19 @@ the text, the model id and the generation settings. Lines are appended and flush
 after every batch, so a rerun skips finished texts and an interrupted run resumes.
 The cache stores keys and paraphrases only, not the source text; paraphrases are still
 derived from it, so keep caches of restricted-licence reports (Open-I) out of the repo.
+
+`LLMVariants` turns two paraphrasers (a rewrite prompt and a one-error prompt) into checked
+report variants: `check_variant` keeps a rewrite only when the mention extractor reads the same
+findings, sides, negations and severities, and a one-error copy only when exactly one of them
+changed; every drop is counted by reason. `attach_llm_variants` feeds them to the shard writer
+(`shards --variants llm|both`), `llm_report_texts` to stage 1 (`supcon.variants: llm|both`).
 """
 import hashlib
 import json
 import os
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -159,3 +165,137 @@ class LLMParaphraser:
             if was_training:
                 self.model.train()
         return [self._cache[k] for k in keys]
+
+
+# ------------------------------------------------------------------ LLM-made variants, checked
+
+NEGATIVE_PROMPT = (
+    "Rewrite this chest X-ray report with exactly one clinical error: move one finding to the other "
+    "side (left/right), or state one finding's presence the other way round, or change the severity "
+    "of one finding. Keep everything else the same. Reply with the rewritten report only.\n\nReport: {text}"
+)
+_ONE_ERROR = ("laterality", "negation", "severity", "insertion")
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def check_variant(base: str, text: str, kind: str) -> Tuple[str, Optional[str]]:
+    """(reason, error type): reason "kept" when `text` is a usable `kind` ("positive"/"negative") of `base`.
+
+    The mention extractor decides: a positive keeps every finding with its side, negation and
+    severity (`classify_edit` == "equal"); a negative differs by exactly one of them (or one added
+    finding). A base without any finding the extractor knows cannot be checked, so nothing is kept."""
+    from open_clip_cxr.reports.mentions import classify_edit, mention_keys
+    if not text or not text.strip():
+        return "empty", None
+    if _norm(text) == _norm(base):
+        return "identical", None
+    if not mention_keys(base):
+        return "uncheckable", None
+    edit = classify_edit(base, text)
+    if kind == "positive":
+        return ("kept", None) if edit == "equal" else (f"changed-{edit or 'several'}", None)
+    if edit in _ONE_ERROR:
+        return "kept", edit
+    return {"equal": "no-error", "subset": "dropped-finding", None: "several-changes"}[edit], None
+
+
+class LLMVariants:
+    """Positives and hard negatives of report texts, written by LLMParaphrasers and kept only
+    when `check_variant` accepts them; `counts` holds kept/dropped per reason (both kinds)."""
+
+    def __init__(self, positive: "LLMParaphraser", negative: Optional["LLMParaphraser"] = None):
+        self.positive, self.negative = positive, negative
+        self.counts: Dict[str, int] = {}
+
+    def make(self, texts: Sequence[str]) -> Dict[str, List[dict]]:
+        """{text: [variant dicts as shards store them: text, style "llm", equivalent, error_type]}."""
+        uniq = list(dict.fromkeys(t for t in texts if t and t.strip()))
+        out: Dict[str, List[dict]] = {t: [] for t in uniq}
+        jobs = [("positive", self.positive)] + ([("negative", self.negative)] if self.negative else [])
+        for kind, para in jobs:
+            for base, cand in zip(uniq, para.paraphrase(uniq)):
+                reason, error = check_variant(base, cand, kind)
+                key = f"{kind}/{reason}"
+                self.counts[key] = self.counts.get(key, 0) + 1
+                if reason == "kept":
+                    out[base].append({"text": cand, "style": "llm", "equivalent": kind == "positive",
+                                      "error_type": error})
+        return out
+
+    def summary(self) -> Dict[str, object]:
+        """{"model", "kept": {kind: n}, "dropped": {kind: {reason: n}}}."""
+        kept, dropped = {}, {}
+        for key, n in sorted(self.counts.items()):
+            kind, reason = key.split("/", 1)
+            if reason == "kept":
+                kept[kind] = kept.get(kind, 0) + n
+            else:
+                dropped.setdefault(kind, {})[reason] = n
+        return {"model": self.positive.model_id, "kept": kept, "dropped": dropped}
+
+
+def load_llm_variants(model_id: str, cache_dir, device: Optional[str] = None, batch_size: int = 8,
+                      max_new_tokens: int = 160, gguf_file: Optional[str] = None,
+                      negatives: bool = True) -> LLMVariants:
+    """LLMVariants from a local (or cached) causal LM; caches in `cache_dir` (resumable)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    tok = AutoTokenizer.from_pretrained(model_id, trust_remote_code=False, **kw)
+    model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=False, **kw).to(device).eval()
+    name = Path(model_id).name + (f"/{gguf_file}" if gguf_file else "")
+    cache_dir = Path(cache_dir)
+    make = lambda prompt, f: LLMParaphraser(model, tok, cache_dir / f, batch_size=batch_size,  # noqa: E731
+                                            max_new_tokens=max_new_tokens, prompt=prompt, model_id=name)
+    return LLMVariants(make(DEFAULT_PROMPT, "positives.jsonl"),
+                       make(NEGATIVE_PROMPT, "negatives.jsonl") if negatives else None)
+
+
+def attach_llm_variants(records, maker: LLMVariants) -> list:
+    """The records as a list, each sample given `llm_variants` (checked LLM rewrites of its report),
+    which the shard writer adds to the sample's stored variants."""
+    from open_clip_cxr.data.sources import Sample
+    from open_clip_cxr.reports.rewrite_common import base_text
+    records = list(records)
+    samples = [r for r in records if isinstance(r, Sample)]
+    made = maker.make([base_text(s.report) for s in samples])
+    for s in samples:
+        s.llm_variants = made.get(base_text(s.report), [])
+    return records
+
+
+def llm_report_texts(report_texts_fn, reports, scfg: dict, cache_dir, log=print):
+    """Stage 1's `report_texts` with LLM-made variants: `supcon.variants` "llm" uses only them,
+    "both" adds them to the rule-based ones. `supcon.paraphraser` (model folder or cached id),
+    `supcon.paraphraser_gguf`, `supcon.paraphraser_batch_size`. Counts go to cache_dir/counts.json."""
+    from open_clip_cxr.reports.rewrite_common import base_text
+    mode = scfg.get("variants", "rules")
+    if mode not in ("llm", "both"):
+        raise ValueError(f"supcon.variants must be rules, llm or both, not {mode!r}")
+    if not scfg.get("paraphraser"):
+        raise ValueError(f"supcon.variants: {mode} needs supcon.paraphraser (a local causal LM)")
+    maker = load_llm_variants(scfg["paraphraser"], cache_dir, batch_size=int(scfg.get("paraphraser_batch_size", 8)),
+                              gguf_file=scfg.get("paraphraser_gguf"))
+    made = maker.make([base_text(r) for r in reports])
+    summary = maker.summary()
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(cache_dir) / "counts.json", "w") as f:
+        json.dump(summary, f, indent=1)
+    log(f"supcon: LLM variants from {summary['model']}: kept {summary['kept']}, dropped {summary['dropped']}")
+
+    def texts(report, *args, **kw):
+        t = report_texts_fn(report, *args, **kw)
+        if t is None:
+            return None
+        extra = made.get(t.base, [])
+        pos = [v["text"] for v in extra if v["equivalent"]]
+        neg = [v["text"] for v in extra if not v["equivalent"]]
+        if mode == "llm":
+            t.variants, t.negatives = pos, neg
+        else:
+            t.variants, t.negatives = t.variants + pos, t.negatives + neg
+        return t
+    return texts

@@ -1,0 +1,233 @@
+"""The search index at scale, and `index` encoding throughput on real package films.
+
+Part 1 (FAISS, as `open_clip_cxr.search.store` builds it): N unit vectors of dimension D
+(default 1,000,000 x 512), for each index kind: build time, size on disk, peak resident
+memory, single-query latency p50/p99, and recall@10 of the approximate kinds against exact
+search. Each kind runs in its own interpreter, so its peak memory is its own; vectors are
+generated and added 50,000 at a time, so nothing but the index itself holds all of them.
+Two data sets: `uniform` (random unit vectors, the worst case for any approximate index:
+no structure to exploit) and `clustered` (unit vectors around 2,000 random centres, closer to
+real embeddings, which cluster by finding and view).
+
+Part 2: `open-clip-cxr index` end to end (decode, preprocess, encode images and reports,
+SQLite, FAISS) on the 17 real chest films that ship in packages (repeated to --films), per
+precision, in images/s.
+
+    nice python bench/bench_index.py                        # both parts, 1M x 512
+    python bench/bench_index.py --part faiss --n 100000 --kinds flat,ivf
+    python bench/bench_index.py --part encode --model cxr-llm-tiny --precisions fp32,bf16
+"""
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+CHUNK = 50_000
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        name = next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        name = "unknown CPU"
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def vectors(kind: str, n: int, dim: int, seed: int, start: int = 0):
+    """Rows [start, start+n) of a data set, in chunks; the same rows whatever the chunking."""
+    import numpy as np
+    centres = None
+    if kind == "clustered":
+        centres = np.random.default_rng(1234).standard_normal((2000, dim)).astype(np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    for s in range(start, start + n, CHUNK):
+        m = min(CHUNK, start + n - s)
+        rng = np.random.default_rng([seed, s])
+        if centres is None:
+            x = rng.standard_normal((m, dim), dtype=np.float32)
+        else:
+            x = centres[rng.integers(0, len(centres), m)] + 0.06 * rng.standard_normal((m, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        yield x
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def child(kind: str, data: str, n: int, dim: int, nq: int, threads: int, params: dict, workdir: str,
+          search_threads: int = 1) -> dict:
+    import faiss
+    import numpy as np
+    from open_clip_cxr.search import store
+    base_mb = _rss_mb()          # the interpreter with numpy, faiss and torch (open_clip_cxr imports it)
+    faiss.omp_set_num_threads(threads)
+    p = {**store.DEFAULT_PARAMS[kind], **params}
+    if kind in ("ivf", "ivfpq") and not p.get("nlist"):
+        p["nlist"] = store.default_nlist(n)
+    t0 = time.perf_counter()
+    index = store.new_faiss(kind, dim, p)
+    train_s = 0.0
+    if not index.is_trained:   # as sync_faiss: a uniform sample of at most 100k rows (here the first 100k)
+        sample = np.concatenate(list(vectors(data, min(n, 100_000), dim, seed=0)))
+        index.train(sample)
+        del sample
+        train_s = time.perf_counter() - t0
+    for x in vectors(data, n, dim, seed=0):
+        index.add(x)
+    build_s = time.perf_counter() - t0
+    path = Path(workdir) / f"{data}-{kind}.faiss"
+    faiss.write_index(index, str(path))
+    size = path.stat().st_size
+    path.unlink()
+    q = np.concatenate(list(vectors(data, nq, dim, seed=1)))
+    # one query at a time: on a busy machine OpenMP's second thread mostly waits (measured 5x slower)
+    faiss.omp_set_num_threads(search_threads)
+    gt_path = Path(workdir) / f"{data}-gt.npy"
+    settings = [None]
+    if kind == "hnsw":
+        settings = [64, 128, 256, 512]
+    elif kind in ("ivf", "ivfpq"):
+        settings = [16, 32, 64, 128]
+    rows = []
+    for s in settings:
+        if kind == "hnsw":
+            index.hnsw.efSearch = s
+        elif s is not None:
+            faiss.extract_index_ivf(index).nprobe = s
+        index.search(q[:5], 10)   # warm up
+        lat, ids = [], []
+        for i in range(nq):
+            t = time.perf_counter()
+            _, I = index.search(q[i:i + 1], 10)
+            lat.append(time.perf_counter() - t)
+            ids.append(I[0])
+        ids = np.stack(ids)
+        if kind == "flat":
+            np.save(gt_path, ids)
+            recall = 1.0
+        else:
+            gt = np.load(gt_path)
+            recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, gt)]))
+        lat = np.sort(np.asarray(lat) * 1000)
+        rows.append({"setting": s, "p50_ms": round(float(np.percentile(lat, 50)), 3),
+                     "p99_ms": round(float(np.percentile(lat, 99)), 3), "recall@10": round(recall, 4)})
+    return {"kind": kind, "data": data, "n": n, "dim": dim, "params": {k: v for k, v in p.items() if v is not None},
+            "train_s": round(train_s, 1), "build_s": round(build_s, 1), "size_mb": round(size / 2**20, 1),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "peak_over_baseline_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb),
+            "search_threads": search_threads, "search": rows}
+
+
+def faiss_part(args) -> list:
+    workdir = tempfile.mkdtemp(prefix="bench_index_")
+    results = []
+    try:
+        for data in args.data.split(","):
+            for kind in ["flat"] + [k for k in args.kinds.split(",") if k != "flat"]:   # flat first: ground truth
+                code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r});"
+                        f"from bench_index import child; print(json.dumps(child({kind!r}, {data!r}, {args.n}, {args.dim}, "
+                        f"{args.queries}, {args.threads}, {{}}, {workdir!r}, {args.search_threads})))")
+                t = time.time()
+                out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+                if out.returncode:
+                    print(out.stderr[-2000:], file=sys.stderr)
+                    raise SystemExit(f"{kind} on {data} failed")
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                results.append(res)
+                print(f"[{data} {kind}] build {res['build_s']}s (train {res['train_s']}s), {res['size_mb']} MB on disk, "
+                      f"peak RSS {res['peak_rss_mb']} MB ({res['peak_over_baseline_mb']} MB over the bare interpreter); "
+                      f"wall {time.time() - t:.0f}s", flush=True)
+                for r in res["search"]:
+                    print(f"    setting {r['setting']}: p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
+                          f"recall@10 {r['recall@10']}", flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def encode_part(args) -> list:
+    import csv
+
+    import torch
+    import open_clip_cxr
+    from bench_common import real_images
+    from open_clip_cxr.data.shard_writer import EncodeOptions, ShardLimits, write_shards
+    from open_clip_cxr.data.sources import iter_table_source
+    from open_clip_cxr.search.build import build_index, shard_sources
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="bench_index_enc_"))
+    results = []
+    try:
+        films = real_images()
+        with open(work / "films.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["image", "report", "study"])
+            w.writeheader()
+            for i in range(args.films):   # our own one-line reports; each film repeated under new study ids
+                w.writerow({"image": str(films[i % len(films)]), "study": f"s{i}",
+                            "report": f"Chest film {i}. The lungs are clear. No pleural effusion."})
+        write_shards(iter_table_source(work / "films.csv", study_col="study"), work / "shards",
+                     options=EncodeOptions(max_side=512), limits=ShardLimits(samples_per_shard=1000), progress=False)
+        urls = "::".join(str(p) for p in sorted((work / "shards").glob("*.tar")))
+        for precision in args.precisions.split(","):
+            model, _, pre = open_clip_cxr.create_model_and_transforms(args.model, pretrained=args.pretrained,
+                                                                      precision=precision)
+            tok = open_clip_cxr.get_tokenizer(args.model)
+            out = work / f"index-{precision}"
+            t = time.perf_counter()
+            m = build_index(out, shard_sources(urls), model=model.eval(), preprocess=pre, tokenizer=tok,
+                            model_name=args.model, pretrained=args.pretrained, precision=precision,
+                            batch_size=args.batch_size, progress=False, log=lambda s: None)
+            dt = time.perf_counter() - t
+            n = m["counts"]["images"]
+            results.append({"model": args.model, "precision": precision, "images": n, "seconds": round(dt, 1),
+                            "images_per_s": round(n / dt, 2), "threads": args.threads})
+            print(f"[encode {args.model} {precision}] {n} films (+{m['counts']['studies']} reports) in {dt:.1f}s: "
+                  f"{n / dt:.2f} images/s", flush=True)
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["all", "faiss", "encode"], default="all")
+    p.add_argument("--n", type=int, default=1_000_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=300, help="single queries timed per setting")
+    p.add_argument("--kinds", default="flat,ivf,hnsw")
+    p.add_argument("--data", default="clustered,uniform")
+    p.add_argument("--threads", type=int, default=2, help="threads for building and encoding")
+    p.add_argument("--search-threads", type=int, default=1, help="FAISS threads for single queries")
+    p.add_argument("--model", default="cxr-llm-tiny")
+    p.add_argument("--pretrained", default=None)
+    p.add_argument("--precisions", default="fp32,bf16")
+    p.add_argument("--films", type=int, default=68, help="films to index (the 17 package films, repeated)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    print(f"CPU: {cpu_name()}; {args.threads} threads; shared with other jobs while measured", flush=True)
+    res = {"cpu": cpu_name(), "threads": args.threads}
+    if args.part in ("all", "faiss"):
+        res["faiss"] = faiss_part(args)
+    if args.part in ("all", "encode"):
+        res["encode"] = encode_part(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()

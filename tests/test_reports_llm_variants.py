@@ -1,0 +1,146 @@
+"""LLM-made report variants: the mention check, kept/dropped counts, caching, shards and stage-1 hooks."""
+import json
+import tarfile
+
+import pytest
+
+import data_fixtures as fx
+from open_clip_cxr.reports import paraphrase as P
+from open_clip_cxr.reports.types import Report
+from test_reports_paraphrase import tiny  # noqa: F401  (fixture: random 1-layer Llama + char tokenizer)
+
+BASE = "Small left pleural effusion. No pneumothorax."
+
+
+@pytest.mark.parametrize("text, kind, reason, error", [
+    ("There is a small left pleural effusion. There is no pneumothorax.", "positive", "kept", None),
+    ("small left pleural effusion.  no pneumothorax.", "positive", "identical", None),
+    ("   ", "positive", "empty", None),
+    ("Small right pleural effusion. No pneumothorax.", "positive", "changed-laterality", None),
+    ("Small left pleural effusion.", "positive", "changed-subset", None),
+    ("Large right pleural effusion. Pneumothorax.", "positive", "changed-several", None),
+    ("Small right pleural effusion. No pneumothorax.", "negative", "kept", "laterality"),
+    ("Small left pleural effusion. Pneumothorax is present.", "negative", "kept", "negation"),
+    ("Large left pleural effusion. No pneumothorax.", "negative", "kept", "severity"),
+    ("A small left pleural effusion. There is no pneumothorax.", "negative", "no-error", None),
+    ("No pneumothorax.", "negative", "dropped-finding", None),
+    ("Large right pleural effusion. Pneumothorax.", "negative", "several-changes", None),
+])
+def test_check_variant(text, kind, reason, error):
+    assert P.check_variant(BASE, text, kind) == (reason, error)
+
+
+def test_a_report_without_known_findings_cannot_be_checked():
+    assert P.check_variant("Stable appearance of the chest.", "The chest looks the same.", "positive")[0] == "uncheckable"
+
+
+class FakeParaphraser:
+    def __init__(self, answers, model_id="fake-llm"):
+        self.answers, self.model_id, self.calls = answers, model_id, 0
+
+    def paraphrase(self, texts):
+        self.calls += 1
+        return [self.answers.get(t, t) for t in texts]
+
+
+def _maker():
+    pos = FakeParaphraser({BASE: "There is a small left pleural effusion. There is no pneumothorax.",
+                           "Mild cardiomegaly.": "Severe cardiomegaly."})
+    neg = FakeParaphraser({BASE: "Small right pleural effusion. No pneumothorax.", "Mild cardiomegaly.": "Mild cardiomegaly."})
+    return P.LLMVariants(pos, neg)
+
+
+def test_llm_variants_keep_checked_rewrites_and_count_reasons():
+    m = _maker()
+    made = m.make([BASE, "Mild cardiomegaly.", BASE, ""])
+    assert made[BASE] == [
+        {"text": "There is a small left pleural effusion. There is no pneumothorax.", "style": "llm",
+         "equivalent": True, "error_type": None},
+        {"text": "Small right pleural effusion. No pneumothorax.", "style": "llm", "equivalent": False,
+         "error_type": "laterality"}]
+    assert made["Mild cardiomegaly."] == []
+    assert m.summary() == {"model": "fake-llm", "kept": {"negative": 1, "positive": 1},
+                           "dropped": {"negative": {"identical": 1}, "positive": {"changed-severity": 1}}}
+
+
+def test_llm_variants_with_a_real_tiny_model_are_cached(tiny, tmp_path):   # noqa: F811
+    model, tok = tiny
+    make = lambda: P.LLMVariants(  # noqa: E731
+        P.LLMParaphraser(model, tok, tmp_path / "pos.jsonl", batch_size=2, max_new_tokens=8, model_id="tiny"),
+        P.LLMParaphraser(model, tok, tmp_path / "neg.jsonl", batch_size=2, max_new_tokens=8, model_id="tiny",
+                         prompt=P.NEGATIVE_PROMPT))
+    first = make()
+    first.make([BASE, "Mild cardiomegaly.", "Right lower lobe pneumonia."])
+    counts = first.summary()
+    n = sum(first.counts.values())
+    assert n == 6 and len(open(tmp_path / "pos.jsonl").readlines()) == 3   # 3 texts x 2 kinds, each cached
+    again = make()
+    calls = []
+    again.positive._generate = again.negative._generate = lambda *a: calls.append(1) or []
+    again.make([BASE, "Mild cardiomegaly.", "Right lower lobe pneumonia."])
+    assert calls == [] and again.summary() == counts
+
+
+def test_shards_cli_stores_llm_variants_and_counts(tmp_path, monkeypatch, capsys):
+    from open_clip_cxr.cli import main
+    t = fx.make_table(tmp_path / "tbl", n=2)
+    monkeypatch.setattr(P, "load_llm_variants", lambda *a, **k: _maker())
+    out = tmp_path / "out"
+    argv = ["shards", "--source", "table", "--table", str(t["table"]), "--out", str(out), "--max-side", "32",
+            "--workers", "1", "--no-progress", "--val-frac", "0", "--test-frac", "0", "--variants", "llm"]
+    assert main(argv) == 2 and "needs --paraphraser" in capsys.readouterr().err
+    assert main(argv + ["--paraphraser", "fake"]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["llm_variants"]["paraphraser"] == "fake" and "LLM variants" in printed
+    assert sum(manifest["llm_variants"]["kept"].values()) + sum(
+        n for d in manifest["llm_variants"]["dropped"].values() for n in d.values()) == 4   # 2 reports x 2 kinds
+    with tarfile.open(next(out.glob("*.tar"))) as tf:
+        metas = [json.load(tf.extractfile(m)) for m in tf.getmembers() if m.name.endswith(".json")]
+    assert all(all(v["style"] == "llm" for v in m.get("variants", [])) for m in metas)   # llm only: no rule variants
+    assert main(argv + ["--paraphraser", "other"]) == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_stage1_texts_with_llm_variants(tmp_path, monkeypatch):
+    from training.supcon import report_texts
+    monkeypatch.setattr(P, "load_llm_variants", lambda *a, **k: _maker())
+    rep = Report(study_id="s1", source="t", findings="Small left pleural effusion.", impression="No pneumothorax.")
+    rules = report_texts(rep, 0)
+    assert rules.base == BASE
+    llm = P.llm_report_texts(report_texts, [rep], {"variants": "llm", "paraphraser": "fake"}, tmp_path, log=lambda s: None)(rep, 0)
+    assert llm.variants == ["There is a small left pleural effusion. There is no pneumothorax."]
+    assert llm.negatives == ["Small right pleural effusion. No pneumothorax."]
+    both = P.llm_report_texts(report_texts, [rep], {"variants": "both", "paraphraser": "fake"}, tmp_path, log=lambda s: None)(rep, 0)
+    assert both.variants == rules.variants + llm.variants and both.negatives == rules.negatives + llm.negatives
+    assert json.load(open(tmp_path / "counts.json"))["kept"] == {"negative": 1, "positive": 1}
+    with pytest.raises(ValueError, match="needs supcon.paraphraser"):
+        P.llm_report_texts(report_texts, [rep], {"variants": "llm"}, tmp_path)
+
+
+def test_stage1_trains_with_llm_variants(tmp_path, monkeypatch):
+    import torch
+    from pathlib import Path
+    from test_train_text import tiny_recipe
+    from training import common
+    from training.text_stage import train
+    calls = []
+
+    def fake_loader(model_id, cache_dir, **kw):
+        calls.append(model_id)
+        # every positive rewrite prefixes "Report: " (no finding changes); negatives copy the text
+        pos, neg = FakeParaphraser({}), FakeParaphraser({})
+        pos.paraphrase = lambda texts: ["Report: " + t for t in texts]
+        return P.LLMVariants(pos, neg)
+    monkeypatch.setattr(P, "load_llm_variants", fake_loader)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common.reset_accelerator_state()
+    try:
+        recipe = tiny_recipe(tmp_path, **{"supcon.variants": "both", "supcon.paraphraser": "fake-dir",
+                                          "mntp.steps": 0, "eval.enabled": False})
+        train(recipe)
+    finally:
+        common.reset_accelerator_state()
+        torch.set_num_threads(threads)
+    counts = json.load(open(Path(recipe["output_dir"]) / "work" / "llm_variants" / "counts.json"))
+    assert calls == ["fake-dir"] and counts["kept"]["positive"] > 0 and counts["dropped"]["negative"]["identical"] > 0

@@ -1,0 +1,18 @@
+"""`open-clip-cxr train-clip`: its flags, free of torch so that `--help` answers at once.
+
+The work is `training.clip_stage.run`, imported only when the command runs.
+"""
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default=None, help="YAML recipe (see training/recipes/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set optim.grad_clip=0.5 (repeatable)")
+    parser.add_argument("--output-dir", default=None, help="shorthand for --set output_dir=DIR")
+    parser.add_argument("--max-steps", type=int, default=None, help="shorthand for --set train.max_steps=N")
+
+
+def run(args: argparse.Namespace) -> int:
+    from training import clip_stage
+    return clip_stage.run(args)
