@@ -7,7 +7,9 @@
 
 The loop, in the order a reader meets it in `train()`:
  1. recipe -> Accelerator (mixed precision, gradient accumulation, trackers, seed)
- 2. model: OpenCLIP model by name or `local-dir:`; text base frozen + LoRA, text head (norm,
+ 2. model: composed from a text-tower source (`text.from`) and a vision-tower source
+    (`vision.from`, pretrained per `pretrained_image`), each one's origin logged (`training/
+    towers.py`; the export records it as `provenance`); text base frozen + LoRA, text head (norm,
     proj) trained; vision full / LoRA / locked; optional cached text features; the frozen
     base stored in bf16 and the blocks compiled, if the recipe asks (`training/speedups.py`)
  3. optimiser (AdamW, one param group per part, no decay on norms/biases/logit_scale) and a
@@ -31,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from training import cached_text
+from training.towers import write_provenance
 from training.speedups import FrozenCast, compile_blocks, low_precision_dtype
 from training.common import (MetricsWriter, Throughput, TrainState, cosine_with_warmup, data_seed,
                              flops_per_sample_transformer, get_by_path, init_tracking, keep_trainable_only,
@@ -43,9 +46,11 @@ DEFAULT_RECIPE = {
     "pretrained_text": True, "pretrained_image": True,
     "data": {"train": None, "val": None, "epoch_samples": None, "batch_size": 8, "num_workers": 0,
              "shuffle_buffer": 1000, "text_choice": None, "resume": "reseed"},   # resume: reseed | skip
-    "text": {"lora": {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+    "text": {"from": None,   # null: the model's own text tower | local-dir:DIR | hf-hub:ORG/NAME | a model name
+             "lora": {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
              "lr": 1e-4, "head_lr": 1e-4, "cached": False, "cache_dir": None},
-    "vision": {"mode": "full", "lr": 1e-4, "lora": {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["qkv", "proj"]}},
+    "vision": {"from": "auto",   # auto | pretrained | random | source | local-dir:DIR | hf-hub:ORG/NAME | FILE
+               "mode": "full", "lr": 1e-4, "lora": {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["qkv", "proj"]}},
     "loss": {"name": "clip"},   # clip | siglip
     "optim": {"weight_decay": 0.05, "betas": [0.9, 0.98], "eps": 1e-6, "logit_lr": None, "grad_clip": 1.0},
     "schedule": {"warmup_steps": 100, "min_lr_ratio": 0.0},
@@ -66,26 +71,31 @@ def with_defaults(recipe: dict) -> dict:
 
 # ---------------------------------------------------------------- model
 
-def build_model(recipe: dict):
-    """(model, train transform, eval transform, tokenizer, model_cfg) with the trainable parts set."""
-    import open_clip
-    import open_clip_cxr
-    name = recipe["model"]
-    packaged = ":" in name   # local-dir: / hf-hub: folders carry all their weights
-    model, pre_train, pre_val = open_clip_cxr.create_model_and_transforms(
-        name, pretrained_text=recipe["pretrained_text"] and not packaged,
-        pretrained_image=recipe["pretrained_image"] and not packaged)
-    tokenizer = open_clip_cxr.get_tokenizer(name)
-    if name.startswith("local-dir:"):
-        with open(os.path.join(name[len("local-dir:"):], "open_clip_config.json")) as f:
-            model_cfg = json.load(f)["model_cfg"]
-    else:
-        model_cfg = open_clip.get_model_config(name)
+def build_model(recipe: dict, log=print):
+    """(model, train transform, eval transform, tokenizer, model_cfg) with the trainable parts set.
+    The towers come from `text.from` / `vision.from` (see `training/towers.py`); where each
+    one's weights came from is logged and kept in `model.tower_provenance`."""
+    from training.towers import compose
+    from open_clip_cxr.vision.transforms import transforms_from_preprocess_cfg
+    model, tokenizer, model_cfg, _, provenance = compose(recipe, log=log)
+    model.tower_provenance = provenance
+    cfg = dict(model.visual.preprocess_cfg)
+    pre_train, pre_val = transforms_from_preprocess_cfg(cfg, train=True), transforms_from_preprocess_cfg(cfg, train=False)
     configure_trainable(model, recipe)
     if recipe["loss"]["name"] == "siglip" and model.logit_bias is None:   # SigLIP's init: t=10, b=-10
         model.logit_scale.data.fill_(math.log(10.0))
         model.logit_bias = nn.Parameter(torch.tensor(-10.0))
     return model, pre_train, pre_val, tokenizer, model_cfg
+
+
+def export_provenance(provenance: dict, recipe: dict) -> dict:
+    """What the CLIP stage's export records: each tower's start (`init`) and that this stage
+    trained it (the vision tower unless `vision.mode: locked`)."""
+    text, vision = dict(provenance["text"]), dict(provenance["vision"])
+    text.update(trained=True, by="train-clip" + (" (cached text: head only)" if recipe["text"]["cached"] else ""))
+    vision.update(trained=recipe["vision"]["mode"] != "locked", by=f"train-clip (vision.mode {recipe['vision']['mode']})")
+    vision.pop("at_init", None)
+    return {"text": text, "vision": vision}
 
 
 def configure_trainable(model, recipe: dict) -> None:
@@ -398,7 +408,8 @@ def train(recipe: dict) -> dict:
         save_recipe(recipe, os.path.join(out_dir, "recipe.yaml"), defaults=DEFAULT_RECIPE)
     init_tracking(accelerator, recipe, "clip_stage")
 
-    model, pre_train, pre_val, tokenizer, model_cfg = build_model(recipe)     # 2. model
+    model, pre_train, pre_val, tokenizer, model_cfg = build_model(recipe, log=accelerator.print)   # 2. model
+    weights = {k: v["desc"] for k, v in model.tower_provenance.items()}      # where each tower's weights came from
     cached = bool(recipe["text"]["cached"])
     lookup = None
     if cached:
@@ -407,7 +418,8 @@ def train(recipe: dict) -> dict:
             model.to(accelerator.device)
             cached_text.build_text_cache(model, tokenizer, recipe["data"]["train"], cache_dir,
                                          batch_size=r_train["val_batch_size"], device=accelerator.device,
-                                         autocast=accelerator.autocast, fingerprint={"model": recipe["model"]})
+                                         autocast=accelerator.autocast, fingerprint={"model": recipe["model"],
+                                                                        "text_from": recipe["text"]["from"]})
         accelerator.wait_for_everyone()
         lookup = cached_text.TextFeatureCache(cache_dir)
 
@@ -548,7 +560,7 @@ def train(recipe: dict) -> dict:
         if accelerator.distributed_type == DistributedType.FSDP:   # gather the shards (all ranks), rebuild
             full = accelerator.get_state_dict(net)
             if main:
-                clip = build_model(recipe)[0]
+                clip = build_model(recipe, log=lambda *_: None)[0]
                 load_full_state_dict(clip, full)
     if r_train["export"] and main:
         cast.restore()   # the exact fp32 base, not its bf16 copy
@@ -556,9 +568,10 @@ def train(recipe: dict) -> dict:
             merge_vision_lora(clip)
         clip.to("cpu").float()
         final["export_dir"] = str(export_folder(clip, model_cfg, tokenizer, os.path.join(out_dir, "export")))
+        write_provenance(final["export_dir"], export_provenance(model.tower_provenance, recipe))
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    final.update(step=state.step, epoch=state.epoch, samples_seen=state.samples_seen)
+    final.update(step=state.step, epoch=state.epoch, samples_seen=state.samples_seen, weights=weights)
     if main:
         with open(os.path.join(out_dir, "final_metrics.json"), "w") as f:
             json.dump(final, f, indent=2)

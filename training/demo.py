@@ -7,8 +7,9 @@
    train split -> OUT/stage1/, an OpenCLIP folder (`local-dir:OUT/stage1` loads it);
 3. the text-robustness suite on the test split: adapted tower, unadapted tower,
    all-MiniLM-L6-v2 and a bag-of-words cosine, side by side;
-4. shards from the real chest images that ship in packages, a short CLIP stage from the
-   stage-1 model, retrieval recall on held-out images (tiny data: a smoke test, not a result);
+4. shards from the real chest images that ship in packages, a short CLIP stage with the stage-1
+   text tower (`text.from: local-dir:OUT/stage1`) and the ImageNet vision tower, retrieval recall
+   on held-out images (tiny data: a smoke test, not a result);
 5. export OUT/export/ (an OpenCLIP Hub folder with its model card), load it back through
    `open_clip.create_model_and_transforms('local-dir:...')` and compare embeddings;
 6. print the results table; save it (results.md, results.json) with training curves (curves.png).
@@ -192,11 +193,35 @@ def clip_stage(out: Path, steps: int) -> dict:
     urls = {s: shard_urls(out / "shards", s) for s in ("train", "test")}
     n_train = sum(e["count"] for e in load_manifest(out / "shards")["shards"].values() if e["split"] == "train")
     recipe = common.load_recipe(str(CLIP_RECIPE), [f"train.max_steps={steps}"])
-    recipe.update(model=f"local-dir:{out / 'stage1'}", output_dir=str(out / "clip"))
+    # the adapted text tower from stage 1; the vision tower gets its ImageNet weights (the
+    # stage-1 folder's was never trained), and the run's log says where each came from
+    recipe["text"]["from"] = f"local-dir:{out / 'stage1'}"
+    recipe["output_dir"] = str(out / "clip")
     recipe["data"].update(train=urls["train"], val=urls["test"], epoch_samples=n_train, batch_size=4)
     recipe["train"]["epochs"] = 1000   # stop by max_steps
+    _move_aside_if_other_recipe(out, "clip", cs.with_defaults(recipe), cs.DEFAULT_RECIPE)
     common.reset_accelerator_state()
     return cs.train(recipe)
+
+
+def _move_aside_if_other_recipe(out: Path, name: str, recipe: dict, defaults: dict) -> None:
+    """A run folder of an earlier demo trained from another recipe (e.g. before `text.from`
+    existed, when its vision tower started at random): keep it aside and train afresh."""
+    import yaml
+    from training import common
+    saved_path = out / name / "recipe.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    full = json.loads(json.dumps(defaults))
+    for k, v in saved.items():
+        full[k] = {**full[k], **v} if isinstance(v, dict) and isinstance(full.get(k), dict) else v
+    diff = common.recipe_differences(full, recipe)
+    if diff:
+        n = 1 + sum(1 for _ in out.glob(f"{name}.previous-*"))
+        (out / name).rename(out / f"{name}.previous-{n}")
+        print(f"{out / name} was trained from another recipe ({', '.join(diff[:4])}): moved to "
+              f"{out / f'{name}.previous-{n}'}")
 
 
 def export(out: Path, clip_metrics: dict, robustness_results: dict) -> dict:
@@ -225,6 +250,10 @@ def export(out: Path, clip_metrics: dict, robustness_results: dict) -> dict:
         shutil.rmtree(dest)
     export_folder(model, model_cfg["model_cfg"], tokenizer, dest, preprocess_cfg=model_cfg.get("preprocess_cfg"),
                   card=card)
+    provenance = json.loads((src / "open_clip_config.json").read_text()).get("provenance")
+    if provenance:   # where the towers' weights came from, carried into the release folder
+        from training.towers import write_provenance
+        write_provenance(dest, provenance)
     diffs = verify_export(dest, reference)
     print(f"exported {dest}; reloaded through local-dir: max |diff| {diffs}")
     return {"folder": str(dest), "max_abs_diff": diffs}
@@ -272,7 +301,8 @@ def summarise(out: Path, results: dict) -> str:
               "pipeline runs end to end, nothing about retrieval quality.", ""]
     recall = {k: v for k, v in clip.items() if "R@" in k}
     lines += [f"- {k}: {v:.3f}" if isinstance(v, float) else f"- {k}: {v}" for k, v in sorted(recall.items())]
-    lines += [f"- final loss: {clip.get('loss', 'n/a')}", ""]
+    lines += [f"- final loss: {clip.get('loss', 'n/a')}"]
+    lines += [f"- {tower} tower weights: {origin}" for tower, origin in (clip.get("weights") or {}).items()] + [""]
     exp = results.get("export") or {}
     if exp:
         lines += ["## Export", "", f"{exp['folder']} reloaded through `local-dir:`; max |diff| of the embeddings: "

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from training import common
+from training.towers import write_provenance
 from open_clip_cxr.precision import choose as choose_precision
 from training.speedups import FrozenCast, low_precision_dtype
 from training.mntp import LORA_TARGETS, mntp_loss, mask_tokens, resolve_mask_token_id, special_token_ids, IGNORE
@@ -521,6 +522,7 @@ def _train(recipe: dict) -> dict:
     if accelerator.is_main_process:
         from conversion.export import export_folder
         export_folder(model, model_cfg, tokenizer, out, preprocess_cfg=preprocess_cfg)
+        write_provenance(out, stage1_provenance(recipe, m_steps, s_steps))
         accelerator.print(f"exported {out} (load with open_clip.create_model_and_transforms('local-dir:{out}'))")
         ecfg = recipe.get("eval") or {}
         if ecfg.get("enabled", True):
@@ -534,6 +536,19 @@ def _train(recipe: dict) -> dict:
     return summary
 
 
+def stage1_provenance(recipe: dict, mntp_steps: int, supcon_steps: int) -> dict:
+    """The export's record of where its towers' weights came from: the text tower trained here;
+    the vision tower never trained (stage 1 builds it without pretrained weights), so a CLIP
+    stage started from this folder takes its vision weights elsewhere (`training/towers.py`)."""
+    from training.towers import is_folder, read_provenance
+    name = recipe.get("model", "cxr-llm-small")
+    vision = {"init": "random", "trained": False, "by": None}
+    if is_folder(name):   # stage 1 continued from a folder: its vision tower is carried as it was
+        vision = {**((read_provenance(name) or {}).get("vision") or {"init": f"{name} (unknown)", "trained": None})}
+    text_arch = f" with text_arch {recipe['text_arch']}" if recipe.get("text_arch") else ""
+    return {"text": {"init": f"{name}{text_arch}", "trained": True,
+                     "by": f"train-text (MNTP {mntp_steps} steps, supervised contrastive {supcon_steps} steps)"},
+            "vision": vision}
 def cache_rate(tower, cache: TextStateCache, dtype: Optional[torch.dtype]) -> dict:
     """Throughput of text-state caching: texts/s, model GFLOP/s (2 x the matmul weights of the
     layers run, per real token: padding is not work) and its share of the measured `F.linear`

@@ -22,7 +22,9 @@ EPILOG = """examples:
 Shard patterns use braces ({000000..000009}) or globs (test-*.tar); join several with '::' or give
 the option twice. Missing, truncated or manifest-mismatched shards are refused (--allow-partial).
 Retrieval is study-level: image->report is correct when the study's report is in the top K,
-report->image when ANY image of the study is. Ties count against the model (--ties)."""
+report->image when ANY image of the study is. Ties count against the model (--ties).
+--match text counts a report that reads the same as the true one (case, whitespace and list
+numbering aside) as a hit; --match both reports both, with the number of distinct reports."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10], help="recall cut-offs (default: 1 5 10)")
     r.add_argument("--ties", choices=["pessimistic", "optimistic"], default="pessimistic",
                    help="tied non-matching items count against the query (pessimistic, default) or not")
+    r.add_argument("--match", choices=["study", "text", "both"], default="study",
+                   help="a hit is the query's own study (study, default), any study whose report reads the same "
+                        "after normalising case, whitespace and list numbering (text), or report both")
     r.add_argument("--storage-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="dtype embeddings are held in during search (scores are always float32)")
     r.add_argument("--chunk-size", type=int, default=1024, help="queries per similarity block")
@@ -144,17 +149,20 @@ def _require(args, *names):
 
 def run_retrieval(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval.encode import embed_shards, similarity_of
-    from open_clip_cxr.eval.retrieval import recall_at_k, write_topk_csv
+    from open_clip_cxr.eval.retrieval import recall_by_match, write_topk_csv
     similarity = args.similarity or similarity_of(model)
     emb = embed_shards(model, preprocess, tokenizer, _urls(args.shards), args.batch_size, args.device,
                        limit=args.limit, splits=[args.split] if args.split else None,
                        num_workers=args.workers, similarity=similarity)
-    metrics, det = recall_at_k(emb.image_emb, emb.image_study_ids, emb.text_emb, emb.text_study_ids,
-                               ks=args.ks, return_details=True, **_search_kw(args))
+    metrics, levels = recall_by_match(emb.image_emb, emb.image_study_ids, emb.text_emb, emb.text_study_ids,
+                                      emb.texts, match=args.match, ks=args.ks, return_details=True,
+                                      **_search_kw(args))
+    det = levels["study" if args.match == "both" else args.match]
+    extra = {d: {"true_rank_text": levels["text"][d].ranks} for d in det} if args.match == "both" else {}
     write_topk_csv(os.path.join(args.out, "image_to_text_topk.csv"), emb.image_keys, emb.text_study_ids,
-                   det["image_to_text"], emb.image_study_ids)
+                   det["image_to_text"], emb.image_study_ids, extra.get("image_to_text"))
     write_topk_csv(os.path.join(args.out, "text_to_image_topk.csv"), emb.text_study_ids, emb.image_keys,
-                   det["text_to_image"], emb.text_study_ids)
+                   det["text_to_image"], emb.text_study_ids, extra.get("text_to_image"))
     metrics["skipped_samples"] = emb.skipped
     metrics["similarity"] = similarity
     if args.gallery:

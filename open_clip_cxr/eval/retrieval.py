@@ -9,6 +9,13 @@ with ``ties="pessimistic"`` (the default), the non-true items tying with it (|s 
 ``tie_tol``): duplicated reports, common in report banks, then count against the model
 instead of flattering it. ``ties="optimistic"`` leaves ties out. Rank 0 means top-1.
 
+Matching (``match``). ``"study"``: the true items are those of the query's own study.
+``"text"``: those whose report reads the same after `normalize_report` (case, whitespace and
+list numbering); archives repeat reports ("No acute cardiopulmonary process", a patient's
+follow-up films with the same note), and retrieving another study's identical report is then
+a hit, not a miss. report->image under ``"text"``: any image of a study whose report equals
+the query. ``"both"`` reports the two side by side with the number of distinct reports.
+
 Scores of the best true item and of the items near it come from the same block products,
 so whether two items tie is decided consistently. The scan counts items against a threshold
 computed beforehand from the true pairs alone; items within a small band of it are kept and
@@ -17,6 +24,7 @@ the band is scanned again).
 """
 import csv
 import math
+import re
 from dataclasses import dataclass
 from typing import Dict, Hashable, Optional, Sequence
 
@@ -24,6 +32,21 @@ import numpy as np
 import torch
 
 TIES = ("pessimistic", "optimistic")
+MATCHES = ("study", "text", "both")
+
+# list numbering: "1." / "2)" / "(3)" followed by a space, at the start of the text, of a line
+# or after a sentence's end ("... effusion. 2. Stable ..."); "1.5 cm" and "grade 2." are kept
+_LIST_NUMBER = re.compile(r"(^|\n|[.:;!?]\s)\s*\(?\d{1,2}[.)](?=\s)")
+_BULLET = re.compile(r"(^|\n)\s*[-*\u2022]\s+")
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_report(text: str) -> str:
+    """A report's text for exact matching: lower case, list numbers and bullets dropped,
+    whitespace collapsed. Nothing else changes (punctuation, wording, abbreviations stay)."""
+    t = _BULLET.sub(r"\1", (text or "").lower())
+    t = _LIST_NUMBER.sub(r"\1", t)
+    return _SPACE.sub(" ", t).strip()
 
 
 @dataclass
@@ -267,12 +290,47 @@ def recall_at_k(image_emb: torch.Tensor, image_study_ids: Sequence, text_emb: to
     return out
 
 
+def recall_by_match(image_emb: torch.Tensor, image_study_ids: Sequence, text_emb: torch.Tensor,
+                    text_study_ids: Sequence, texts: Sequence[str], match: str = "study",
+                    ks: Sequence[int] = (1, 5, 10), return_details: bool = False, **kw):
+    """`recall_at_k` at study level, text level (`normalize_report`), or both.
+
+    The top-level keys are those of the first level asked for (study for "both"), so readers of
+    study-level results keep working; `by_match` holds each level computed, `n_distinct_reports`
+    the number of distinct normalised reports among the `n_reports`. `texts` are the reports,
+    aligned with `text_study_ids`. With `return_details`, also {level: SearchResults}."""
+    if match not in MATCHES:
+        raise ValueError(f"match must be one of {MATCHES}, got {match!r}")
+    if len(texts) != len(text_study_ids):
+        raise ValueError(f"{len(texts)} report texts for {len(text_study_ids)} reports")
+    norm = [normalize_report(t) for t in texts]
+    levels = ["study", "text"] if match == "both" else [match]
+    by, details = {}, {}
+    for level in levels:
+        if level == "study":
+            qi, qt = image_study_ids, text_study_ids
+        else:
+            of_study = dict(zip(text_study_ids, norm))
+            missing = [s for s in image_study_ids if s not in of_study]
+            if missing:
+                raise ValueError(f"{len(missing)} images belong to studies without a report (e.g. {missing[0]!r})")
+            qi, qt = [of_study[s] for s in image_study_ids], norm
+        by[level], details[level] = recall_at_k(image_emb, qi, text_emb, qt, ks=ks, return_details=True, **kw)
+        if level == "text":
+            by[level]["n_studies"] = len(set(text_study_ids) | set(image_study_ids))
+    out = dict(by[levels[0]])
+    out.update(match=match, n_distinct_reports=len(set(norm)), by_match=by)
+    return (out, details) if return_details else out
+
+
 def write_topk_csv(path, query_ids: Sequence, gallery_ids: Sequence, result: SearchResult,
-                   query_groups: Optional[Sequence] = None) -> None:
+                   query_groups: Optional[Sequence] = None, extra_ranks: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """One row per query: its id (and study), the 1-based rank of its best true item
-    (``true_rank`` = rank + 1; empty where unknown), then the top-k gallery ids and scores."""
+    (``true_rank`` = rank + 1; empty where unknown), then the top-k gallery ids and scores.
+    ``extra_ranks`` ({column: ranks}) adds more rank columns, e.g. ``true_rank_text``."""
     k = result.indices.shape[1]
-    header = ["query_id"] + (["query_study"] if query_groups is not None else []) + ["true_rank"]
+    extra_ranks = extra_ranks or {}
+    header = ["query_id"] + (["query_study"] if query_groups is not None else []) + ["true_rank"] + list(extra_ranks)
     header += [f"top{j + 1}_id" for j in range(k)] + [f"top{j + 1}_score" for j in range(k)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -281,6 +339,7 @@ def write_topk_csv(path, query_ids: Sequence, gallery_ids: Sequence, result: Sea
             row = [qid] + ([query_groups[i]] if query_groups is not None else [])
             rank = int(result.ranks[i]) if result.ranks is not None else -1
             row.append(rank + 1 if rank >= 0 else "")
+            row += [int(r[i]) + 1 if int(r[i]) >= 0 else "" for r in extra_ranks.values()]
             row += [gallery_ids[int(j)] if int(j) >= 0 else "" for j in result.indices[i]]
             row += [f"{float(s):.6f}" for s in result.scores[i]]
             w.writerow(row)
