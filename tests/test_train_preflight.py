@@ -4,43 +4,17 @@ Before this check `train-clip` spun forever printing warnings on a pattern that 
 file, and hung on an empty shard. Each refusal: exit 2, one line on stderr, no run folder.
 `setup_accelerator` is a trap here, so a refusal that does not happen fails at once.
 """
-import io
-import tarfile
 from pathlib import Path
 
 import pytest
 
 from open_clip_cxr.cli import main
 from training import common
+from train_trap_fixtures import WorkStarted, trap_work, write_tar  # noqa: F401 (trap_work: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "training" / "recipes"
 
-
-class WorkStarted(Exception):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def trap_work(monkeypatch):
-    import training.clip_stage as cs
-
-    def trap(recipe):
-        raise WorkStarted(recipe.get("output_dir"))
-    monkeypatch.setattr(common, "setup_accelerator", trap)
-    monkeypatch.setattr(cs, "setup_accelerator", trap)
-
-
-def write_tar(path: Path, n: int) -> str:
-    """A shard of `n` samples (bytes, not images: nothing here decodes them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            for ext, data in (("png", b"not decoded"), ("txt", b"FINDINGS: clear.")):
-                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def run_clip(tmp_path, train, *sets):

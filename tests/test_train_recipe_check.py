@@ -13,37 +13,11 @@ import pytest
 
 from open_clip_cxr.cli import main
 from training import common
+from train_trap_fixtures import WorkStarted, trap_work, write_tar  # noqa: F401 (trap_work: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "training" / "recipes"
 
-
-class WorkStarted(Exception):
-    pass
-
-
-@pytest.fixture(autouse=True)
-def trap_work(monkeypatch):
-    import training.clip_stage as cs
-
-    def trap(recipe):
-        raise WorkStarted(recipe.get("output_dir"))
-    monkeypatch.setattr(common, "setup_accelerator", trap)
-    monkeypatch.setattr(cs, "setup_accelerator", trap)
-
-
-def write_tar(path: Path, n: int) -> str:
-    """A shard of `n` samples (bytes, not images: nothing here decodes them)."""
-    import io
-    import tarfile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for i in range(n):
-            for ext, data in (("png", b"not decoded"), ("txt", b"FINDINGS: clear.")):
-                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return str(path)
 
 
 def tiny_shard(tmp_path) -> str:

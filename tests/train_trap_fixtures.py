@@ -1,0 +1,34 @@
+"""Shared by the training refusal tests: a trap where training work would start, and a tar writer."""
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from training import common
+
+
+class WorkStarted(Exception):
+    """Raised where the accelerator would be set up: anything reaching it passed every check."""
+
+
+@pytest.fixture(autouse=True)
+def trap_work(monkeypatch):
+    import training.clip_stage as cs
+
+    def trap(recipe):
+        raise WorkStarted(recipe.get("output_dir"))
+    monkeypatch.setattr(common, "setup_accelerator", trap)
+    monkeypatch.setattr(cs, "setup_accelerator", trap)
+
+
+def write_tar(path: Path, n: int) -> str:
+    """A shard of `n` samples (bytes, not images: nothing here decodes them)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            for ext, data in (("png", b"not decoded"), ("txt", b"FINDINGS: clear.")):
+                info = tarfile.TarInfo(f"s{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
