@@ -144,3 +144,12 @@ def test_zero_steps_skips_a_phase_and_is_not_mistaken_for_an_eps():
     """`mntp.steps: 0` (skip MNTP) is valid; `*eps` once matched every key ending in "steps"."""
     from training.recipe_check import check_recipe
     check_recipe({"mntp": {"steps": 0}, "supcon": {"steps": 0}}, "text")
+
+
+@pytest.mark.parametrize("key", ["train", "val"])
+def test_shards_may_be_a_list_of_patterns(key):
+    """The demo hands `data.train`/`data.val` over as a list of tar paths; a list is a valid value."""
+    from training.recipe_check import check_recipe
+    check_recipe({"data": {key: ["a/train-000000.tar", "a/train-000001.tar"]}}, "clip")
+    with pytest.raises(Exception, match=f"data.{key}"):
+        check_recipe({"data": {key: 3}}, "clip")

@@ -72,7 +72,9 @@ NULLABLE_SECTIONS = ("mntp.lora", "supcon.lora", "data.text_choice",
 FREE_DICTS = ("data.text_choice", "train.compile", "resolved")   # dicts read as a whole (names -> shares; compile options)
 # kinds a key takes besides the ones its examples show
 EXTRA_KINDS = {"train.compile": {_DICT}, "train.log_with": {_LIST, _BOOL}, "log_with": {_LIST, _BOOL},
-               "train.resume": {_BOOL}}
+               "train.resume": {_BOOL},
+               # shard lists: the demo and Python callers pass several patterns as a list
+               "data.train": {_LIST}, "data.val": {_LIST}, "data.shards": {_LIST}}
 
 # (low, low inclusive, high, high inclusive); None: unbounded. Patterns match the dotted key.
 RANGES: List[Tuple[str, Tuple[Optional[float], bool, Optional[float], bool]]] = [
