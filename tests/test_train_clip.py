@@ -418,7 +418,7 @@ def _two_processes(tmp_path, launch_args, run_recipe):
         sys.path.remove(str(tmp_path))
         sys.modules.pop("two_step", None)
     out = _finish(proc)
-    return out, torch.load(tmp_path / "multi.pt"), torch.load(tmp_path / "single.pt")
+    return out, torch.load(tmp_path / "multi.pt", weights_only=True), torch.load(tmp_path / "single.pt", weights_only=True)
 
 
 def _assert_same_step(multi, single):

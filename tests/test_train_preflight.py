@@ -10,7 +10,7 @@ import pytest
 
 from open_clip_cxr.cli import main
 from training import common
-from train_trap_fixtures import WorkStarted, trap_work, write_tar  # noqa: F401 (trap_work: autouse fixture)
+from train_trap_fixtures import WorkStarted, refused as _refused, trap_work, write_tar  # noqa: F401 (trap_work: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "training" / "recipes"
@@ -26,13 +26,7 @@ def run_clip(tmp_path, train, *sets):
 
 
 def refused(capsys, tmp_path, rc, command, *needles):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith(f"open-clip-cxr {command}: error: "), err
-    for n in needles:
-        assert n in err[0], (n, err[0])
-    assert not (tmp_path / "run").exists()
-    return err[0]
+    return _refused(capsys, tmp_path, rc, command, *needles, start='')
 
 
 def test_pattern_matching_no_file(tmp_path, capsys):

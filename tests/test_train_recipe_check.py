@@ -13,7 +13,7 @@ import pytest
 
 from open_clip_cxr.cli import main
 from training import common
-from train_trap_fixtures import WorkStarted, trap_work, write_tar  # noqa: F401 (trap_work: autouse fixture)
+from train_trap_fixtures import WorkStarted, refused as _refused, trap_work, write_tar  # noqa: F401 (trap_work: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "training" / "recipes"
@@ -40,13 +40,7 @@ def run_text(tmp_path, *sets):
 
 
 def refused(capsys, tmp_path, rc, command, *needles):
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2, err
-    assert len(err) == 1 and err[0].startswith(f"open-clip-cxr {command}: error: recipe key "), err
-    for n in needles:
-        assert n in err[0], (n, err[0])
-    assert not (tmp_path / "run").exists()       # nothing left behind: the rerun is not "another recipe"
-    return err[0]
+    return _refused(capsys, tmp_path, rc, command, *needles, start='recipe key ')
 
 
 @pytest.mark.parametrize("bad,needles", [

@@ -249,7 +249,7 @@ def test_supcon_across_two_processes_equals_one_process(tmp_path):
         x.requires_grad_(True)
     loss = supcon_loss(a, p, n, 0.05, ak, pk, valid, symmetric=True)
     loss.backward()
-    ranks = [torch.load(tmp_path / f"rank.{r}") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank.{r}", weights_only=True) for r in range(2)]
     assert sum(r["loss"] for r in ranks) / 2 == pytest.approx(loss.item(), abs=1e-5)
     for i, full in enumerate((a.grad, p.grad, n.grad)):
         torch.testing.assert_close(torch.cat([r["grads"][i] for r in ranks]) / 2, full, atol=1e-6, rtol=1e-4)

@@ -32,3 +32,15 @@ def write_tar(path: Path, n: int) -> str:
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return str(path)
+
+
+def refused(capsys, tmp_path, rc, command, *needles, start=""):
+    """The run was refused: exit 2, one stderr line (starting "open-clip-cxr COMMAND: error: " + `start`)
+    holding every needle, and no run folder left behind (the rerun is not "another recipe")."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2, err
+    assert len(err) == 1 and err[0].startswith(f"open-clip-cxr {command}: error: {start}"), err
+    for n in needles:
+        assert n in err[0], (n, err[0])
+    assert not (tmp_path / "run").exists()
+    return err[0]
