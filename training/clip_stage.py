@@ -41,25 +41,8 @@ from training.common import (MetricsWriter, Throughput, TrainState, cosine_with_
                              measure_forward_flops, move_to, peak_flops, peak_header, progress_bar, resume_from_checkpoint,
                              save_checkpoint, save_recipe, setup_accelerator)
 
-DEFAULT_RECIPE = {
-    "seed": 0, "output_dir": "runs/clip", "model": "cxr-llm-small",
-    "pretrained_text": True, "pretrained_image": True,
-    "data": {"train": None, "val": None, "epoch_samples": None, "batch_size": 8, "num_workers": 0,
-             "shuffle_buffer": 1000, "text_choice": None, "resume": "reseed"},   # resume: reseed | skip
-    "text": {"from": None,   # null: the model's own text tower | local-dir:DIR | hf-hub:ORG/NAME | a model name
-             "lora": {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-             "lr": 1e-4, "head_lr": 1e-4, "cached": False, "cache_dir": None},
-    "vision": {"from": "auto",   # auto | pretrained | random | source | local-dir:DIR | hf-hub:ORG/NAME | FILE
-               "mode": "full", "lr": 1e-4, "lora": {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["qkv", "proj"]}},
-    "loss": {"name": "clip"},   # clip | siglip
-    "optim": {"weight_decay": 0.05, "betas": [0.9, 0.98], "eps": 1e-6, "logit_lr": None, "grad_clip": 1.0},
-    "schedule": {"warmup_steps": 100, "min_lr_ratio": 0.0},
-    "train": {"epochs": 1, "max_steps": None, "mixed_precision": "no", "grad_accum_steps": 1,
-              "grad_checkpointing": False, "log_every": 10, "checkpoint_every": 500, "keep_last": 2,
-              "resume": "auto", "stop_after": None, "log_with": "tensorboard", "export": True,
-              "val_batch_size": 64, "trainable_only_checkpoints": True, "cpu": False, "num_threads": None,
-              "frozen_low_precision": True, "compile": False},
-}
+from training.recipe_schema import defaults as schema_defaults  # noqa: E402
+DEFAULT_RECIPE = schema_defaults("clip")   # every key at its default: the schema is the one place (training/recipe_schema.py)
 
 
 def with_defaults(recipe: dict) -> dict:

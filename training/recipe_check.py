@@ -1,304 +1,223 @@
-"""Check a training recipe before any work: unknown keys, wrong types, values out of range.
+"""A stage's recipe, checked and completed before any work: unknown keys, wrong types, values
+out of range are refused; every key left out gets its default (`training/recipe_schema.py`).
 
-    check_recipe(recipe, "text")     # train-text; "clip" for train-clip
+    recipe = resolve("training/recipes/clip-cxr-llm-small-cpu.yaml", ["optim.grad_clip=0.5"], "clip")
+    recipe = resolve_recipe(a_dict, "text")     # the same from a dict (after `base:` and `--set`)
+    check_recipe(a_dict, "text")                # only the refusals
     # -> RecipeError (a user error: one line, exit 2), e.g.
     #    recipe key `train.epochz` is unknown: did you mean `train.epochs`?
 
-Both stages call it first, before the accelerator, the run folder or any model exists, so a
-refused run leaves nothing behind and the corrected rerun is not mistaken for "another recipe".
-
-Where the schema comes from (no second copy of the defaults to drift):
-- the valid keys and their types are read from the stage's shipped recipes
-  (`training/recipes/<stage>-*.yaml`) and, for the CLIP stage, `clip_stage.DEFAULT_RECIPE`;
-- `EXTRA_KEYS` adds the keys a stage reads in code that no shipped recipe spells out;
-- `RANGES` and `CHOICES` hold the limits, matched by the key's pattern (`*.batch_size`);
-- `HELP` gives a one-line meaning for the keys most often mistyped (printed with the error).
-A value of `null` in every source leaves the key's type open. A key added to a stage must be
-added to a shipped recipe or to `EXTRA_KEYS`, or recipes naming it are refused.
+Both stages call `check_before_work` first (the recipe, then the data: `training/preflight.py`),
+before the accelerator, the run folder or any model exists, so a refused run leaves nothing
+behind and the corrected rerun is not mistaken for "another recipe". The resolved recipe is
+what the stage reads and what the run folder keeps (`recipe.yaml`, with its `resolved:` block).
 """
 from __future__ import annotations
 
+import copy
 import difflib
-import fnmatch
-import glob
-import os
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional
 
 from open_clip_cxr.errors import UsageError
-
-RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+from training.recipe_schema import ALIASES, RUN_KEYS, Field, Section, schema, typed, walk
 
 
 class RecipeError(UsageError):
     """A recipe key is unknown, or its value has the wrong type or lies out of range."""
 
 
-_INT, _FLOAT, _STR, _BOOL, _LIST, _DICT = "int", "float", "str", "bool", "list", "dict"
-
-# keys read in code that no shipped recipe names, with an example value (its type is the key's type)
-_COMMON_EXTRA = {
-    "base": "x.yaml", "seed": 0, "output_dir": "runs/x", "model": "x",
-    # accepted at the top level too (training/common.py)
-    "mixed_precision": "no", "log_with": "tensorboard", "cpu": False, "num_threads": 1,
-    "gradient_accumulation_steps": 1,
-    "train.cpu": False, "train.num_threads": 1, "train.mixed_precision": "no", "train.grad_accum_steps": 1,
-    "train.gradient_accumulation_steps": 1, "train.log_every": 1, "train.checkpoint_every": 1,
-    "train.stop_after": 1, "train.log_with": "tensorboard", "train.frozen_low_precision": True,
-    "resolved": {},   # what `auto` precision/threads became, written into a run's saved recipe.yaml
-}
-_LORA = {"r": 16, "alpha": 32, "dropout": 0.1, "target_modules": ["q_proj"]}
-EXTRA_KEYS: Dict[str, Dict[str, Any]] = {
-    "text": {
-        **_COMMON_EXTRA, "text_arch": "x", "max_length": 128, "train.max_tokens": 1,
-        "data.source": "openi", "data.split": "train", "data.shards": "x", "data.path": "x", "data.limit": 1,
-        **{f"data.{k}": "x" for k in ("report_col", "findings_col", "impression_col", "study_col",
-                                      "patient_col", "split_col")},
-        **{f"{s}.{k}": v for s in ("mntp", "supcon") for k, v in {
-            "steps": 1, "batch_size": 1, "lr": 1e-4, "warmup_steps": 1, "min_lr_ratio": 0.1,
-            "weight_decay": 0.0, "grad_clip": 1.0}.items()},
-        **{f"{s}.lora.{k}": v for s in ("mntp", "supcon") for k, v in _LORA.items()},
-        "mntp.mask_prob": 0.2, "mntp.mask_token": "_",
-        "supcon.n_negatives": 2, "supcon.p_sections": 0.3, "supcon.temperature": 0.05, "supcon.symmetric": True,
-        "supcon.instruction_prob": 0.0, "supcon.cache": True, "supcon.cache_reports": 1, "supcon.head_lr": 1e-3,
-        "supcon.head_steps": 1, "supcon.max_variants": 1, "supcon.lora.layers": 2,
-        "supcon.variants": "rules", "supcon.paraphraser": "x", "supcon.p_phrases": 0.0,
-        "supcon.variant_styles": ["x"],
-        "eval.enabled": True, "eval.split": "validate", "eval.limit": 1, "eval.seed": 0, "eval.bf16": True,
-    },
-    "clip": {**_COMMON_EXTRA},
-}
-NULLABLE_SECTIONS = ("mntp.lora", "supcon.lora", "data.text_choice",
-                     "mntp", "supcon", "eval", "data")
-FREE_DICTS = ("data.text_choice", "train.compile", "resolved")   # dicts read as a whole (names -> shares; compile options)
-# kinds a key takes besides the ones its examples show
-EXTRA_KINDS = {"train.compile": {_DICT}, "train.log_with": {_LIST, _BOOL}, "log_with": {_LIST, _BOOL},
-               "train.resume": {_BOOL},
-               # shard lists: the demo and Python callers pass several patterns as a list
-               "data.train": {_LIST}, "data.val": {_LIST}, "data.shards": {_LIST}}
-
-# (low, low inclusive, high, high inclusive); None: unbounded. Patterns match the dotted key.
-RANGES: List[Tuple[str, Tuple[Optional[float], bool, Optional[float], bool]]] = [
-    ("*batch_size", (1, True, None, False)),
-    ("*mask_prob", (0, False, 1, False)),
-    ("*dropout", (0, True, 1, False)),
-    ("*_prob", (0, True, 1, True)),
-    ("*p_sections", (0, True, 1, True)),
-    ("*min_lr_ratio", (0, True, 1, True)),
-    ("*lr", (0, False, None, False)),
-    ("*temperature", (0, False, None, False)),
-    ("*weight_decay", (0, True, None, False)),
-    ("*.eps", (0, False, None, False)),      # not "*eps": that would catch "*.steps"
-    ("*grad_clip", (0, False, None, False)),
-    ("*.steps", (0, True, None, False)),
-    ("*head_steps", (0, True, None, False)),
-    ("*warmup_steps", (0, True, None, False)),
-    ("train.epochs", (1, True, None, False)),
-    ("train.max_steps", (1, True, None, False)),
-    ("*grad_accum_steps", (1, True, None, False)),
-    ("*gradient_accumulation_steps", (1, True, None, False)),
-    ("train.log_every", (1, True, None, False)),
-    ("train.checkpoint_every", (0, True, None, False)),
-    ("train.keep_last", (1, True, None, False)),
-    ("train.max_tokens", (1, True, None, False)),
-    ("train.stop_after", (0, True, None, False)),
-    ("*num_threads", (1, True, None, False)),
-    ("max_length", (1, True, None, False)),
-    ("*lora.r", (1, True, None, False)),
-    ("*lora.alpha", (0, False, None, False)),
-    ("*lora.layers", (1, True, None, False)),
-    ("data.num_workers", (0, True, None, False)),
-    ("data.shuffle_buffer", (0, True, None, False)),
-    ("data.epoch_samples", (1, True, None, False)),
-    ("*limit", (1, True, None, False)),
-    ("*cache_reports", (1, True, None, False)),
-    ("*n_negatives", (0, True, None, False)),
-    ("*max_variants", (1, True, None, False)),
-]
-_PRECISION = ("no", "fp32", "none", "false", "bf16", "bfloat16", "fp16", "float16", "auto")
-CHOICES: Dict[str, Tuple[Any, ...]] = {
-    "*mixed_precision": _PRECISION + (False,),
-    "vision.mode": ("full", "lora", "locked"),
-    "loss.name": ("clip", "siglip"),
-    "data.resume": ("reseed", "skip"),
-    "data.source": ("openi", "table"),
-    "supcon.variants": ("rules", "llm", "both"),
-}
-AUTO_OK = ("*num_threads", "*mixed_precision")   # `auto` is a first-class value there
-
-HELP = {
-    "train.epochs": "passes over the training data",
-    "train.max_steps": "stop after this many optimiser steps (null: epochs decide)",
-    "train.mixed_precision": "no | bf16 | fp16 | auto",
-    "train.num_threads": "torch CPU threads (null or auto: torch's default)",
-    "train.log_with": "tensorboard, or null for no tracker",
-    "data.batch_size": "samples per process per micro-batch",
-    "data.train": "training shards: DIR/train-{000000..000009}.tar (several joined with ::)",
-    "data.val": "validation shards, read at every epoch end (null: none)",
-    "mntp.mask_prob": "share of tokens masked for MNTP, between 0 and 1",
-    "mntp.batch_size": "reports per process per MNTP micro-batch",
-    "supcon.batch_size": "anchors per process per contrastive micro-batch",
-    "supcon.temperature": "contrastive softmax temperature, > 0",
-}
+_WANT = {"float": "a number", "int": "a whole number", "bool": "true/false", "str": "a string",
+         "list": "a list", "dict": "a section (key: value lines)"}
 
 
-# ---------------------------------------------------------------- the schema
+def _fail(key: str, problem: str, spec=None) -> None:
+    tip = f" ({key}: {spec.help})" if spec is not None else ""
+    raise RecipeError(f"recipe key `{key}`: {problem}{tip}")
 
-def _kind(v: Any) -> Any:
+
+def _kind(v: Any) -> str:
+    for kind, t in (("bool", bool), ("int", int), ("float", float), ("str", str), ("list", (list, tuple)),
+                    ("dict", dict)):
+        if isinstance(v, t):
+            return kind
+    return type(v).__name__
+
+
+def _value(key: str, v: Any, spec: Field) -> Any:
+    """`v` checked against `spec`; returns it (an int where a float is meant becomes a float)."""
     if v is None:
-        return None
-    if isinstance(v, bool):
-        return _BOOL
-    if isinstance(v, int):
-        return _INT
-    if isinstance(v, float):
-        return _FLOAT
-    if isinstance(v, str):
-        return _STR
-    if isinstance(v, (list, tuple)):
-        return _LIST
-    return _DICT
-
-
-def _walk(d: dict, prefix: str = ""):
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and key not in FREE_DICTS:
-            yield key, _DICT
-            yield from _walk(v, key + ".")
-        else:
-            yield key, _kind(v)
-
-
-def _shipped(stage: str) -> List[dict]:
-    from training.common import load_recipe
-    return [load_recipe(p) for p in sorted(glob.glob(os.path.join(RECIPES_DIR, f"{stage}-*.yaml")))]
-
-
-_SCHEMAS: Dict[str, Dict[str, set]] = {}
-
-
-def schema(stage: str) -> Dict[str, set]:
-    """dotted key -> the set of kinds seen for it ('dict' for a section; None: seen as null)."""
-    if stage not in _SCHEMAS:
-        if stage not in EXTRA_KEYS:
-            raise ValueError(f"stage {stage!r}: 'text' or 'clip'")
-        sources = _shipped(stage) + [_nest(EXTRA_KEYS[stage])]
-        if stage == "clip":
-            from training.clip_stage import DEFAULT_RECIPE
-            sources.append(DEFAULT_RECIPE)
-        out: Dict[str, set] = {}
-        for src in sources:
-            for key, kind in _walk(src):
-                out.setdefault(key, set()).add(kind)
-                parts = key.split(".")
-                for i in range(1, len(parts)):   # a section implied by a dotted extra key
-                    out.setdefault(".".join(parts[:i]), set()).add(_DICT)
-        for key, kinds in EXTRA_KINDS.items():
-            if key in out:
-                out[key] |= kinds
-        _SCHEMAS[stage] = out
-    return _SCHEMAS[stage]
-
-
-def _nest(flat: Dict[str, Any]) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        d = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            d = d.setdefault(p, {})
-        d[parts[-1]] = v
-    return out
-
-
-# ---------------------------------------------------------------- the check
-
-def _fail(key: str, problem: str) -> None:
-    tip = HELP.get(key)
-    raise RecipeError(f"recipe key `{key}`: {problem}" + (f" ({key}: {tip})" if tip else ""))
-
-
-def _match(key: str, patterns) -> Optional[str]:
-    return next((p for p in patterns if fnmatch.fnmatchcase(key, p)), None)
-
-
-def _check_value(key: str, value: Any, kinds: set) -> None:
-    if value is None or (isinstance(value, str) and value == "auto" and _match(key, AUTO_OK)):
-        return
-    choice = _match(key, CHOICES)
-    if choice:
-        ok = CHOICES[choice]
-        if value not in ok or (isinstance(value, bool) and False not in ok):
-            _fail(key, f"{value!r} is not one of {', '.join(str(c) for c in ok if c is not False)}")
-        return
-    typed = kinds - {None}
-    if not typed:
-        return                                   # null everywhere: open
-    kind = _kind(value)
-    if kind == _INT and _FLOAT in typed:
-        kind = _FLOAT                            # 1 where 1.0 is meant
-    if kind == _DICT and key in FREE_DICTS:
-        return
-    if kind not in typed:
-        want = " or ".join(sorted({_FLOAT: "a number", _INT: "a whole number", _BOOL: "true/false",
-                                   _STR: "a string", _LIST: "a list", _DICT: "a section (key: value lines)"}[k]
-                                  for k in typed))
-        _fail(key, f"expected {want}, got {value!r}")
-    rng = _match(key, [p for p, _ in RANGES])
-    if rng and kind in (_INT, _FLOAT):
-        lo, lo_in, hi, hi_in = dict(RANGES)[rng]
-        if (lo is not None and (value < lo or (value == lo and not lo_in))) or \
-                (hi is not None and (value > hi or (value == hi and not hi_in))):
+        if not spec.null:
+            _fail(key, "may not be null; give a value or leave the key out for its default", spec)
+        return v
+    if spec.auto and v == "auto":
+        return v
+    if spec.choices:
+        if v not in spec.choices or (isinstance(v, bool) and False not in spec.choices):
+            _fail(key, f"{v!r} is not one of {', '.join(str(c) for c in spec.choices if c is not False)}", spec)
+        return v
+    kind = _kind(v)
+    if kind == "int" and "float" in spec.kinds and "int" not in spec.kinds:
+        v, kind = float(v), "float"             # 1 where 1.0 is meant
+    if kind not in spec.kinds:
+        want = " or ".join(sorted(_WANT[k] for k in spec.kinds)) + (" or auto" if spec.auto else "")
+        _fail(key, f"expected {want}, got {v!r}", spec)
+    if spec.rng and kind in ("int", "float"):
+        lo, lo_in, hi, hi_in = spec.rng
+        if (lo is not None and (v < lo or (v == lo and not lo_in))) or \
+                (hi is not None and (v > hi or (v == hi and not hi_in))):
             lo_s = "" if lo is None else f"{lo} {'<=' if lo_in else '<'} "
             hi_s = "" if hi is None else f" {'<=' if hi_in else '<'} {hi}"
-            _fail(key, f"{value!r} is out of range (needs {lo_s}{key.rsplit('.', 1)[-1]}{hi_s})")
+            _fail(key, f"{v!r} is out of range (needs {lo_s}{key.rsplit('.', 1)[-1]}{hi_s})", spec)
+    return list(v) if kind == "list" else v
 
 
-def _unknown(key: str, known: Dict[str, set]) -> None:
-    parent = key.rsplit(".", 1)[0] if "." in key else ""
-    siblings = [k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent]
-    leaf = key.rsplit(".", 1)[-1]
-    near = difflib.get_close_matches(leaf, [s.rsplit(".", 1)[-1] for s in siblings], n=1, cutoff=0.7)
+def _unknown(key: str, table: Dict[str, Any], stage: str) -> None:
+    parent, _, leaf = key.rpartition(".")
+    near = difflib.get_close_matches(leaf, list(table), n=1, cutoff=0.7)
     if near:
         near = [f"{parent}.{near[0]}" if parent else near[0]]
     else:   # the right name in another section (`train.batch_size` for `data.batch_size`)
-        near = [k for k in known if k.rsplit(".", 1)[-1] == leaf][:1]
+        near = [k for k, _ in walk(stage) if k.rsplit(".", 1)[-1] == leaf][:1]
     if near:
         raise RecipeError(f"recipe key `{key}` is unknown: did you mean `{near[0]}`?")
-    names = ", ".join(sorted(s.rsplit(".", 1)[-1] for s in siblings))
+    names = ", ".join(sorted(table))
     raise RecipeError(f"recipe key `{key}` is unknown" + (f"; valid keys here: {names}" if names else ""))
 
 
-def check_recipe(recipe: dict, stage: str) -> dict:
-    """Raise `RecipeError` at the first unknown key or bad value of `recipe` (a nested dict,
-    after `base:` and `--set`); returns `recipe` unchanged."""
-    known = schema(stage)
-
-    def visit(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            key = f"{prefix}{k}"
-            if key not in known:
-                _unknown(key, known)
-            kinds = known[key]
-            if isinstance(v, dict) and _DICT in kinds and key not in FREE_DICTS:
-                visit(v, key + ".")
-            elif v is None and _DICT in kinds:
-                if key not in NULLABLE_SECTIONS:
-                    _fail(key, "is empty; give its keys or leave it out")
-            elif _DICT in kinds and kinds - {None} == {_DICT} and key not in FREE_DICTS:
-                _fail(key, f"expected a section (key: value lines), got {v!r}")
+def _section(d: Any, table: Dict[str, Any], prefix: str, stage: str) -> dict:
+    """The user's keys of one section, checked, with its defaults filled in."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        spec = table.get(k)
+        if spec is None:
+            _unknown(key, table, stage)
+        if isinstance(spec, Section):
+            if v is None and spec.null:
+                out[k] = None
+            elif v is None and spec.empty_null:
+                out[k] = _section({}, spec.fields, key + ".", stage)
+            elif v is None:
+                _fail(key, "is empty; give its keys or leave it out", spec)
+            elif not isinstance(v, dict):
+                _fail(key, f"expected a section (key: value lines), got {v!r}", spec)
             else:
-                _check_value(key, v, kinds)
+                out[k] = _section(v, spec.fields, key + ".", stage)
+        else:
+            out[k] = _value(key, v, spec)
+    for k, spec in table.items():     # defaults of what was left out
+        if k not in out:
+            if isinstance(spec, Section):
+                out[k] = None if spec.default_null else _section({}, spec.fields, f"{prefix}{k}.", stage)
+            else:
+                out[k] = copy.deepcopy(spec.default)
+    return out
 
+
+def _fold_aliases(recipe: dict) -> dict:
+    """Old spellings (`mixed_precision:` at the top) moved to their key, which wins if given."""
+    from training.recipe_io import get_by_path, set_by_path
+    recipe = copy.deepcopy(recipe)
+    for alias, key in ALIASES.items():
+        parent, _, leaf = alias.rpartition(".")
+        holder = get_by_path(recipe, parent) if parent else recipe
+        if not isinstance(holder, dict) or leaf not in holder:
+            continue
+        value = holder.pop(leaf)
+        section, _, name = key.rpartition(".")
+        target = recipe.get(section)
+        if target is not None and not isinstance(target, dict):
+            continue                  # `train: 3` is refused as it stands
+        present = isinstance(target, dict) and name in target
+        # an explicit `train.log_with: null` means no tracker; other keys treat null as unset
+        if not present or (target[name] is None and key != "train.log_with"):
+            set_by_path(recipe, key, value)
+    return recipe
+
+
+def resolve_recipe(recipe: dict, stage: str) -> dict:
+    """`recipe` (a nested dict, after `base:` and `--set`) checked against the stage's schema,
+    every key left out at its default: what the stage reads and the run folder keeps. Raises
+    `RecipeError` at the first unknown key or bad value. Resolving twice changes nothing."""
     if not isinstance(recipe, dict):
         raise RecipeError(f"a recipe is a YAML mapping of keys to values, got {type(recipe).__name__}")
-    visit(recipe, "")
+    table = schema(stage)
+    user = _fold_aliases(recipe)
+    run_keys = {k: user.pop(k) for k in list(user) if k in RUN_KEYS}
+    if run_keys.get("resolved") is not None and not isinstance(run_keys["resolved"], dict):
+        _fail("resolved", f"expected a section (key: value lines), got {run_keys['resolved']!r}")
+    out = _section(user, table, "", stage)
+    if stage == "text" and out["supcon"]["head_lr"] is None:
+        out["supcon"]["head_lr"] = 10 * out["supcon"]["lr"]       # the pooler starts random: a faster rate
+    if run_keys.get("resolved") is not None:
+        out["resolved"] = run_keys["resolved"]
+    return out
+
+
+def check_recipe(recipe: dict, stage: str) -> dict:
+    """Raise `RecipeError` at the first unknown key or bad value of `recipe`; returns `recipe` unchanged."""
+    resolve_recipe(recipe, stage)
     return recipe
+
+
+def resolve(path: Optional[str], sets: Iterable[str] = (), stage: str = "clip") -> dict:
+    """A recipe file (with its `base:`) and `--set KEY=VALUE` overrides, resolved for `stage`."""
+    from training.recipe_io import load_recipe
+    try:
+        raw = load_recipe(path, sets)
+    except ValueError as e:           # `--set` without `=`
+        raise RecipeError(str(e)) from None
+    return resolve_recipe(raw, stage)
+
+
+def resolve_typed(path: Optional[str], sets: Iterable[str] = (), stage: str = "clip"):
+    """(resolved dict, the same as the stage's dataclass: `recipe_schema.typed`)."""
+    recipe = resolve(path, sets, stage)
+    return recipe, typed(recipe, stage)
 
 
 def check_before_work(recipe: dict, stage: str) -> dict:
-    """What a stage calls first: the recipe's keys and values, then its data (`preflight`)."""
+    """What a stage calls first: the recipe resolved (keys, values, defaults), then its data
+    checked (`preflight`). Returns the resolved recipe."""
     from training.preflight import check_training_data
-    check_recipe(recipe, stage)
-    check_training_data(recipe, stage)
-    return recipe
+    resolved = resolve_recipe(recipe, stage)
+    check_training_data(resolved, stage)
+    return resolved
+
+
+# ---------------------------------------------------------------- --help-recipe
+
+def _show(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(v)
+
+
+def help_rows(stage: str) -> List[tuple]:
+    """(dotted key, type, default, help) of every key of the stage, in recipe order."""
+    rows = []
+    for key, spec in walk(stage):
+        if isinstance(spec, Section):
+            rows.append((key + ":", "section" + (" | null" if spec.null else ""),
+                         "null" if spec.default_null else "", spec.help))
+        else:
+            rows.append((key, spec.type_name(), _show(spec.default), spec.help))
+    rows += [(k, "dict" if k == "resolved" else "str", "", h) for k, h in RUN_KEYS.items()]
+    return rows
+
+
+def help_text(stage: str, markdown: bool = False) -> str:
+    """Every key of the stage's recipe, one per line (or a Markdown table, as in the README)."""
+    rows = help_rows(stage)
+    if markdown:
+        esc = lambda s: str(s).replace("|", "\\|")     # noqa: E731
+        return "\n".join(["| key | type | default | meaning |", "| --- | --- | --- | --- |"] +
+                         [f"| `{k}` | {esc(t)} | {esc(d)} | {esc(h)} |" for k, t, d, h in rows])
+    wk = max(len(r[0]) for r in rows)
+    wt = min(max(len(r[1]) for r in rows), 24)
+    lines = [f"recipe keys of train-{stage} (--set KEY=VALUE; a recipe YAML nests them by the dots):"]
+    for k, t, d, h in rows:
+        lines.append(f"  {k:<{wk}}  {t:<{wt}}  {('default ' + d) if d else '':<22}  {h}")
+    return "\n".join(lines)
