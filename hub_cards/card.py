@@ -82,15 +82,12 @@ def load_eval_results(path) -> dict:
 
 
 def load_recipe(path) -> dict:
-    """A recipe from YAML (needs PyYAML, a huggingface_hub dependency) or JSON."""
-    text = Path(path).read_text()
+    """A recipe from YAML (with its `base:` read first, as training reads it:
+    `training/recipe_io.load_recipe`) or JSON."""
     if str(path).endswith(".json"):
-        return json.loads(text)
-    import yaml
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe must be a mapping")
-    return data
+        return json.loads(Path(path).read_text())
+    from training.recipe_io import load_recipe as load_yaml_recipe   # torch-free
+    return load_yaml_recipe(str(path))           # a UsageError (a ValueError) when not a mapping
 
 
 def retrieval_results(results: dict) -> List[Tuple[str, dict]]:

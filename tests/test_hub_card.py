@@ -118,3 +118,13 @@ def test_retrieval_results_shapes(tmp_path):
     assert [n for n, _ in retrieval_results({"mimic": {"test": single}})] == ["mimic/test"]
     (tmp_path / "r.yaml").write_text("datasets: [a]\nlr: 0.001\n")
     assert load_recipe(tmp_path / "r.yaml") == {"datasets": ["a"], "lr": 0.001}
+
+
+def test_load_recipe_reads_base_as_training_does(tmp_path):
+    """`base:` is read first and merged under the recipe (training/recipe_io.load_recipe), not ignored."""
+    (tmp_path / "base.yaml").write_text("datasets: [a]\noptim: {lr: 1e-4, eps: 1e-6}\n")
+    (tmp_path / "r.yaml").write_text("base: base.yaml\noptim: {lr: 2e-4}\n")
+    assert load_recipe(tmp_path / "r.yaml") == {"datasets": ["a"], "optim": {"lr": 2e-4, "eps": 1e-6}}
+    (tmp_path / "list.yaml").write_text("- a\n")
+    with pytest.raises(ValueError, match="mapping"):
+        load_recipe(tmp_path / "list.yaml")

@@ -74,12 +74,12 @@ def test_good_shards_reach_the_work(tmp_path):
 
 
 def test_train_text_refuses_missing_report_shards(tmp_path, capsys):
-    rc = main(["train-text", "--out", str(tmp_path / "run"), "--set", f"data.shards={tmp_path / 'none-*.tar'}"])
+    rc = main(["train-text", "--output-dir", str(tmp_path / "run"), "--set", f"data.shards={tmp_path / 'none-*.tar'}"])
     refused(capsys, tmp_path, rc, "train-text", "`data.shards`", "pattern matches no file")
 
 
 def test_train_text_refuses_empty_report_shards(tmp_path, capsys):
-    rc = main(["train-text", "--out", str(tmp_path / "run"),
+    rc = main(["train-text", "--output-dir", str(tmp_path / "run"),
                "--set", f"data.shards={write_tar(tmp_path / 's' / 'train-000000.tar', 0)}"])
     refused(capsys, tmp_path, rc, "train-text", "`data.shards`", "hold no sample")
 

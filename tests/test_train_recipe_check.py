@@ -33,7 +33,7 @@ def run_clip(tmp_path, *sets):
 
 
 def run_text(tmp_path, *sets):
-    argv = ["train-text", "--recipe", str(RECIPES / "text-cxr-llm-small-cpu.yaml"), "--out", str(tmp_path / "run")]
+    argv = ["train-text", "--recipe", str(RECIPES / "text-cxr-llm-small-cpu.yaml"), "--output-dir", str(tmp_path / "run")]
     for s in sets:
         argv += ["--set", s]
     return main(argv)
@@ -147,3 +147,187 @@ def test_shards_may_be_a_list_of_patterns(key):
     check_recipe({"data": {key: ["a/train-000000.tar", "a/train-000001.tar"]}}, "clip")
     with pytest.raises(Exception, match=f"data.{key}"):
         check_recipe({"data": {key: 3}}, "clip")
+
+
+# ---------------------------------------------------------------- the typed schema (recipe_schema.py)
+
+@pytest.mark.parametrize("bad,needles", [
+    ("train.checkpoint_every=0", ["`train.checkpoint_every`", "out of range"]),   # once: a modulo by zero mid-run
+    ("train.epochs=null", ["`train.epochs`", "may not be null"]),
+    ("text.lora.dropout=1", ["`text.lora.dropout`", "0 <= dropout < 1"]),
+    ("text.lora.r=two", ["`text.lora.r`", "'two'"]),
+    ("data.epochs=3", ["did you mean `train.epochs`?"]),
+    ("optim.betas=0.9", ["`optim.betas`", "a list"]),
+    ("train.compile=fast", ["`train.compile`", "'fast'"]),
+])
+def test_train_clip_refuses_more_bad_recipes(bad, needles, tmp_path, capsys):
+    refused(capsys, tmp_path, run_clip(tmp_path, bad), "train-clip", *needles)
+
+
+@pytest.mark.parametrize("bad,needles", [
+    ("mntp.lora=null", ["`mntp.lora`", "is empty"]),
+    ("supcon.head_lr=abc", ["`supcon.head_lr`", "'abc'"]),
+    ("supcon.lora={r: 8, alpha: 16, dropuot: 0.1}", ["did you mean `supcon.lora.dropout`?"]),
+    ("max_length=0", ["`max_length`", "out of range"]),
+    ("train.num_threads=many", ["`train.num_threads`", "auto"]),
+    ("eval.bf16=true", ["`eval.bf16`", "unknown"]),          # accepted once, read nowhere
+])
+def test_train_text_refuses_more_bad_recipes(bad, needles, tmp_path, capsys):
+    refused(capsys, tmp_path, run_text(tmp_path, bad), "train-text", *needles)
+
+
+@pytest.mark.parametrize("bad,needle", [("data.split=test", "official test split"),
+                                        ("data.split=validate", "never evaluate on training data")])
+def test_train_text_refuses_a_bad_split_before_the_run_folder(bad, needle, tmp_path, capsys):
+    rc = run_text(tmp_path, bad)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("command", ["train-text", "train-clip"])
+def test_a_set_without_a_value_is_a_usage_error(command, capsys):
+    assert main([command, "--set", "train.epochs"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "KEY=VALUE" in err[0], err
+
+
+@pytest.mark.parametrize("stage", ["text", "clip"])
+def test_every_key_has_a_type_a_default_and_help(stage):
+    from training.recipe_schema import Field, Section, defaults, walk
+    from training.recipe_io import get_by_path
+    keys = list(walk(stage))
+    assert len(keys) > 40
+    for key, spec in keys:
+        assert spec.help and len(spec.help.splitlines()) == 1, key
+        if isinstance(spec, Field):
+            assert spec.kind and spec.kinds <= {"int", "float", "bool", "str", "list", "dict"}, key
+            if spec.default is not None and not spec.choices:     # the default passes its own check
+                from training.recipe_check import _value
+                assert _value(key, spec.default, spec) == spec.default, key
+        parent = key.rpartition(".")[0]
+        if not parent or get_by_path(defaults(stage), parent) is not None:
+            assert isinstance(spec, Section) or get_by_path(defaults(stage), key, "missing") != "missing", key
+
+
+def test_clip_default_recipe_is_the_schema():
+    from training.clip_stage import DEFAULT_RECIPE
+    from training.recipe_schema import defaults
+    assert DEFAULT_RECIPE == defaults("clip")
+
+
+def test_the_mntp_lora_default_targets_are_the_stage_code_s():
+    from training.mntp import LORA_TARGETS
+    from training.recipe_schema import defaults
+    assert defaults("text")["mntp"]["lora"]["target_modules"] == list(LORA_TARGETS)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_resolved_recipes_are_complete_typed_and_stable(name):
+    """Every key filled; resolving again changes nothing; the typed view reads the same values."""
+    from training.recipe_check import resolve, resolve_recipe
+    from training.recipe_schema import Section, walk
+    from training.recipe_io import get_by_path
+    stage = "text" if name.startswith("text-") else "clip"
+    recipe, obj = __import__("training.recipe_check", fromlist=["x"]).resolve_typed(str(RECIPES / name), (), stage)
+    assert resolve(str(RECIPES / name), (), stage) == recipe
+    assert resolve_recipe(recipe, stage) == recipe
+    for key, spec in walk(stage):
+        parent = key.rpartition(".")[0]
+        if parent and get_by_path(recipe, parent) is None:
+            continue                                   # a null section (supcon.lora: null)
+        assert get_by_path(recipe, key, "missing") != "missing", key
+        if not isinstance(spec, Section):
+            attr = obj
+            for part in key.split("."):
+                attr = getattr(attr, part + "_" if part == "from" else part)
+            assert attr == get_by_path(recipe, key), key
+    assert obj.seed == recipe["seed"] and obj.train.log_every == recipe["train"]["log_every"]
+
+
+def test_defaults_fill_what_the_stage_code_once_guessed():
+    from training.recipe_check import resolve_recipe
+    r = resolve_recipe({"supcon": {"lr": 1e-4, "lora": {"r": 8}}, "mntp": None}, "text")
+    assert r["supcon"]["head_lr"] == pytest.approx(1e-3)            # the pooler's faster rate, written down
+    assert r["supcon"]["lora"] == {"r": 8, "alpha": 32, "dropout": 0.1, "layers": None,
+                                   "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj"]}
+    assert r["mntp"]["steps"] == 0 and r["mntp"]["min_lr_ratio"] == 0.0 and r["train"]["mixed_precision"] == "auto"
+    assert resolve_recipe({}, "text")["supcon"]["lora"] is None     # no LoRA: the pooler and norm alone
+    c = resolve_recipe({"text": {"lora": {"r": 4}}}, "clip")
+    assert c["text"]["lora"]["alpha"] == 32 and c["schedule"]["min_lr_ratio"] == 0.0
+    assert isinstance(resolve_recipe({"text": {"lr": 1}}, "clip")["text"]["lr"], float)
+
+
+def test_old_top_level_spellings_move_to_their_key():
+    from training.recipe_check import resolve_recipe
+    r = resolve_recipe({"mixed_precision": "bf16", "gradient_accumulation_steps": 4, "log_with": "tensorboard",
+                        "train": {"log_with": None}}, "clip")
+    assert r["train"]["mixed_precision"] == "bf16" and r["train"]["grad_accum_steps"] == 4
+    assert r["train"]["log_with"] is None                 # the key itself (an explicit null) wins
+    assert "mixed_precision" not in r and "log_with" not in r
+    with pytest.raises(Exception, match="`train.mixed_precision`"):
+        resolve_recipe({"mixed_precision": "fp8"}, "text")
+
+
+@pytest.mark.parametrize("stage", ["text", "clip"])
+def test_precision_auto_is_a_first_class_value(stage):
+    from training.recipe_check import resolve_recipe
+    r = resolve_recipe({"train": {"mixed_precision": "auto", "num_threads": "auto"}}, stage)
+    assert r["train"]["mixed_precision"] == "auto" and r["train"]["num_threads"] == "auto"
+
+
+def test_a_text_run_saved_before_the_schema_resumes(tmp_path):
+    """A stage-1 recipe.yaml written before the schema lacks keys whose default changed since
+    (mntp.min_lr_ratio, the MNTP LoRA's dropout): it resumes under what it trained with, and only that."""
+    from training.recipe_check import resolve, resolve_recipe
+    from training.recipe_io import save_recipe
+    from training.recipe_schema import defaults
+    old = common.load_recipe(str(RECIPES / "text-cxr-llm-small-cpu.yaml"))
+    del old["mntp"]["min_lr_ratio"], old["mntp"]["lora"]["dropout"]   # the code's fallbacks: 0.1 and 0.05
+    path = str(tmp_path / "recipe.yaml")
+    save_recipe(old, path)
+    now = resolve(str(RECIPES / "text-cxr-llm-small-cpu.yaml"), (), "text")
+    with pytest.raises(ValueError, match="another recipe.*mntp.lora.dropout, mntp.min_lr_ratio"):
+        save_recipe(now, path, defaults=defaults("text"))            # read with today's defaults: refused
+    for key, value in (("min_lr_ratio", 0.0), ("lora", {**now["mntp"]["lora"], "dropout": 0.1})):
+        with pytest.raises(ValueError, match=f"another recipe.*mntp.{key}"):
+            save_recipe(resolve_recipe({**now, "mntp": {**now["mntp"], key: value}}, "text"), path)
+    save_recipe(now, path)                                            # resumes: no "another recipe"
+    assert common.load_recipe(path) == now                            # and keeps the resolved recipe
+
+
+@pytest.mark.parametrize("command,keys", [("train-text", ["supcon.temperature", "mntp.lora.dropout", "eval.limit"]),
+                                          ("train-clip", ["vision.mode", "schedule.min_lr_ratio", "train.epochs"])])
+def test_help_recipe_lists_every_key_without_torch(command, keys):
+    from training.recipe_check import help_rows
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    probe = ("import sys, runpy; sys.argv = ['open-clip-cxr', %r, '--help-recipe']\n"
+             "try:\n    runpy.run_module('open_clip_cxr.cli', run_name='__main__', alter_sys=True)\n"
+             "except SystemExit as e:\n    assert not e.code, e.code\nprint('torch' in sys.modules)" % command)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    lines = out.stdout.strip().splitlines()
+    assert lines and lines[-1] == "False", out.stdout + out.stderr
+    listed = {line.split()[0] for line in lines[1:-1]}
+    assert {k for k, *_ in help_rows(command.split("-")[1])} == listed
+    for key in keys:
+        row = next(line for line in lines if line.split()[0] == key)
+        assert "default" in row, row
+
+
+def test_train_text_takes_output_dir_and_still_out(tmp_path):
+    with pytest.raises(WorkStarted, match="new"):
+        main(["train-text", "--output-dir", str(tmp_path / "new")])
+    with pytest.raises(WorkStarted, match="old"):
+        main(["train-text", "--out", str(tmp_path / "old")])
+    with pytest.raises(WorkStarted, match="alias"):
+        main(["train-clip", "--recipe", str(RECIPES / "clip-cxr-llm-small-cpu.yaml"),
+              "--set", f"data.train={tiny_shard(tmp_path)}", "--out", str(tmp_path / "alias")])
+
+
+@pytest.mark.parametrize("stage", ["text", "clip"])
+def test_readme_holds_the_generated_recipe_tables(stage):
+    """The README's recipe reference is `python -m training.recipe_check --markdown`: regenerate it
+    when a key changes."""
+    from training.recipe_check import help_text
+    assert help_text(stage, markdown=True) in (ROOT / "README.md").read_text()

@@ -94,13 +94,15 @@ def parse_reports() -> dict:
 
 def stage1(out: Path, schedule: str) -> dict:
     import torch
-    from training import common, text_stage
+    from training import text_stage
+    from training.recipe_check import resolve
+    from training.recipe_io import saved_differences
     folder = out / "stage1"
-    recipe = common.load_recipe(str(SCHEDULES[schedule]), ["eval.enabled=false"])   # step 3 evaluates
+    recipe = resolve(str(SCHEDULES[schedule]), ["eval.enabled=false"], "text")   # step 3 evaluates
     recipe["output_dir"] = str(folder)
     recipe["train"]["num_threads"] = torch.get_num_threads()   # the demo has the machine to itself
     if (folder / "recipe.yaml").exists():
-        diff = common.recipe_differences(common.load_recipe(str(folder / "recipe.yaml")), recipe)
+        diff = saved_differences(str(folder / "recipe.yaml"), recipe, stage="text")
         if diff:
             # an earlier demo (another schedule or version) trained it: keep it, aside, with the
             # CLIP run built on it, and train afresh
@@ -122,13 +124,13 @@ def robustness(out: Path, n_reports: Optional[int], schedule: str) -> dict:
     import torch
     from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn, openi_reports,
                                                run_robustness)
-    from training import common
     from open_clip_cxr.precision import choose as choose_precision
+    from training.recipe_check import resolve
     from training.text_stage import FrozenCast, tower_encode_fn
     reports = openi_reports("test", limit=n_reports)
     print(f"{len(reports)} test-split reports")
     results = {}
-    unadapted = common.load_recipe(str(SCHEDULES[schedule])).get("model", "cxr-llm-small-l4")
+    unadapted = resolve(str(SCHEDULES[schedule]), (), "text")["model"]
 
     def tower_fn(name):
         model = open_clip.create_model(name, pretrained_image=False).eval()
@@ -189,34 +191,28 @@ def clip_stage(out: Path, steps: int) -> dict:
     from open_clip_cxr.data.manifest import shard_urls
     from training import clip_stage as cs
     from training import common
+    from training.recipe_check import resolve
     from open_clip_cxr.data.manifest import load_manifest
     urls = {s: shard_urls(out / "shards", s) for s in ("train", "test")}
     n_train = sum(e["count"] for e in load_manifest(out / "shards")["shards"].values() if e["split"] == "train")
-    recipe = common.load_recipe(str(CLIP_RECIPE), [f"train.max_steps={steps}"])
+    recipe = resolve(str(CLIP_RECIPE), [f"train.max_steps={steps}"], "clip")
     # the adapted text tower from stage 1; the vision tower gets its ImageNet weights (the
     # stage-1 folder's was never trained), and the run's log says where each came from
     recipe["text"]["from"] = f"local-dir:{out / 'stage1'}"
     recipe["output_dir"] = str(out / "clip")
     recipe["data"].update(train=urls["train"], val=urls["test"], epoch_samples=n_train, batch_size=4)
     recipe["train"]["epochs"] = 1000   # stop by max_steps
-    _move_aside_if_other_recipe(out, "clip", cs.with_defaults(recipe), cs.DEFAULT_RECIPE)
+    _move_aside_if_other_recipe(out, "clip", recipe)
     common.reset_accelerator_state()
     return cs.train(recipe)
 
 
-def _move_aside_if_other_recipe(out: Path, name: str, recipe: dict, defaults: dict) -> None:
+def _move_aside_if_other_recipe(out: Path, name: str, recipe: dict, defaults: Optional[dict] = None) -> None:
     """A run folder of an earlier demo trained from another recipe (e.g. before `text.from`
-    existed, when its vision tower started at random): keep it aside and train afresh."""
-    import yaml
-    from training import common
-    saved_path = out / name / "recipe.yaml"
-    if not saved_path.exists():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    full = json.loads(json.dumps(defaults))
-    for k, v in saved.items():
-        full[k] = {**full[k], **v} if isinstance(v, dict) and isinstance(full.get(k), dict) else v
-    diff = common.recipe_differences(full, recipe)
+    existed, when its vision tower started at random): keep it aside and train afresh.
+    `recipe` is resolved (`recipe_check.resolve`); the saved one's gaps are filled as a resume would."""
+    from training.recipe_io import saved_differences
+    diff = saved_differences(str(out / name / "recipe.yaml"), recipe, defaults)
     if diff:
         n = 1 + sum(1 for _ in out.glob(f"{name}.previous-*"))
         (out / name).rename(out / f"{name}.previous-{n}")

@@ -163,11 +163,7 @@ def check_recipe(recipe: dict, stage: str) -> dict:
 def resolve(path: Optional[str], sets: Iterable[str] = (), stage: str = "clip") -> dict:
     """A recipe file (with its `base:`) and `--set KEY=VALUE` overrides, resolved for `stage`."""
     from training.recipe_io import load_recipe
-    try:
-        raw = load_recipe(path, sets)
-    except ValueError as e:           # `--set` without `=`
-        raise RecipeError(str(e)) from None
-    return resolve_recipe(raw, stage)
+    return resolve_recipe(load_recipe(path, sets), stage)
 
 
 def resolve_typed(path: Optional[str], sets: Iterable[str] = (), stage: str = "clip"):
@@ -181,6 +177,12 @@ def check_before_work(recipe: dict, stage: str) -> dict:
     checked (`preflight`). Returns the resolved recipe."""
     from training.preflight import check_training_data
     resolved = resolve_recipe(recipe, stage)
+    if stage == "text":               # never train on a test split or on what is evaluated
+        from training.supcon import training_split
+        try:
+            training_split(resolved)
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
     check_training_data(resolved, stage)
     return resolved
 
@@ -221,3 +223,10 @@ def help_text(stage: str, markdown: bool = False) -> str:
     for k, t, d, h in rows:
         lines.append(f"  {k:<{wk}}  {t:<{wt}}  {('default ' + d) if d else '':<22}  {h}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":          # python -m training.recipe_check [--markdown]: the README's tables
+    import sys
+    md = "--markdown" in sys.argv
+    for i, stage in enumerate(("text", "clip")):
+        print(("\n" if i else "") + (f"**train-{stage}**\n" if md else "") + help_text(stage, markdown=md))

@@ -82,7 +82,8 @@ def load_recipe(path: Optional[str], overrides: Iterable[str] = ()) -> dict:
             recipe = _deep_merge(load_recipe(base_path), recipe)
     for item in overrides or ():
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            from open_clip_cxr.errors import UsageError
+            raise UsageError(f"--set {item!r} is not KEY=VALUE: write e.g. --set train.epochs=3")
         key, value = item.split("=", 1)
         set_by_path(recipe, key.strip(), parse_value(value))
     return recipe
