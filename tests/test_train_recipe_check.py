@@ -225,11 +225,11 @@ def test_the_mntp_lora_default_targets_are_the_stage_code_s():
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_resolved_recipes_are_complete_typed_and_stable(name):
     """Every key filled; resolving again changes nothing; the typed view reads the same values."""
-    from training.recipe_check import resolve, resolve_recipe
+    from training.recipe_check import resolve, resolve_recipe, resolve_typed
     from training.recipe_schema import Section, walk
     from training.recipe_io import get_by_path
     stage = "text" if name.startswith("text-") else "clip"
-    recipe, obj = __import__("training.recipe_check", fromlist=["x"]).resolve_typed(str(RECIPES / name), (), stage)
+    recipe, obj = resolve_typed(str(RECIPES / name), (), stage)
     assert resolve(str(RECIPES / name), (), stage) == recipe
     assert resolve_recipe(recipe, stage) == recipe
     for key, spec in walk(stage):

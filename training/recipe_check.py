@@ -3,6 +3,7 @@ out of range are refused; every key left out gets its default (`training/recipe_
 
     recipe = resolve("training/recipes/clip-cxr-llm-small-cpu.yaml", ["optim.grad_clip=0.5"], "clip")
     recipe = resolve_recipe(a_dict, "text")     # the same from a dict (after `base:` and `--set`)
+    typed(recipe, "clip").train.epochs          # a resolved recipe as frozen dataclasses
     check_recipe(a_dict, "text")                # only the refusals
     # -> RecipeError (a user error: one line, exit 2), e.g.
     #    recipe key `train.epochz` is unknown: did you mean `train.epochs`?
@@ -15,11 +16,13 @@ what the stage reads and what the run folder keeps (`recipe.yaml`, with its `res
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
-from typing import Any, Dict, Iterable, List, Optional
+import keyword
+from typing import Any, Dict, Iterable, List, Optional, Union
 
 from open_clip_cxr.errors import UsageError
-from training.recipe_schema import ALIASES, RUN_KEYS, Field, Section, schema, typed, walk
+from training.recipe_schema import ALIASES, RUN_KEYS, Field, Section, schema, walk
 
 
 class RecipeError(UsageError):
@@ -185,6 +188,60 @@ def check_before_work(recipe: dict, stage: str) -> dict:
             raise RecipeError(str(e)) from None
     check_training_data(resolved, stage)
     return resolved
+
+
+# ---------------------------------------------------------------- the typed view
+
+_PY = {"int": int, "float": float, "bool": bool, "str": str, "list": List[Any], "dict": Dict[str, Any]}
+_CLASSES: Dict[str, type] = {}
+
+
+def _annotation(spec: Field):
+    types = [_PY[k] for k in sorted(spec.kinds)] + ([str] if spec.auto and "str" not in spec.kinds else [])
+    t = Union[tuple(types)] if len(types) > 1 else types[0]
+    return Optional[t] if spec.null else t
+
+
+def _attr(key: str) -> str:
+    """The dataclass attribute of a key: `from` (a Python keyword) is `from_`."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def _dataclass(name: str, table: Dict[str, Any]) -> type:
+    fields = []
+    for key, spec in table.items():
+        meta = {"help": spec.help}
+        if isinstance(spec, Section):
+            sub = _dataclass(name + "_" + key, spec.fields)
+            fields.append((_attr(key), Optional[sub] if spec.null else sub, dataclasses.field(metadata=meta)))
+        else:
+            fields.append((_attr(key), _annotation(spec), dataclasses.field(metadata={**meta, "range": spec.rng,
+                                                                             "choices": spec.choices})))
+    return dataclasses.make_dataclass(name, fields, frozen=True)
+
+
+def recipe_class(stage: str) -> type:
+    """The stage's recipe as a frozen dataclass (one nested dataclass per section; the help in
+    each field's metadata), e.g. `TextRecipe`, `ClipRecipe`."""
+    if stage not in _CLASSES:
+        _CLASSES[stage] = _dataclass(stage.capitalize() + "Recipe", schema(stage))
+    return _CLASSES[stage]
+
+
+def typed(recipe: dict, stage: str):
+    """A resolved recipe (`resolve_recipe`) as the stage's dataclass (`text.from`
+    is the attribute `text.from_`)."""
+    def build(cls, table, d):
+        kw = {}
+        for key, spec in table.items():
+            v = d.get(key)
+            if isinstance(spec, Section) and v is not None:
+                sub = next(f.type for f in dataclasses.fields(cls) if f.name == _attr(key))
+                sub = [a for a in getattr(sub, "__args__", (sub,)) if a is not type(None)][0]
+                v = build(sub, spec.fields, v)
+            kw[_attr(key)] = v
+        return cls(**kw)
+    return build(recipe_class(stage), schema(stage), recipe)
 
 
 # ---------------------------------------------------------------- --help-recipe

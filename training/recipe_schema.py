@@ -1,9 +1,8 @@
 """The typed recipe schema of each training stage: every key, its type, default, limits and meaning.
 
-    from training.recipe_schema import SCHEMAS, defaults, typed
+    from training.recipe_schema import SCHEMAS, defaults
     SCHEMAS["text"]["supcon"]["temperature"]   # Field(kind='float', default=0.05, rng=(0, False, None, False), ...)
     defaults("clip")                             # the nested dict every key falls back to
-    typed(recipe, "clip").train.epochs           # a resolved recipe as dataclasses
 
 `text` is stage 1 (`train-text`: MNTP, then supervised contrastive), `clip` is stage 2
 (`train-clip`). This file is the only place a default lives: `training/recipe_check.py`
@@ -26,8 +25,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import keyword
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple
 
 # ranges: (low, low inclusive, high, high inclusive); None: unbounded
 GE0, GE1, GT0 = (0, True, None, False), (1, True, None, False), (0, False, None, False)
@@ -299,57 +297,3 @@ def walk(stage: str):
             if isinstance(spec, Section):
                 yield from visit(spec.fields, prefix + name + ".")
     yield from visit(schema(stage), "")
-
-
-# ---------------------------------------------------------------- the typed view
-
-_PY = {"int": int, "float": float, "bool": bool, "str": str, "list": List[Any], "dict": Dict[str, Any]}
-_CLASSES: Dict[str, type] = {}
-
-
-def _annotation(spec: Field):
-    types = [_PY[k] for k in sorted(spec.kinds)] + ([str] if spec.auto and "str" not in spec.kinds else [])
-    t = Union[tuple(types)] if len(types) > 1 else types[0]
-    return Optional[t] if spec.null else t
-
-
-def _attr(key: str) -> str:
-    """The dataclass attribute of a key: `from` (a Python keyword) is `from_`."""
-    return key + "_" if keyword.iskeyword(key) else key
-
-
-def _dataclass(name: str, table: Dict[str, Any]) -> type:
-    fields = []
-    for key, spec in table.items():
-        meta = {"help": spec.help}
-        if isinstance(spec, Section):
-            sub = _dataclass(name + "_" + key, spec.fields)
-            fields.append((_attr(key), Optional[sub] if spec.null else sub, dataclasses.field(metadata=meta)))
-        else:
-            fields.append((_attr(key), _annotation(spec), dataclasses.field(metadata={**meta, "range": spec.rng,
-                                                                             "choices": spec.choices})))
-    return dataclasses.make_dataclass(name, fields, frozen=True)
-
-
-def recipe_class(stage: str) -> type:
-    """The stage's recipe as a frozen dataclass (one nested dataclass per section; the help in
-    each field's metadata), e.g. `TextRecipe`, `ClipRecipe`."""
-    if stage not in _CLASSES:
-        _CLASSES[stage] = _dataclass(stage.capitalize() + "Recipe", schema(stage))
-    return _CLASSES[stage]
-
-
-def typed(recipe: dict, stage: str):
-    """A resolved recipe (`recipe_check.resolve_recipe`) as the stage's dataclass (`text.from`
-    is the attribute `text.from_`)."""
-    def build(cls, table, d):
-        kw = {}
-        for key, spec in table.items():
-            v = d.get(key)
-            if isinstance(spec, Section) and v is not None:
-                sub = next(f.type for f in dataclasses.fields(cls) if f.name == _attr(key))
-                sub = [a for a in getattr(sub, "__args__", (sub,)) if a is not type(None)][0]
-                v = build(sub, spec.fields, v)
-            kw[_attr(key)] = v
-        return cls(**kw)
-    return build(recipe_class(stage), schema(stage), recipe)
