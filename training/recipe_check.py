@@ -170,7 +170,7 @@ def resolve(path: Optional[str], sets: Iterable[str] = (), stage: str = "clip") 
 
 
 def resolve_typed(path: Optional[str], sets: Iterable[str] = (), stage: str = "clip"):
-    """(resolved dict, the same as the stage's dataclass: `recipe_schema.typed`)."""
+    """(resolved dict, the same as the stage's dataclass: `typed`)."""
     recipe = resolve(path, sets, stage)
     return recipe, typed(recipe, stage)
 
