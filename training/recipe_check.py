@@ -22,6 +22,7 @@ import keyword
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from open_clip_cxr.errors import UsageError
+from training.recipe_io import get_by_path, load_recipe, set_by_path
 from training.recipe_schema import ALIASES, RUN_KEYS, Field, Section, schema, walk
 
 
@@ -119,7 +120,6 @@ def _section(d: Any, table: Dict[str, Any], prefix: str, stage: str) -> dict:
 
 def _fold_aliases(recipe: dict) -> dict:
     """Old spellings (`mixed_precision:` at the top) moved to their key, which wins if given."""
-    from training.recipe_io import get_by_path, set_by_path
     recipe = copy.deepcopy(recipe)
     for alias, key in ALIASES.items():
         parent, _, leaf = alias.rpartition(".")
@@ -165,7 +165,6 @@ def check_recipe(recipe: dict, stage: str) -> dict:
 
 def resolve(path: Optional[str], sets: Iterable[str] = (), stage: str = "clip") -> dict:
     """A recipe file (with its `base:`) and `--set KEY=VALUE` overrides, resolved for `stage`."""
-    from training.recipe_io import load_recipe
     return resolve_recipe(load_recipe(path, sets), stage)
 
 

@@ -282,10 +282,13 @@ def defaults(stage: str) -> dict:
 def saved_defaults(stage: str) -> dict:
     """The defaults a run folder's saved recipe is read with: `defaults`, with `LEGACY` values for
     keys whose default changed (a run saved before then did without them)."""
-    from training.recipe_io import set_by_path
     out = defaults(stage)
     for key, value in LEGACY[stage].items():
-        set_by_path(out, key, value)
+        *parents, leaf = key.split(".")
+        d = out
+        for p in parents:
+            d = d[p]
+        d[leaf] = value
     return out
 
 
