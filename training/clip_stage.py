@@ -33,7 +33,7 @@ from functools import partial
 import torch
 
 from training import cached_text
-from training.accel import init_tracking, move_to, setup_accelerator
+from training.accel import check_precision_env, init_tracking, move_to, setup_accelerator
 from training.checkpoints import RunLock, TrainState, keep_trainable_only, list_checkpoints, save_checkpoint
 from training.common import get_by_path, load_recipe, save_recipe
 from training.logs import MetricsWriter
@@ -256,6 +256,7 @@ def train(recipe: dict) -> dict:
     """Run the CLIP stage per `recipe` (defaults: `DEFAULT_RECIPE`); returns the final metrics
     (`{"stopped_at": step, ...}` when `train.stop_after` ends it early)."""
     from training.recipe_check import check_before_work   # refused recipes and data leave no run folder
+    check_precision_env()
     recipe = with_defaults(check_before_work(recipe, "clip"))
     out_dir = recipe["output_dir"]
     accelerator = setup_accelerator(recipe)                                   # 1. accelerator

@@ -124,6 +124,7 @@ def train(recipe: dict) -> dict:
 def _train(recipe: dict) -> dict:
     t0 = time.time()
     from training.recipe_check import check_before_work   # refused recipes and data leave no run folder
+    accel.check_precision_env()
     recipe = dict(check_before_work(recipe, "text"))
     recipe.setdefault("train", {})
     out = Path(recipe.setdefault("output_dir", "runs/stage1"))
