@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import torch
 
-from training.checkpoints import save_checkpoint
+from training.checkpoints import resume_from_checkpoint, save_checkpoint
 from training.logs import log_line, progress_bar
 from training.speedups import low_precision_dtype
 from training.throughput import Throughput, peak_flops, precision_name
@@ -209,7 +209,6 @@ def resume(accelerator, state, ckpt_dir: str, writer, final_step: int, strict: b
     (`checkpoints.resume_from_checkpoint`). If steps remain (`state.step < final_step`), what
     `metrics.jsonl` holds past that step was written after the checkpoint: it is dropped, so
     the steps trained again are not logged twice."""
-    from training.checkpoints import resume_from_checkpoint
     resumed = resume_from_checkpoint(accelerator, ckpt_dir, state, path, strict=strict)
     dropped = writer.drop_after(state.step) if state.step < final_step else 0
     if dropped:

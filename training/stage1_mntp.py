@@ -2,7 +2,7 @@
 
 A batch maker (`MNTPBatches`: reports -> masked ids and labels, a pure function of the
 micro-batch index), a step (`mntp_step`: the loss of `MNTPModel`), and `mntp_phase`, which
-hands both to the shared loop (`training/loop.py` through `text_stage.run_stage`). A finished
+hands both to the shared loop (`training/loop.py` through `stage1_run.run_stage`). A finished
 MNTP leaves `work/mntp/adapter.pt`; a rerun reloads it instead of training again.
 """
 from functools import partial
@@ -13,6 +13,7 @@ from open_clip_cxr.reports.variants import base_text
 from training.mntp import LORA_TARGETS, mask_tokens, resolve_mask_token_id, special_token_ids
 from training.speedups import FrozenCast
 from training.stage1_data import StepData
+from training.stage1_run import run_stage
 from training.stage1_model import MNTPModel, matmul_params, set_lora, trainable
 from training.throughput import flops_per_sample_transformer
 
@@ -46,7 +47,6 @@ def mntp_step(module, batch, device):
 
 def mntp_phase(run) -> int:
     """MNTP for `mntp.steps` steps (0: skipped), merged into the base weights; returns the steps."""
-    from training.text_stage import run_stage
     mcfg = run.recipe.get("mntp") or {}
     m_steps = int(mcfg.get("steps", 0))
     if m_steps <= 0:

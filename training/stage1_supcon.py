@@ -7,7 +7,7 @@
   micro-batch index - `SupconBatches`;
 - the loss: InfoNCE over in-batch and hard negatives - `supcon_step`;
 - `supcon_phase`: optionally `supcon.head_steps` of the pooler alone, then everything, both
-  through the shared loop (`text_stage.run_stage`), then the LoRA merged.
+  through the shared loop (`stage1_run.run_stage`), then the LoRA merged.
 """
 import random
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ import torch
 from open_clip_cxr.text.instructions import with_instruction
 from training.speedups import FrozenCast
 from training.stage1_data import StepData
+from training.stage1_run import run_stage
 from training.stage1_model import cache_rate, matmul_params, set_lora, trainable
 from training.supcon import INSTRUCTIONS, Example, report_texts, sample_example, text_key
 from training.supcon_loss import supcon_loss
@@ -121,7 +122,6 @@ def supcon_step(module, batch, device, bs: int, n_neg: int, temperature: float, 
 
 def supcon_phase(run, start_step: int) -> int:
     """The contrastive step after global step `start_step` (`supcon.steps`; 0: skipped)."""
-    from training.text_stage import run_stage
     scfg = run.recipe.get("supcon") or {}
     s_steps = int(scfg.get("steps", 0))
     if s_steps <= 0:
