@@ -203,3 +203,13 @@ def test_bad_precision_variable_is_one_line(tmp_path, capsys, monkeypatch, comma
     assert rc == 2 and len(err) == 1, err
     assert "OPEN_CLIP_CXR_PRECISION" in err[0] and "fp33" in err[0] and "fp32|bf16|auto" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_old_common_names_resolve_to_the_moved_objects():
+    """`training.common.X` (used by older callers and the benches) is the object of X's new module."""
+    from training import accel, checkpoints, common, logs, schedule, throughput
+    assert common.TrainState is checkpoints.TrainState and common.save_checkpoint is checkpoints.save_checkpoint
+    assert common.setup_accelerator is accel.setup_accelerator and common.peak_flops is throughput.peak_flops
+    assert common.MetricsWriter is logs.MetricsWriter and common.cosine_with_warmup is schedule.cosine_with_warmup
+    with pytest.raises(AttributeError):
+        common.no_such_name
