@@ -18,7 +18,9 @@ def trap_work(monkeypatch):
 
     def trap(recipe):
         raise WorkStarted(recipe.get("output_dir"))
+    from training import accel
     monkeypatch.setattr(common, "setup_accelerator", trap)
+    monkeypatch.setattr(accel, "setup_accelerator", trap)   # where the text stage calls it
     monkeypatch.setattr(cs, "setup_accelerator", trap)
 
 

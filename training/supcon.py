@@ -21,18 +21,14 @@ each pair (impression -> findings and findings -> impression) are learned.
 
 Anchors may carry an instruction (read, not pooled; see `open_clip_cxr.text.instructions`);
 positives and negatives are documents and stay plain.
+
+The texts are embedded by `training/text_embed.py` and scored by `training/supcon_loss.py`
+(both re-exported here).
 """
-import contextlib
 import hashlib
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
-
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from open_clip_cxr.reports.types import Report
 from open_clip_cxr.reports.clean import split_sentences
@@ -180,197 +176,7 @@ def text_key(text: str) -> int:
     return int.from_bytes(hashlib.sha256(norm.encode()).digest()[:8], "big") >> 1
 
 
-# ---------------------------------------------------------------- encoding
-
-def length_chunks(lengths: Sequence[int], max_tokens: int) -> List[List[int]]:
-    """Indices grouped by similar length, each group at most `max_tokens` padded tokens.
-    Padding is paid for in full (B x longest), so sorting first saves ~40 % on reports."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    chunks, cur = [], []
-    for i in order:
-        if cur and (len(cur) + 1) * max(lengths[i], 1) > max_tokens:
-            chunks.append(cur)
-            cur = []
-        cur.append(i)
-    if cur:
-        chunks.append(cur)
-    return chunks
-
-
-class Embedder(nn.Module):
-    """The tower as one module whose single forward embeds a whole step's texts.
-
-    One forward per step matters under DDP (it expects one forward per backward); inside,
-    the texts run in length-sorted chunks."""
-
-    def __init__(self, tower: nn.Module, pad_id: int, max_tokens: int = 4096):
-        super().__init__()
-        self.tower, self.pad_id, self.max_tokens = tower, pad_id, max_tokens
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        mask = input_ids != self.pad_id
-        lengths = mask.sum(1).tolist()
-        out = [None] * len(lengths)
-        for idx in length_chunks(lengths, self.max_tokens):
-            rows = torch.tensor(idx, device=input_ids.device)
-            pooled = self.tower(input_ids=input_ids[rows], attention_mask=mask[rows]).pooler_output
-            for j, i in enumerate(idx):
-                out[i] = pooled[j]
-        return torch.stack(out)
-
-
-# ---------------------------------------------------------------- cached lower layers
-
-@contextlib.contextmanager
-def layer_range(llm: nn.Module, start: int, stop: int, final_norm: bool = True):
-    """Inside the block, `llm` (a transformers decoder) runs only its layers [start, stop);
-    without `final_norm` it returns the raw residual stream that layer `stop` would read."""
-    layers, norm = llm.layers, llm.norm
-    llm.layers = nn.ModuleList(list(layers)[start:stop])
-    if not final_norm:
-        llm.norm = nn.Identity()
-    try:
-        yield llm
-    finally:
-        llm.layers, llm.norm = layers, norm
-
-
-def _run_layers(llm, embeds, mask, start, stop, final_norm):
-    """The tower's decoder call (RoPE positions count real tokens; bidirectional padding mask)."""
-    from open_clip_cxr.text.bidirectional import padding_mask_4d
-    positions = (mask.long().cumsum(1) - 1).clamp_min(0)
-    with layer_range(llm, start, stop, final_norm):
-        return llm(inputs_embeds=embeds, attention_mask=padding_mask_4d(llm.config, embeds, mask),
-                   position_ids=positions, use_cache=False).last_hidden_state
-
-
-class TextStateCache:
-    """Per text, the residual stream entering the top `k` decoder layers (k=0: the final token
-    states), computed once. With LoRA only in those k layers everything below gives the same
-    output at every step, so a step runs k layers and the pooler instead of the whole decoder,
-    and the random pooler can take hundreds of cheap steps over many epochs of the cache."""
-
-    def __init__(self, tower, tokenizer, texts: Sequence[str], k: int, max_length: int = 128,
-                 max_tokens: int = 4096, dtype: torch.dtype = torch.bfloat16, log_every: float = 10.0):
-        self.texts = list(dict.fromkeys(texts))
-        self.index = {t: i for i, t in enumerate(self.texts)}
-        self.k, self.states, self.ids = k, [None] * len(self.texts), [None] * len(self.texts)
-        llm, pad = tower.base_llm(), tower.config.pad_token_id
-        n_layers = len(llm.layers)
-        ids = tokenizer(self.texts, context_length=max_length)
-        mask = ids != pad
-        lengths = mask.sum(1).tolist()
-        t0 = time.time()
-        device = next(tower.parameters()).device
-        bar = tqdm(total=len(self.texts), desc="caching text states", unit="text", mininterval=log_every)
-        store = dtype or torch.bfloat16   # dtype None: computed in fp32, still stored in bf16 (half the memory)
-        with bar, torch.no_grad(), torch.autocast(device.type, dtype=store, enabled=dtype is not None):
-            for idx in length_chunks(lengths, max_tokens):
-                rows = torch.tensor(idx)
-                n = max(lengths[i] for i in idx)
-                sub_ids, sub_mask = ids[rows, :n].to(device), mask[rows, :n].to(device)
-                h = _run_layers(llm, llm.get_input_embeddings()(sub_ids), sub_mask,
-                                0, n_layers - k, final_norm=k == 0)
-                for j, i in enumerate(idx):
-                    self.states[i] = h[j, :lengths[i]].to(store).cpu().clone()
-                    self.ids[i] = ids[i, :lengths[i]].clone()
-                bar.update(len(idx))
-        self.seconds = time.time() - t0
-
-    def __len__(self):
-        return len(self.texts)
-
-    def rows(self, texts: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([self.index[t] for t in texts], dtype=torch.long)
-
-
-class CachedEmbedder(nn.Module):
-    """Embeds cached texts by row: top k decoder layers (with their LoRA) + pooler + norm."""
-
-    def __init__(self, tower: nn.Module, cache: TextStateCache, max_tokens: int = 4096):
-        super().__init__()
-        self.tower, self.cache, self.max_tokens = tower, cache, max_tokens
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        tower, cache, k = self.tower, self.cache, self.cache.k
-        device = rows.device
-        lengths = [cache.states[i].shape[0] for i in rows.tolist()]
-        out = [None] * len(lengths)
-        for idx in length_chunks(lengths, self.max_tokens):
-            n = max(lengths[i] for i in idx)
-            # float: autocast (when on) picks the matmul precision, as for the uncached tower
-            states = torch.stack([F.pad(cache.states[int(rows[i])], (0, 0, 0, n - lengths[i])) for i in idx]).to(device).float()
-            ids = torch.stack([F.pad(cache.ids[int(rows[i])], (0, n - lengths[i]),
-                                     value=tower.config.pad_token_id) for i in idx]).to(device)
-            mask = torch.arange(n, device=device)[None] < torch.tensor([lengths[i] for i in idx], device=device)[:, None]
-            if k:
-                llm = tower.base_llm()
-                n_layers = len(llm.layers)
-                states = _run_layers(llm, states, mask, n_layers - k, n_layers, final_norm=True)
-            pooled = tower.norm(tower.pooler(states, tower.pool_mask(ids, mask)))
-            for j, i in enumerate(idx):
-                out[i] = pooled[j]
-        return torch.stack(out)
-
-
-# ---------------------------------------------------------------- loss
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All processes' `x` concatenated; gradients flow back to each process's own part."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            or torch.distributed.get_world_size() == 1:
-        return x
-    from torch.distributed.nn.functional import all_gather
-    return torch.cat(all_gather(x), dim=0)
-
-
-def gather_keys(x: torch.Tensor) -> torch.Tensor:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
-            or torch.distributed.get_world_size() == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, x)
-    return torch.cat(parts)
-
-
-def _info_nce(queries, candidates, targets, blocked, temperature):
-    logits = queries @ candidates.T / temperature
-    logits = logits.masked_fill(blocked, float("-inf"))
-    return F.cross_entropy(logits.float(), targets)
-
-
-def supcon_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: Optional[torch.Tensor] = None,
-                temperature: float = 0.05, anchor_keys: Optional[torch.Tensor] = None,
-                positive_keys: Optional[torch.Tensor] = None, negative_valid: Optional[torch.Tensor] = None,
-                symmetric: bool = False) -> torch.Tensor:
-    """InfoNCE of local anchors [B, D] over the gathered positives [W*B, D] + hard negatives [W*H, D].
-
-    Anchor i's target is positive i of this process: every process must hold B anchors and H
-    negative rows (pad the negatives and pass `negative_valid` [H] bool to mask the padding).
-    `anchor_keys`/`positive_keys` ([B] int64, e.g. `text_key`): another pair whose anchor or
-    positive is the same text as mine is not a negative (masked), since identical texts must
-    embed identically. Embeddings are L2-normalised here."""
-    a, p = F.normalize(anchors.float(), dim=-1), F.normalize(positives.float(), dim=-1)
-    b = a.shape[0]
-    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
-    targets = torch.arange(b, device=a.device) + (torch.distributed.get_rank() * b if dist else 0)
-    all_p, all_a = gather_with_grad(p), gather_with_grad(a)
-
-    blocked = torch.zeros(b, all_p.shape[0], dtype=torch.bool, device=a.device)
-    if anchor_keys is not None and positive_keys is not None:
-        ak, pk = gather_keys(anchor_keys), gather_keys(positive_keys)
-        same = (anchor_keys[:, None] == ak[None]) | (positive_keys[:, None] == pk[None])
-        blocked = same & (torch.arange(ak.shape[0], device=a.device)[None] != targets[:, None])
-    candidates, mask = all_p, blocked
-    if negatives is not None and negatives.shape[0]:
-        all_n = gather_with_grad(F.normalize(negatives.float(), dim=-1))
-        valid = negative_valid if negative_valid is not None else torch.ones(
-            negatives.shape[0], dtype=torch.bool, device=a.device)
-        invalid = gather_keys(valid.long()) == 0   # gloo cannot gather bools
-        candidates = torch.cat([all_p, all_n])
-        mask = torch.cat([blocked, invalid[None].expand(b, -1)], 1)
-
-    loss = _info_nce(a, candidates, targets, mask, temperature)
-    if symmetric:   # positive -> anchor, over all anchors (no hard negatives on this side)
-        loss = 0.5 * (loss + _info_nce(p, all_a, targets, blocked, temperature))
-    return loss
+# the embedding and the loss live in their own modules; their names stay importable from here
+from training.text_embed import (CachedEmbedder, Embedder, TextStateCache, _run_layers, layer_range,  # noqa: E402,F401
+                                 length_chunks)
+from training.supcon_loss import _info_nce, gather_keys, gather_with_grad, supcon_loss  # noqa: E402,F401

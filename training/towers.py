@@ -40,18 +40,18 @@ and the log says so.
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from open_clip_cxr.errors import UsageError
-
-FOLDER_SCHEMAS = ("local-dir:", "hf-hub:")
+# folders as sources (importable from here as before)
+from training.tower_folders import (CONFIG_NAME, FOLDER_SCHEMAS, NORM_TYPES, folder_config,  # noqa: F401
+                                    folder_state_dict, is_folder, norms_at_init, read_provenance, sub_state,
+                                    write_provenance)
 
 
 class RecipeError(UsageError):
@@ -61,78 +61,6 @@ class RecipeError(UsageError):
 
 VISION_CHOICES = ("auto", "pretrained", "random", "source")
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
-CONFIG_NAME = "open_clip_config.json"
-
-
-def is_folder(spec: Optional[str]) -> bool:
-    return isinstance(spec, str) and spec.startswith(FOLDER_SCHEMAS)
-
-
-# ---------------------------------------------------------------- folders
-
-def folder_config(spec: str) -> dict:
-    """The `open_clip_config.json` of a `local-dir:` or `hf-hub:` folder."""
-    if spec.startswith("local-dir:"):
-        path = Path(spec[len("local-dir:"):]) / CONFIG_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"{spec}: no {CONFIG_NAME} there (is it an exported OpenCLIP folder?)")
-        return json.loads(path.read_text())
-    from open_clip.factory import _get_hf_config
-    return _get_hf_config(spec[len("hf-hub:"):])
-
-
-def folder_state_dict(spec: str) -> dict:
-    """The weights of a `local-dir:` / `hf-hub:` folder (safetensors, or torch.load with weights_only)."""
-    from open_clip.factory import _find_checkpoint_in_dir, download_pretrained_from_hf, load_state_dict
-    if spec.startswith("local-dir:"):
-        path = _find_checkpoint_in_dir(Path(spec[len("local-dir:"):]))
-        if not path:
-            raise FileNotFoundError(f"{spec}: no weights file (open_clip_model.safetensors) in the folder")
-    else:
-        path = download_pretrained_from_hf(spec[len("hf-hub:"):])
-    return load_state_dict(str(path), weights_only=True)
-
-
-def sub_state(state: dict, prefix: str) -> dict:
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def read_provenance(spec: str) -> Optional[dict]:
-    return folder_config(spec).get("provenance")
-
-
-def write_provenance(folder, provenance: dict) -> None:
-    """Add `provenance` to an exported folder's `open_clip_config.json` (OpenCLIP reads only
-    `model_cfg` and `preprocess_cfg` from it)."""
-    path = Path(folder) / CONFIG_NAME
-    cfg = json.loads(path.read_text())
-    cfg["provenance"] = provenance
-    path.write_text(json.dumps(cfg, indent=2))
-
-
-# ---------------------------------------------------------------- is a tower at its initialisation?
-
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-
-
-def norms_at_init(module: nn.Module) -> Optional[bool]:
-    """True when every normalisation layer of `module` still holds initial values (weights one
-    constant, 1 or 0 as some nets start their last norm of a block; biases 0; BatchNorm running
-    mean 0 and variance 1), False when any moved, None when it has none (nothing can be said)."""
-    found = False
-    for m in module.modules():
-        if not isinstance(m, NORM_TYPES) and not type(m).__name__.endswith(("Norm", "Norm2d")):
-            continue
-        checks = ((getattr(m, "weight", None), (0.0, 1.0)), (getattr(m, "bias", None), (0.0,)),
-                  (getattr(m, "running_mean", None), (0.0,)), (getattr(m, "running_var", None), (1.0,)))
-        for t, allowed in checks:
-            if not isinstance(t, torch.Tensor) or not t.numel() or t.device.type == "meta":
-                continue
-            found = True
-            t = t.detach().float()
-            if not (bool((t == t.flatten()[0]).all()) and float(t.flatten()[0]) in allowed):
-                return False
-    return True if found else None
 
 
 # ---------------------------------------------------------------- the plan
@@ -236,27 +164,23 @@ def load_trunk_file(visual: nn.Module, path: str) -> None:
     trunk.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
 
 
-def compose(recipe: dict, log=print):
-    """(model, tokenizer, model_cfg, preprocess_cfg, provenance) per the recipe's tower sources.
-    `provenance` says where each tower's weights came from; `log` gets one line per decision."""
+def _arch(plan: Plan) -> tuple:
+    """(model config, preprocess config) of the architecture the plan names."""
     import open_clip
     import open_clip_cxr  # noqa: F401  (registers our models)
     from open_clip_cxr.factory import PREPROCESS_CFGS
-    plan = make_plan(recipe)
     if is_folder(plan.arch):
         full = folder_config(plan.arch)
-        arch_cfg, preprocess_cfg = full["model_cfg"], full.get("preprocess_cfg")
-    else:
-        arch_cfg = open_clip.get_model_config(plan.arch)
-        if arch_cfg is None:
-            raise RecipeError(f"model={plan.arch!r} is not a known model name or a local-dir:/hf-hub: folder")
-        preprocess_cfg = PREPROCESS_CFGS.get(plan.arch)
-    text_cfg, tokenizer_source, plan.text_desc = _text_cfg(plan, recipe, arch_cfg)
+        return full["model_cfg"], full.get("preprocess_cfg")
+    arch_cfg = open_clip.get_model_config(plan.arch)
+    if arch_cfg is None:
+        raise RecipeError(f"model={plan.arch!r} is not a known model name or a local-dir:/hf-hub: folder")
+    return arch_cfg, PREPROCESS_CFGS.get(plan.arch)
 
-    # the text source folder's weights, read once (text tower; the vision tower too when it is kept)
-    src_state = folder_state_dict(plan.text_from) if is_folder(plan.text_from) else None
+
+def _vision_choice(plan: Plan, recipe: dict, src_state: Optional[dict]) -> str:
+    """`vision.from` resolved (auto -> source | pretrained | random); sets `plan.vision_desc`."""
     vision = plan.vision
-    build_pretrained = False
     if vision == "auto":
         trained, why = (None, "")
         if src_state is not None:
@@ -281,14 +205,10 @@ def compose(recipe: dict, log=print):
         plan.vision_desc = f"{vision}'s vision tower (vision.from)"
     else:
         plan.vision_desc = f"timm trunk weights from the file {vision} (vision.from)"
-    build_pretrained = vision == "pretrained"
+    return vision
 
-    timm_name = arch_cfg.get("vision_cfg", {}).get("timm_model_name")
-    if build_pretrained:
-        plan.vision_desc = plan.vision_desc.replace("of the architecture", f"of {timm_name or 'the vision tower'}")
-    model = open_clip.create_model(plan.arch, load_weights=False, pretrained_image=build_pretrained,
-                                   pretrained_text=bool(text_cfg.get("hf_model_pretrained")), text_cfg=text_cfg)
 
+def _load_text(model, plan: Plan, arch_cfg: dict, src_state: Optional[dict]) -> None:
     if src_state is not None:
         text_state = sub_state(src_state, "text.")
         try:
@@ -297,6 +217,11 @@ def compose(recipe: dict, log=print):
             raise RecipeError(f"text.from={plan.text_from}: its text tower does not fit model={plan.arch} "
                               f"(embed_dim {arch_cfg.get('embed_dim')}): {str(e).splitlines()[0]} ... "
                               f"set model to the architecture the folder was built with") from None
+
+
+def _load_vision(model, plan: Plan, vision: str, src_state: Optional[dict]) -> Optional[bool]:
+    """The vision weights into `model` (a folder's tower and temperature, or a trunk file);
+    refused if its normalisation layers are still at their initial values. Returns that check."""
     vision_state = None
     if vision == "source":
         vision_state = src_state
@@ -323,6 +248,30 @@ def compose(recipe: dict, log=print):
         raise RecipeError(f"the vision tower should hold {plan.vision_desc}, but its normalisation layers are "
                           f"all at their initial values: the weights from {where} did not arrive. Fix the vision "
                           f"source, or set vision.from=random to train from a random initialisation on purpose")
+    return at_init
+
+
+def compose(recipe: dict, log=print):
+    """(model, tokenizer, model_cfg, preprocess_cfg, provenance) per the recipe's tower sources.
+    `provenance` says where each tower's weights came from; `log` gets one line per decision."""
+    import open_clip
+    import open_clip_cxr  # noqa: F401  (registers our models)
+    plan = make_plan(recipe)
+    arch_cfg, preprocess_cfg = _arch(plan)
+    text_cfg, tokenizer_source, plan.text_desc = _text_cfg(plan, recipe, arch_cfg)
+
+    # the text source folder's weights, read once (text tower; the vision tower too when it is kept)
+    src_state = folder_state_dict(plan.text_from) if is_folder(plan.text_from) else None
+    vision = _vision_choice(plan, recipe, src_state)
+    build_pretrained = vision == "pretrained"
+
+    timm_name = arch_cfg.get("vision_cfg", {}).get("timm_model_name")
+    if build_pretrained:
+        plan.vision_desc = plan.vision_desc.replace("of the architecture", f"of {timm_name or 'the vision tower'}")
+    model = open_clip.create_model(plan.arch, load_weights=False, pretrained_image=build_pretrained,
+                                   pretrained_text=bool(text_cfg.get("hf_model_pretrained")), text_cfg=text_cfg)
+    _load_text(model, plan, arch_cfg, src_state)
+    at_init = _load_vision(model, plan, vision, src_state)
     if preprocess_cfg:
         open_clip.set_model_preprocess_cfg(model, {**model.visual.preprocess_cfg, **preprocess_cfg})
     model_cfg = copy.deepcopy(arch_cfg)

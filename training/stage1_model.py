@@ -1,0 +1,179 @@
+"""Stage 1's model pieces: the CLIP model it adapts, LoRA placement, the MNTP module, the
+evaluation encoder and suite, the cache's measured rate and the export's provenance."""
+import json
+import re
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+
+from open_clip_cxr.precision import choose as choose_precision
+from training.mntp import IGNORE, LORA_TARGETS, mntp_loss
+from training.speedups import FrozenCast, low_precision_dtype
+from training.stage1_data import load_reports
+from training.text_embed import TextStateCache, length_chunks
+from training.throughput import peak_flops
+
+
+def build_model(name: str, text_arch: Optional[str] = None):
+    """(CLIP model, tokenizer, model_cfg, preprocess_cfg) for a built-in name or `local-dir:DIR`.
+    `text_arch` swaps in another text tower spec, e.g. `cxr-text:cxr-llm-small{"llm": {"num_hidden_layers": 3}}`
+    (recipe key `text_arch`; same tokenizer): architecture ablations without a new model config."""
+    import open_clip
+    import open_clip_cxr  # noqa: F401  (registers our models)
+    from open_clip_cxr.factory import PREPROCESS_CFGS
+    if name.startswith("local-dir:"):
+        cfg = json.loads((Path(name[len("local-dir:"):]) / "open_clip_config.json").read_text())
+        model_cfg, preprocess_cfg = cfg["model_cfg"], cfg.get("preprocess_cfg")
+    else:
+        model_cfg, preprocess_cfg = open_clip.get_model_config(name), PREPROCESS_CFGS.get(name)
+    kwargs = {}
+    if text_arch:
+        model_cfg = {**model_cfg, "text_cfg": {**model_cfg["text_cfg"], "hf_model_name": text_arch}}
+        kwargs["text_cfg"] = model_cfg["text_cfg"]
+    model, _, _ = open_clip.create_model_and_transforms(name, **kwargs)
+    tokenizer = open_clip.get_tokenizer(name)
+    return model, tokenizer, model_cfg, preprocess_cfg
+
+
+def lora_targets(tower, lora: dict) -> List[str]:
+    """`lora.target_modules`, limited to the top `lora.layers` decoder layers when set.
+
+    Explicit module names ("layers.29.self_attn.q_proj"), because peft matches a target by
+    suffix: frozen layers below the lowest adapter need no backward pass at all."""
+    targets = list(lora.get("target_modules") or LORA_TARGETS)
+    top = lora.get("layers")
+    n_layers = tower.config.llm_config().num_hidden_layers
+    if not top or top >= n_layers:
+        return targets
+    names = []
+    for n, _ in tower.base_llm().named_modules():
+        layer = re.search(r"(?:^|\.)layers\.(\d+)\.", n)
+        if layer and int(layer.group(1)) >= n_layers - int(top) and n.rsplit(".", 1)[-1] in targets:
+            names.append(n)
+    return names
+
+
+def set_lora(tower, lora: Optional[dict]):
+    """Fold any current LoRA into the base weights, then wrap the decoder with `lora`."""
+    tower.merge_lora()
+    if lora:
+        tower.config.lora = {"r": lora.get("r", 16), "alpha": lora.get("alpha", 32),
+                             "dropout": lora.get("dropout", 0.05), "target_modules": lora_targets(tower, lora)}
+        tower.enable_lora()
+    return tower
+
+
+def trainable(module) -> List[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def matmul_params(tower) -> int:
+    """Parameters that take part in matmuls per token (embedding lookups excluded)."""
+    emb = tower.base_llm().get_input_embeddings().weight.numel()
+    return sum(p.numel() for p in tower.parameters()) - emb
+
+
+# ---------------------------------------------------------------- encoding for evaluation
+
+def tower_encode_fn(tower, tokenizer, max_length: Optional[int] = None, max_tokens: int = 4096,
+                    dtype="auto", device="cpu"):
+    """`encode_fn(list[str]) -> [N, D]` (L2-normalised) from the tower's pooled output, in
+    length-sorted chunks under autocast: what the robustness suite calls. `dtype`: the
+    autocast dtype, None for fp32, "auto" for what `open_clip_cxr.precision.choose` measures
+    (`OPEN_CLIP_CXR_PRECISION` overrides)."""
+    pad = tower.config.pad_token_id
+    if isinstance(dtype, str):
+        dtype = choose_precision(dtype, device).dtype
+
+    @torch.no_grad()
+    def encode(texts):
+        tower.eval()
+        ids = tokenizer(list(texts), context_length=max_length) if max_length else tokenizer(list(texts))
+        mask = ids != pad
+        out = torch.zeros(len(texts), tower.config.hidden_size)
+        for idx in length_chunks(mask.sum(1).tolist(), max_tokens):
+            rows = torch.tensor(idx)
+            with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+                pooled = tower(input_ids=ids[rows].to(device), attention_mask=mask[rows].to(device)).pooler_output
+            out[rows] = pooled.float().cpu()
+        return nn.functional.normalize(out, dim=-1)
+    return encode
+
+
+# ---------------------------------------------------------------- one stage's loop
+
+class MNTPModel(nn.Module):
+    """The MNTP loss as one module (one forward per step, as DDP wants), length-chunked."""
+
+    def __init__(self, tower, max_tokens: int):
+        super().__init__()
+        self.tower, self.max_tokens = tower, max_tokens
+
+    def forward(self, input_ids, attention_mask, labels):
+        total = (labels[:, 1:] != IGNORE).sum().clamp_min(1)
+        loss = 0.0
+        for idx in length_chunks(attention_mask.sum(1).tolist(), self.max_tokens):
+            rows = torch.tensor(idx, device=input_ids.device)
+            n = (labels[rows, 1:] != IGNORE).sum()
+            if n:
+                loss = loss + mntp_loss(self.tower, input_ids[rows], attention_mask[rows], labels[rows]) * n
+        return loss / total
+
+
+def stage1_provenance(recipe: dict, mntp_steps: int, supcon_steps: int) -> dict:
+    """The export's record of where its towers' weights came from: the text tower trained here;
+    the vision tower never trained (stage 1 builds it without pretrained weights), so a CLIP
+    stage started from this folder takes its vision weights elsewhere (`training/towers.py`)."""
+    from training.towers import is_folder, read_provenance
+    name = recipe.get("model", "cxr-llm-small")
+    vision = {"init": "random", "trained": False, "by": None}
+    if is_folder(name):   # stage 1 continued from a folder: its vision tower is carried as it was
+        vision = {**((read_provenance(name) or {}).get("vision") or {"init": f"{name} (unknown)", "trained": None})}
+    text_arch = f" with text_arch {recipe['text_arch']}" if recipe.get("text_arch") else ""
+    return {"text": {"init": f"{name}{text_arch}", "trained": True,
+                     "by": f"train-text (MNTP {mntp_steps} steps, supervised contrastive {supcon_steps} steps)"},
+            "vision": vision}
+def cache_rate(tower, cache: TextStateCache, dtype: Optional[torch.dtype]) -> dict:
+    """Throughput of text-state caching: texts/s, model GFLOP/s (2 x the matmul weights of the
+    layers run, per real token: padding is not work) and its share of the measured `F.linear`
+    peak of the precision in use (`open_clip_cxr.precision.peak_flops`)."""
+    llm = tower.base_llm()
+    n_run = len(llm.layers) - cache.k
+    per_token = 2.0 * sum(p.numel() for layer in list(llm.layers)[:n_run] for p in layer.parameters() if p.dim() > 1)
+    tokens = sum(int(i.numel()) for i in cache.ids)
+    secs = max(cache.seconds, 1e-9)
+    peak = peak_flops(next(tower.parameters()).device, dtype or torch.float32)
+    flops = per_token * tokens / secs
+    return {"texts": len(cache), "tokens": tokens, "seconds": round(secs, 2),
+            "texts_per_s": round(len(cache) / secs, 2), "gflops": round(flops / 1e9, 2),
+            "peak_gflops": round(peak / 1e9, 1), "of_peak": round(flops / peak, 4),
+            "precision": "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype],
+            "threads": torch.get_num_threads()}
+
+
+def evaluate(tower, tokenizer, recipe: dict, device="cpu") -> dict:
+    """The text-robustness suite on the validation split (`eval.split`, `eval.limit`)."""
+    from open_clip_cxr.eval.robustness import format_table, run_robustness
+    ecfg = recipe.get("eval") or {}
+    data = {**recipe.get("data", {}), "limit": ecfg.get("limit")}
+    reports = load_reports(data, ecfg.get("split", "validate"))
+    if not reports:
+        return {}
+    # the run's precision (`resolved.precision`, else measured); `eval.bf16: true|false` forces
+    run = (recipe.get("resolved") or {}).get("precision") or "auto"
+    dtype = ({True: torch.bfloat16, False: None}[bool(ecfg["bf16"])] if "bf16" in ecfg
+             else low_precision_dtype(choose_precision(run, device).mixed_precision))
+    encode = tower_encode_fn(tower, tokenizer, device=device, dtype=dtype,
+                             max_tokens=int(recipe.get("train", {}).get("max_tokens", 4096)))
+    t = time.time()
+    cast = FrozenCast(tower, dtype)
+    try:
+        res = run_robustness(reports, encode, seed=int(ecfg.get("seed", 0)))
+    finally:
+        cast.restore()
+    res["eval_s"] = round(time.time() - t, 1)
+    print(format_table({"stage 1": res}), flush=True)
+    return res

@@ -1,0 +1,168 @@
+"""Stage 1, step 2: supervised contrastive training (`training/supcon.py`) of LoRA + pooler + norm.
+
+- the model: the tower with a fresh LoRA (`supcon.lora`; null: the pooler and norm alone),
+  embedding texts whole (`Embedder`) or from cached lower layers (`supcon.cache`:
+  `TextStateCache` + `CachedEmbedder`) - `supcon_module`;
+- the batch maker: (anchor, positive, hard negatives) examples, a pure function of the
+  micro-batch index - `SupconBatches`;
+- the loss: InfoNCE over in-batch and hard negatives - `supcon_step`;
+- `supcon_phase`: optionally `supcon.head_steps` of the pooler alone, then everything, both
+  through the shared loop (`stage1_run.run_stage`), then the LoRA merged.
+"""
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, List, Optional
+
+import torch
+
+from open_clip_cxr.text.instructions import with_instruction
+from training.speedups import FrozenCast
+from training.stage1_data import StepData
+from training.stage1_run import run_stage
+from training.stage1_model import cache_rate, matmul_params, set_lora, trainable
+from training.supcon import INSTRUCTIONS, Example, report_texts, sample_example, text_key
+from training.supcon_loss import supcon_loss
+from training.text_embed import CachedEmbedder, Embedder, TextStateCache
+
+
+@dataclass
+class SupconData:
+    """What the batches are drawn from: `texts_of(i, epoch)` -> `ReportTexts` of item i."""
+    module: torch.nn.Module
+    texts_of: Callable
+    n_items: int
+    cache: Optional[TextStateCache] = None
+
+
+def supcon_module(run, scfg: dict, top: int) -> SupconData:
+    """The module a step runs and the texts it reads: every report's texts re-drawn each epoch,
+    or (`supcon.cache`) a fixed subset whose texts are encoded once below the top `top` layers."""
+    seed, reports, acc = run.seed, run.reports, run.accelerator
+    max_variants = scfg.get("max_variants")
+    texts_fn = report_texts   # supcon.variants: rules (default) | llm | both (checked LLM rewrites)
+    if scfg.get("variants", "rules") != "rules":
+        from open_clip_cxr.reports.paraphrase import llm_report_texts
+        texts_fn = llm_report_texts(report_texts, reports, scfg, run.out / "work" / "llm_variants", acc.print)
+    text_kw = {"phrases": float(scfg.get("p_phrases", 0.0)) > 0, "styles": scfg.get("variant_styles")}
+    max_tokens = int(run.recipe["train"].get("max_tokens", 4096))
+    if not scfg.get("cache"):
+        return SupconData(Embedder(run.tower, run.pad, max_tokens),
+                          lambda i, epoch: texts_fn(reports[i], seed * 10_007 + epoch, max_variants, **text_kw),
+                          len(reports))
+    n_cache = int(scfg.get("cache_reports") or len(reports))
+    pick = random.Random(seed + 2).sample(range(len(reports)), min(n_cache, len(reports)))
+    pool = [t for t in (texts_fn(reports[i], seed, max_variants, **text_kw) for i in pick) if t and t.variants]
+    cache = TextStateCache(run.tower, run.tokenizer, [x for t in pool for x in t.all_texts()], top,
+                           run.max_length, max_tokens, dtype=run.low)
+    rate = cache_rate(run.tower, cache, run.low)
+    acc.print(f"supcon: cached {len(cache)} texts of {len(pool)} reports below the top "
+              f"{cache.k} layers in {cache.seconds:.0f} s: {rate['texts_per_s']:.1f} texts/s, "
+              f"{rate['gflops']:.1f} GFLOP/s ({rate['of_peak']:.0%} of the measured "
+              f"{rate['precision']} linear peak)")
+    run.summary["cache"] = rate     # summary.json
+    if float(scfg.get("instruction_prob", 0.0)):
+        raise ValueError("supcon.cache reads fixed texts: set supcon.instruction_prob to 0")
+    return SupconData(CachedEmbedder(run.tower, cache, max_tokens), lambda i, epoch: pool[i], len(pool), cache)
+
+
+class SupconBatches:
+    """`batches(micro)` -> (inputs, negative slots, anchor keys, positive keys, token count)."""
+
+    def __init__(self, run, scfg: dict, data: SupconData):
+        self.seed, self.tokenizer, self.max_length, self.pad = run.seed, run.tokenizer, run.max_length, run.pad
+        self.texts_of, self.n_items, self.cache = data.texts_of, data.n_items, data.cache
+        self.n_neg = int(scfg.get("n_negatives", 2))
+        self.p_sections, self.p_instr = float(scfg.get("p_sections", 0.3)), float(scfg.get("instruction_prob", 0.0))
+        self.p_phrases = float(scfg.get("p_phrases", 0.0))
+        self.data = StepData(data.n_items, int(scfg["batch_size"]), run.seed + 1, run.world, run.rank)
+
+    def examples(self, micro: int) -> List[Example]:
+        examples = []
+        for epoch, i in self.data(micro):
+            rng = random.Random(hash((self.seed, epoch, i, micro)) & 0xFFFFFFFF)
+            ex = None
+            while ex is None:      # a report with nothing to pair: draw another
+                texts = self.texts_of(i, epoch)
+                ex = sample_example(texts, rng, self.p_sections, self.n_neg, self.p_phrases) if texts else None
+                i = rng.randrange(self.n_items)
+            if self.p_instr and rng.random() < self.p_instr:
+                ex.anchor = with_instruction(ex.anchor, INSTRUCTIONS[ex.task], self.tokenizer)[0]
+            examples.append(ex)
+        return examples
+
+    def __call__(self, micro: int):
+        examples = self.examples(micro)
+        negs, slots = [], []
+        for j, ex in enumerate(examples):
+            for k, t in enumerate(ex.negatives):
+                negs.append(t)
+                slots.append(j * self.n_neg + k)
+        texts = [e.anchor for e in examples] + [e.positive for e in examples] + negs
+        cache = self.cache
+        inputs = cache.rows(texts) if cache is not None else self.tokenizer(texts, context_length=self.max_length)
+        akeys = torch.tensor([text_key(e.anchor) for e in examples])
+        pkeys = torch.tensor([text_key(e.positive) for e in examples])
+        n_tokens = sum(cache.ids[r].numel() for r in inputs.tolist()) if cache is not None \
+            else int((inputs != self.pad).sum())
+        return inputs, torch.tensor(slots, dtype=torch.long), akeys, pkeys, torch.tensor(n_tokens)
+
+
+def supcon_step(module, batch, device, bs: int, n_neg: int, temperature: float, symmetric: bool):
+    """(loss, samples, tokens): anchors, positives and the padded hard negatives embedded in one forward."""
+    inputs, slots, akeys, pkeys, n_tokens = (t.to(device) for t in batch)
+    emb = module(inputs)
+    a, p, n = emb[:bs], emb[bs:2 * bs], emb[2 * bs:]
+    neg = torch.zeros(bs * n_neg, emb.shape[1], dtype=emb.dtype, device=emb.device).index_copy(0, slots, n)
+    valid = torch.zeros(bs * n_neg, dtype=torch.bool, device=emb.device)
+    valid[slots] = True
+    loss = supcon_loss(a, p, neg, temperature, akeys, pkeys, valid, symmetric=symmetric)
+    return loss, bs, int(n_tokens)
+
+
+def supcon_phase(run, start_step: int) -> int:
+    """The contrastive step after global step `start_step` (`supcon.steps`; 0: skipped)."""
+    scfg = run.recipe.get("supcon") or {}
+    s_steps = int(scfg.get("steps", 0))
+    if s_steps <= 0:
+        return 0
+    tower = run.tower
+    torch.manual_seed(run.seed + 1)
+    lora_cfg = scfg.get("lora")     # None: the pooler and norm alone
+    set_lora(tower, lora_cfg)
+    for m in (tower.pooler, tower.norm):   # random for SmolLM2: they must learn here
+        m.requires_grad_(True)
+    cast = FrozenCast(tower, run.frozen_dtype)
+    n_layers = tower.config.llm_config().num_hidden_layers
+    top = min(int(lora_cfg.get("layers") or n_layers), n_layers) if lora_cfg else 0   # adapted layers
+    data = supcon_module(run, scfg, top)
+    batches = SupconBatches(run, scfg, data)
+    step = partial(supcon_step, device=run.accelerator.device, bs=int(scfg["batch_size"]), n_neg=batches.n_neg,
+                   temperature=float(scfg.get("temperature", 0.05)), symmetric=bool(scfg.get("symmetric", True)))
+    head = [p for m in (tower.pooler, tower.norm) for p in m.parameters()]
+    head_ids = {id(p) for p in head}
+    lora_params = [p for p in trainable(tower) if id(p) not in head_ids]
+    lr = float(scfg.get("lr", 2e-4))
+    groups = [{"params": lora_params, "lr": lr}, {"params": head, "lr": float(scfg.get("head_lr", 10 * lr))}]
+    # per token: forward through the decoder (none of it when cached), backward from the
+    # lowest adapted layer up, and the trainable weights' own gradients
+    n_mm = matmul_params(tower)
+    fwd = 2.0 * n_mm * (top / n_layers if data.cache is not None else 1.0)
+    flops = fwd + 2.0 * n_mm * top / n_layers + 2.0 * sum(p.numel() for p in trainable(tower))
+    module, head_steps = data.module, int(scfg.get("head_steps", 0))
+    if head_steps:
+        # the random pooler first, alone: with the LoRA frozen nothing below the pooler needs
+        # a backward pass, so (cached) a step costs a third; then LoRA and pooler together
+        for p in lora_params:
+            p.requires_grad_(False)
+        module = run_stage(run, "supcon_head", module, groups[1:], {**scfg, "steps": head_steps}, start_step,
+                           batches, step, fwd + 2.0 * sum(p.numel() for p in head))
+        for p in lora_params:
+            p.requires_grad_(True)
+    accum = int(run.recipe["train"].get("grad_accum_steps", 1))
+    run_stage(run, "supcon", module, groups, scfg, start_step + head_steps,
+              lambda micro: batches(micro + head_steps * accum),   # fresh batches after the head steps
+              step, flops)
+    cast.restore()
+    set_lora(tower, None)
+    return s_steps
