@@ -1,7 +1,9 @@
 """`open-clip-cxr`: one command, one subcommand per pipeline step.
 
 Each step lives in its own module exposing `add_arguments(parser)` and `run(args)`;
-modules are imported only when their subcommand runs, so `--help` stays fast.
+modules are imported only when their subcommand runs, so `--help` stays fast. The library's
+own steps are listed in `open_clip_cxr.commands`; the training wing, conversion and the Hub
+publisher register theirs through the `open_clip_cxr.commands` entry-point group.
 
 Errors: a user's mistake (a missing file or folder, an unknown model name, a bad flag value,
 empty data, an offline hub, a refused checkpoint) prints one line on stderr naming the problem
@@ -10,30 +12,43 @@ and the fix, and exits 2; anything else is a bug and keeps its traceback.
 import argparse
 import importlib
 import sys
+from collections.abc import Mapping
 
-# subcommand -> (module, one-line help). Data flows top to bottom; add a step with one entry.
-COMMANDS = {
-    "shards": ("open_clip_cxr.data.cli", "write WebDataset shards from MIMIC-CXR, CheXpert Plus, Open-I or a CSV/JSONL"),
-    "train-text": ("training.text_cli", "stage 1: adapt the text tower (MNTP, then supervised contrastive)"),
-    "train-clip": ("training.clip_cli", "stage 2: contrastive image-report training (LoRA text tower)"),
-    "eval": ("open_clip_cxr.eval.cli", "retrieval recall@K, zero-shot findings, report metrics, text robustness"),
-    "convert": ("conversion.cli", "import the authors' releases; merge LoRA"),
-    "export": ("conversion.export", "write an OpenCLIP Hub folder (config, safetensors, tokenizer, card)"),
-    "push": ("hub_cards.push", "upload an exported folder to the Hugging Face Hub"),
-    "index": ("open_clip_cxr.search.cli_index", "encode an archive into a searchable index (FAISS + SQLite)"),
-    "search": ("open_clip_cxr.search.cli_search", "search an index by report text or by image"),
-    "serve": ("open_clip_cxr.search.serve", "a local web page to search an index"),
-    "demo": ("training.demo", "the whole pipeline on real offline assets, on the CPU"),
-}
+
+
+class _Commands(Mapping):
+    """subcommand -> `Command(module, help, order)`: the library's own steps and those registered
+    through the `open_clip_cxr.commands` entry points (see `open_clip_cxr.commands`), read once."""
+
+    def __init__(self):
+        self._table = None
+
+    def _load(self):
+        if self._table is None:
+            from open_clip_cxr.commands import all_commands
+            self._table = all_commands()
+        return self._table
+
+    def __getitem__(self, name):
+        return self._load()[name]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self):
+        return len(self._load())
+
+
+COMMANDS = _Commands()
 
 
 def build_parser(load=None):
     parser = argparse.ArgumentParser(prog="open-clip-cxr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if load in (name, "all"):
-            importlib.import_module(module).add_arguments(p)
+            importlib.import_module(cmd.module).add_arguments(p)
     return parser
 
 
@@ -91,7 +106,7 @@ def main(argv=None):
     import open_clip_cxr
     try:
         open_clip_cxr.ensure_registered()
-        return importlib.import_module(COMMANDS[command][0]).run(args) or 0
+        return importlib.import_module(COMMANDS[command].module).run(args) or 0
     except SystemExit as exc:
         if isinstance(exc.code, str):  # `raise SystemExit("message")`: a user error, said in one line
             print(f"open-clip-cxr {command}: error: {' '.join(exc.code.split())}", file=sys.stderr)

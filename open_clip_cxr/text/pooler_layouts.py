@@ -129,7 +129,7 @@ _NORMS = {"cxr": ("norm_tokens.", "norm_latents.", "ff_norm."),
           "prenorm": ("cross_attn.norm.", "cross_attn.norm_context.", "cross_ff.norm.")}
 _OUR_NORMS = ("norm_tokens.", "norm_latents.", "ff_norm.")
 _HINT = (". Import the decoder alone with `open-clip-cxr convert --from llm2vec --pooler drop`, or add a "
-         "matching pooling option to open_clip_cxr/text/pooling.py (see conversion/pooler_layouts.py).")
+         "matching pooling option to open_clip_cxr/text/pooling.py (see open_clip_cxr/text/pooler_layouts.py).")
 
 
 def detect_layout(keys) -> str:
@@ -316,7 +316,7 @@ def _check_one_to_one(sub_key: str) -> str:
     raise PoolerLayoutError(
         f"latent-attention tensor {sub_key!r} is in the {layout!r} layout, which needs a whole-checkpoint "
         f"conversion (or cannot be represented); run `open-clip-cxr convert --from llm2vec` on the "
-        f"weights and point `base_weights` at its output (see conversion/pooler_layouts.py)")
+        f"weights and point `base_weights` at its output (see open_clip_cxr/text/pooler_layouts.py)")
 
 
 def pooler_key(key: str) -> Optional[str]:
