@@ -97,7 +97,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     t = p.add_argument_group("text robustness")
     t.add_argument("--baselines", default="", help="comma list from: bow, minilm (compared side by side)")
-    t.add_argument("--reports-split", default="test", help="Open-I hash split to use ('all': every report)")
+    t.add_argument("--reports-source", default="openi", metavar="NAME",
+                   help="report source (a registered one: openi, table, shards, mimic-cxr, ...; default openi)")
+    t.add_argument("--reports-path", default=None, metavar="PATH",
+                   help="the source's input (Open-I tgz / XML folder, a table, shard urls); default: Open-I's")
+    t.add_argument("--reports-split", default="test", help="split to use ('all': every report)")
     t.add_argument("--reports-limit", type=int, default=None, help="at most this many reports")
     t.add_argument("--seed", type=int, default=0, help="variant and gallery sampling seed")
 
@@ -253,7 +257,8 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
 def run_text_robustness(args, model, tokenizer) -> dict:
     from open_clip_cxr.eval import robustness as R
     split = None if args.reports_split == "all" else args.reports_split
-    reports = R.openi_reports(split=split, limit=args.reports_limit)
+    spec = {"source": getattr(args, "reports_source", "openi"), "path": getattr(args, "reports_path", None)}
+    reports = R.load_reports(spec, split=split, limit=args.reports_limit)
     encoders = {}
     if model is not None:
         encoders[args.model] = R.openclip_encode_fn(model, tokenizer, args.device, args.batch_size)
@@ -268,7 +273,7 @@ def run_text_robustness(args, model, tokenizer) -> dict:
         raise SystemExit("--task text-robustness needs --model or --baselines")
     results = {name: R.run_robustness(reports, fn, seed=args.seed) for name, fn in encoders.items()}
     print(R.format_table(results))
-    return {"by_model": results, "reports": "openi", "reports_split": args.reports_split}
+    return {"by_model": results, "reports": spec["source"], "reports_split": args.reports_split}
 
 
 def run(args) -> int:
