@@ -64,6 +64,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .config import LATENT_OPTIONS
+
 OUR_KEYS = ("latents", "to_q.weight", "to_q.bias", "to_kv.weight", "to_kv.bias", "to_out.weight", "to_out.bias",
             "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 NORM_KEYS = ("norm_tokens.weight", "norm_tokens.bias", "norm_latents.weight", "norm_latents.bias",
@@ -71,9 +73,8 @@ NORM_KEYS = ("norm_tokens.weight", "norm_tokens.bias", "norm_latents.weight", "n
 ALL_KEYS = OUR_KEYS + NORM_KEYS   # every key our pooler has under some option
 SOURCE_PREFIXES = ("latent_attn.", "latent_attention_model.")
 LAYOUTS = ("cxr", "nv_embed", "prenorm", "mha")
-# The `CXRTextConfig` fields a pooler checkpoint determines.
-OPTION_FIELDS = ("num_latents", "latent_heads", "latent_mlp_ratio", "latent_pre_norm", "latent_ff",
-                 "latent_head_dim", "latent_out_bias", "latent_in_bias", "latent_residual")
+# The `CXRTextConfig` fields a pooler checkpoint determines: every latent-attention option.
+OPTION_FIELDS = tuple(LATENT_OPTIONS)
 
 
 class PoolerLayoutError(ValueError):
