@@ -8,8 +8,25 @@ import json
 import os
 import sys
 import time
+from typing import Callable, Dict, NamedTuple, Tuple
 
-TASKS = ("retrieval", "zeroshot", "report-gen", "text-robustness")
+
+class Task(NamedTuple):
+    """An eval task: `run(args, model, preprocess, tokenizer) -> results dict`, and the flags it needs."""
+    run: Callable
+    needs: Tuple[str, ...] = ("model", "shards")
+    prints_own: bool = False   # the task prints its own summary (else the metrics are printed)
+
+
+TASKS: Dict[str, Task] = {}   # --task name -> Task, filled by @register_task below
+
+
+def register_task(name: str, needs: Tuple[str, ...] = ("model", "shards"), prints_own: bool = False):
+    """Decorator: make `run` the `--task name` of `open-clip-cxr eval` (a new task is one function)."""
+    def deco(run):
+        TASKS[name] = Task(run, tuple(needs), prints_own)
+        return run
+    return deco
 
 EPILOG = """examples:
   open-clip-cxr eval --task retrieval --model cxr-llm-small --pretrained ckpt.pt \\
@@ -31,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__.splitlines()[0]
     p.epilog = EPILOG
-    p.add_argument("--task", choices=TASKS, default="retrieval", help="what to evaluate (default: retrieval)")
+    p.add_argument("--task", choices=list(TASKS), default="retrieval", help="what to evaluate (default: retrieval)")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="OpenCLIP model: a name, 'local-dir:PATH' or 'hf-hub:ORG/REPO' "
                                    "(text-robustness: optional when --baselines are given)")
@@ -151,6 +168,7 @@ def _require(args, *names):
         raise SystemExit(f"--task {args.task} needs " + ", ".join(f"--{n}" for n in missing))
 
 
+@register_task("retrieval")
 def run_retrieval(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval.encode import embed_shards, similarity_of
     from open_clip_cxr.eval.retrieval import recall_by_match, write_topk_csv
@@ -182,6 +200,7 @@ def run_retrieval(args, model, preprocess, tokenizer) -> dict:
     return metrics
 
 
+@register_task("zeroshot")
 def run_zeroshot(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval import zeroshot as Z
     from open_clip_cxr.eval.encode import embed_shards, encode_texts
@@ -207,6 +226,7 @@ def run_zeroshot(args, model, preprocess, tokenizer) -> dict:
     return res
 
 
+@register_task("report-gen")
 def run_report_gen(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval.encode import embed_shards
     from open_clip_cxr.eval.report_gen import evaluate_report_generation, retrieve_reports
@@ -254,7 +274,8 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
     return res
 
 
-def run_text_robustness(args, model, tokenizer) -> dict:
+@register_task("text-robustness", needs=(), prints_own=True)   # --model and/or --baselines, checked inside
+def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval import robustness as R
     split = None if args.reports_split == "all" else args.reports_split
     spec = {"source": getattr(args, "reports_source", "openi"), "path": getattr(args, "reports_path", None)}
@@ -280,23 +301,16 @@ def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     model = preprocess = tokenizer = None
-    if args.task != "text-robustness":
-        _require(args, "model", "shards")
+    task = TASKS[args.task]
+    _require(args, *task.needs)
     shard_check = _check_shards(args)
     if args.model:
         model, preprocess, tokenizer = load_model(args)
-    if args.task == "retrieval":
-        res = run_retrieval(args, model, preprocess, tokenizer)
-    elif args.task == "zeroshot":
-        res = run_zeroshot(args, model, preprocess, tokenizer)
-    elif args.task == "report-gen":
-        res = run_report_gen(args, model, preprocess, tokenizer)
-    else:
-        res = run_text_robustness(args, model, tokenizer)
+    res = task.run(args, model, preprocess, tokenizer)
     settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, list, type(None)))}
     out = {"task": args.task, "results": res, "settings": settings, "seconds": round(time.time() - started, 1)}
     out["shard_check"] = shard_check
     _write_json(os.path.join(args.out, "results.json"), out)
-    if args.task != "text-robustness":
+    if not task.prints_own:
         print(json.dumps(res.get("metrics", res), indent=2, default=str)[:4000])
     return 0
