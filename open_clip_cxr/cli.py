@@ -42,10 +42,12 @@ class _Commands(Mapping):
 COMMANDS = _Commands()
 
 
-def build_parser(load=None):
+def build_parser(load=None, table=None):
+    """The parser; `load`: the subcommand (or "all") whose arguments are added; `table`: the commands
+    to offer (default: every one, registered ones included)."""
     parser = argparse.ArgumentParser(prog="open-clip-cxr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, cmd in COMMANDS.items():
+    for name, cmd in (COMMANDS if table is None else table).items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if load in (name, "all"):
             importlib.import_module(cmd.module).add_arguments(p)
@@ -99,14 +101,16 @@ def one_line(exc: BaseException) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in COMMANDS:
+    from open_clip_cxr.commands import OWN
+    if command not in OWN and command not in COMMANDS:
         build_parser().parse_args(argv or ["--help"])
         return 2
-    args = build_parser(load=command).parse_args(argv)
+    # a library command needs no scan of the installed entry points (`--help` stays fast)
+    args = build_parser(load=command, table=OWN if command in OWN else None).parse_args(argv)
     import open_clip_cxr
     try:
         open_clip_cxr.ensure_registered()
-        return importlib.import_module(COMMANDS[command].module).run(args) or 0
+        return importlib.import_module((OWN.get(command) or COMMANDS[command]).module).run(args) or 0
     except SystemExit as exc:
         if isinstance(exc.code, str):  # `raise SystemExit("message")`: a user error, said in one line
             print(f"open-clip-cxr {command}: error: {' '.join(exc.code.split())}", file=sys.stderr)

@@ -13,7 +13,6 @@ add theirs through the entry-point group `open_clip_cxr.commands` (see pyproject
 so a third party adds a subcommand the same way, without editing this package.
 """
 import sys
-from importlib.metadata import entry_points
 from typing import Dict, NamedTuple
 
 ENTRY_POINT_GROUP = "open_clip_cxr.commands"
@@ -56,6 +55,12 @@ def registered() -> Dict[str, Command]:
             continue
         found[ep.name] = cmd
     return found
+
+
+def entry_points(group: str):
+    """`importlib.metadata.entry_points(group=...)`, imported only when a command table is needed."""
+    from importlib.metadata import entry_points as _entry_points
+    return _entry_points(group=group)
 
 
 def all_commands() -> Dict[str, Command]:
