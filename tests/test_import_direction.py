@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# each top-level folder -> the package name it is imported (and installed) as
+PACKAGES = {"open_clip_cxr": "open_clip_cxr", "training": "training", "conversion": "conversion", "hub_cards": "hub_cards"}
 LIBRARY = "open_clip_cxr"
-WINGS = ("training", "conversion", "hub_cards")
-FOLDERS = (LIBRARY,) + WINGS
+WINGS = tuple(PACKAGES[f] for f in PACKAGES if f != LIBRARY)
+FOLDER_OF = {name: folder for folder, name in PACKAGES.items()}
 # "training.text_cli" or "conversion.commands:EXPORT"; a bare word ("training") is just a word
 _MODULE_STRING = re.compile(r"^((?:%s)(?:\.[A-Za-z_]\w*)+)(?::[\w.]+)?$" % "|".join(WINGS))
 
@@ -32,12 +34,12 @@ def _named_modules(tree: ast.AST):
 def import_edges():
     """{(from folder, to folder): ["file:line -> module", ...]} over every module of our folders."""
     edges = {}
-    for top in FOLDERS:
+    for top in PACKAGES:
         for path in sorted((ROOT / top).rglob("*.py")):
             tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
             for line, name in _named_modules(tree):
-                target = name.split(".")[0]
-                if target in FOLDERS and target != top:
+                target = FOLDER_OF.get(name.split(".")[0])
+                if target is not None and target != top:
                     edges.setdefault((top, target), []).append(f"{path.relative_to(ROOT)}:{line} -> {name}")
     return edges
 
@@ -47,7 +49,7 @@ def test_library_imports_no_wing():
     assert not upward, f"the library imports upward: {upward}"
 
 
-def test_scanner_sees_imports_and_module_strings(tmp_path):
+def test_scanner_sees_imports_and_module_strings():
     src = ("import training.text_stage\nfrom conversion import lora\nm = 'hub_cards.push'\nx = 'training wing'\n"
            "y = 'training'\nz = 'conversion.commands:EXPORT'\n")
     found = [name for _, name in _named_modules(ast.parse(src))]
@@ -93,3 +95,17 @@ def test_building_a_model_loads_no_wing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_code_imports_the_installed_names():
+    """A folder installed under another name (see setup.py) is never imported by its folder name:
+    from a checkout it would still import, as a second copy of the same modules."""
+    renamed = {folder for folder, name in PACKAGES.items() if folder != name}
+    stale = []
+    for top in (*PACKAGES, "tests", "bench"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+                stale += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n.split(".")[0] in renamed]
+    assert not stale, "import the installed package names: " + "; ".join(stale[:10])
