@@ -7,7 +7,7 @@ One bf16 copy of the weights is ~3.0 GB, one fp32 copy ~6.0 GB.
 
     python bench/bench_build_memory.py
 """
-from _util import run_isolated, table
+from bench_common import run_isolated, table
 
 CODE = """
 import json, resource, time, torch, open_clip, open_clip_cxr

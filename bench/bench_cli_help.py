@@ -5,20 +5,13 @@
 Prints the median wall time per subcommand, in a fresh process each time, and the CPU it ran on.
 """
 import argparse
-import platform
 import subprocess
 import sys
 import time
 
-COMMANDS = ["shards", "eval", "export", "push", "convert", "train-text", "train-clip", "demo"]
+from bench_common import cpu_name
 
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except Exception:
-        return platform.processor() or "unknown CPU"
+COMMANDS = ["shards", "eval", "export", "push", "convert", "train-text", "train-clip", "demo", "index", "search", "serve"]
 
 
 def main():

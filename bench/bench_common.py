@@ -1,8 +1,14 @@
-"""Shared pieces of the data benchmarks: real radiographs, hand-written reports, timing, tables."""
+"""Shared pieces of the benchmark scripts: real radiographs, hand-written reports, timing (median,
+interleaved, wall + CPU), peak memory, tables, and the machine a number was measured on.
+
+torch is imported only by the helpers that need it, so the data benchmarks stay torch-free."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -51,7 +57,6 @@ def make_samples(n: int, images: List[Path]) -> List[Sample]:
 
 
 def _cpu() -> float:
-    import resource
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
@@ -79,5 +84,67 @@ def print_table(title: str, header: List[str], rows: List[list]) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (`lscpu`), else what `platform` knows."""
+    import platform
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except Exception:  # noqa: BLE001  (no lscpu, or no "Model name" line)
+        return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def machine() -> str:
-    return f"{os.cpu_count()} CPU(s) visible, python {sys.version.split()[0]}"
+    """Where a number was measured: the CPU, CPUs visible, python, and torch threads/version once loaded."""
+    text = f"{cpu_name()}, {os.cpu_count()} CPU(s) visible, python {sys.version.split()[0]}"
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        text += f", {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+    return text
+
+
+# ---------------------------------------------------------------- timing, memory, tables (model benchmarks)
+
+def timeit(fn, repeat=5, warmup=1):
+    """Median wall seconds of `fn()` over `repeat` runs after `warmup` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def timeit_interleaved(fns: dict, repeat=5, warmup=1) -> dict:
+    """Median seconds of each `fns[name]()`, measured round-robin so load changes hit all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_isolated(code: str) -> dict:
+    """Run `code` in a fresh interpreter (so peak memory is its own); it prints one JSON line."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def table(rows, headers):
+    """A plain-text table (left-aligned columns), as a string."""
+    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])

@@ -9,7 +9,7 @@ import argparse
 
 import torch
 
-from _util import machine, table, timeit
+from bench_common import machine, table, timeit
 from open_clip_cxr.text.pooling import LatentAttentionPooling
 
 

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench._util import table, timeit_interleaved  # noqa: E402
+from bench.bench_common import table, timeit_interleaved  # noqa: E402
 from open_clip_cxr import precision  # noqa: E402
 
 

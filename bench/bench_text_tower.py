@@ -13,7 +13,7 @@ import torch
 from transformers import AutoModel
 
 import open_clip_cxr  # noqa: F401  (registers the models)
-from _util import machine, table, timeit_interleaved
+from bench_common import machine, table, timeit_interleaved
 from open_clip_cxr.text.pooling import masked_mean
 
 REPORTS = [

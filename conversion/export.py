@@ -14,7 +14,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 CONFIG_NAME = "open_clip_config.json"
 WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -85,26 +85,8 @@ def export_folder(model, model_cfg: dict, tokenizer, out_dir, *, preprocess_cfg:
 
 
 # -- round-trip check ---------------------------------------------------------------------------
-# Generic finding phrases (no patient text) and an empty string, which must embed too.
-PROBE_TEXTS = ("no acute cardiopulmonary abnormality", "small left pleural effusion", "cardiomegaly", "")
-
-
-def probe_images(model, n: int = 2, seed: int = 0):
-    import torch
-    size = (getattr(model.visual, "preprocess_cfg", None) or {}).get("size") or model.visual.image_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
-
-
-def embeddings(model, tokenizer, texts: Sequence[str] = PROBE_TEXTS, images=None) -> Dict:
-    """Unnormalised text / image embeddings of fixed probes (and the tokens, to compare tokenizers)."""
-    import torch
-    model.eval()
-    tokens = tokenizer(list(texts))
-    images = probe_images(model) if images is None else images
-    with torch.no_grad():
-        return {"tokens": tokens, "text": model.encode_text(tokens).float(), "image": model.encode_image(images).float(),
-                "images": images, "logit_scale": model.logit_scale.detach().float()}
+# The probes live in the library (push uses them too); re-exported here for export's callers.
+from open_clip_cxr.eval.probe import PROBE_TEXTS, embeddings, probe_images  # noqa: E402,F401
 
 
 class ExportMismatchError(RuntimeError):

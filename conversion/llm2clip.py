@@ -32,7 +32,7 @@ import torch
 
 from .checkpoints import build_clip, load_clip_state, read_state_dict
 from .llm2vec import split_llm2vec_state
-from .pooler_layouts import convert_pooler_state
+from open_clip_cxr.text.pooler_layouts import convert_pooler_state
 
 _LORA_RE = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])\.(?P<name>[^.]+)\.weight$")
 _TEXT_PREFIXES = ("text.core.", "text.model.")

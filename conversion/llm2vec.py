@@ -5,7 +5,7 @@ Source layout (from the authors' modeling code; the weights themselves could not
 offline): a Llama decoder, stored with a `model.` prefix (`LLM2Vec4CXRModel` wraps
 `self.model = LlamaBiModel(...)`) or without one (older `LlamaBiModel` subclass), an optional
 `lm_head.*` (dropped), and the pooler under `latent_attn.*` in one of the layouts described in
-`pooler_layouts.py`, whose options (pre-norm, GEGLU, head width, output bias) are read off the
+`open_clip_cxr/text/pooler_layouts.py`, whose options (pre-norm, GEGLU, head width, output bias) are read off the
 tensors into the output config. Latent attention heads cannot be read off the weights: the
 authors use 8.
 
@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .checkpoints import read_state_dict
-from .pooler_layouts import convert_pooler, split_prefix
+from open_clip_cxr.text.pooler_layouts import convert_pooler, split_prefix
 
 _DECODER_PREFIXES = ("model.", "llm.", "transformer.")
 _DROP = ("lm_head.",)

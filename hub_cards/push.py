@@ -123,7 +123,7 @@ def validate_folder(folder) -> dict:
     import torch
     import open_clip
     import open_clip_cxr  # noqa: F401  (registers our text tower)
-    from conversion.export import embeddings
+    from open_clip_cxr.eval.probe import embeddings
     name = "local-dir:" + str(Path(folder))
     model, _, preprocess = open_clip.create_model_and_transforms(name)
     tokenizer = open_clip.get_tokenizer(name)

@@ -1,7 +1,9 @@
 """`open-clip-cxr`: one command, one subcommand per pipeline step.
 
 Each step lives in its own module exposing `add_arguments(parser)` and `run(args)`;
-modules are imported only when their subcommand runs, so `--help` stays fast.
+modules are imported only when their subcommand runs, so `--help` stays fast. The library's
+own steps are listed in `open_clip_cxr.commands`; the training wing, conversion and the Hub
+publisher register theirs through the `open_clip_cxr.commands` entry-point group.
 
 Errors: a user's mistake (a missing file or folder, an unknown model name, a bad flag value,
 empty data, an offline hub, a refused checkpoint) prints one line on stderr naming the problem
@@ -10,30 +12,45 @@ and the fix, and exits 2; anything else is a bug and keeps its traceback.
 import argparse
 import importlib
 import sys
-
-# subcommand -> (module, one-line help). Data flows top to bottom; add a step with one entry.
-COMMANDS = {
-    "shards": ("open_clip_cxr.data.cli", "write WebDataset shards from MIMIC-CXR, CheXpert Plus, Open-I or a CSV/JSONL"),
-    "train-text": ("training.text_cli", "stage 1: adapt the text tower (MNTP, then supervised contrastive)"),
-    "train-clip": ("training.clip_cli", "stage 2: contrastive image-report training (LoRA text tower)"),
-    "eval": ("open_clip_cxr.eval.cli", "retrieval recall@K, zero-shot findings, report metrics, text robustness"),
-    "convert": ("conversion.cli", "import the authors' releases; merge LoRA"),
-    "export": ("conversion.export", "write an OpenCLIP Hub folder (config, safetensors, tokenizer, card)"),
-    "push": ("hub_cards.push", "upload an exported folder to the Hugging Face Hub"),
-    "index": ("open_clip_cxr.search.cli_index", "encode an archive into a searchable index (FAISS + SQLite)"),
-    "search": ("open_clip_cxr.search.cli_search", "search an index by report text or by image"),
-    "serve": ("open_clip_cxr.search.serve", "a local web page to search an index"),
-    "demo": ("training.demo", "the whole pipeline on real offline assets, on the CPU"),
-}
+from collections.abc import Mapping
 
 
-def build_parser(load=None):
+
+class _Commands(Mapping):
+    """subcommand -> `Command(module, help, order)`: the library's own steps and those registered
+    through the `open_clip_cxr.commands` entry points (see `open_clip_cxr.commands`), read once."""
+
+    def __init__(self):
+        self._table = None
+
+    def _load(self):
+        if self._table is None:
+            from open_clip_cxr.commands import all_commands
+            self._table = all_commands()
+        return self._table
+
+    def __getitem__(self, name):
+        return self._load()[name]
+
+    def __iter__(self):
+        return iter(self._load())
+
+    def __len__(self):
+        return len(self._load())
+
+
+COMMANDS = _Commands()
+
+
+def build_parser(load=None, table=None):
+    """The parser; `load`: the subcommand (or "all") whose arguments are added; `table`: the commands
+    to offer (default: every one, registered ones included)."""
     parser = argparse.ArgumentParser(prog="open-clip-cxr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, cmd in (COMMANDS if table is None else table).items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         if load in (name, "all"):
-            importlib.import_module(module).add_arguments(p)
+            importlib.import_module(cmd.module).add_arguments(p)
     return parser
 
 
@@ -84,14 +101,16 @@ def one_line(exc: BaseException) -> str:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    if command not in COMMANDS:
+    from open_clip_cxr.commands import OWN
+    if command not in OWN and command not in COMMANDS:
         build_parser().parse_args(argv or ["--help"])
         return 2
-    args = build_parser(load=command).parse_args(argv)
+    # a library command needs no scan of the installed entry points (`--help` stays fast)
+    args = build_parser(load=command, table=OWN if command in OWN else None).parse_args(argv)
     import open_clip_cxr
     try:
         open_clip_cxr.ensure_registered()
-        return importlib.import_module(COMMANDS[command][0]).run(args) or 0
+        return importlib.import_module((OWN.get(command) or COMMANDS[command]).module).run(args) or 0
     except SystemExit as exc:
         if isinstance(exc.code, str):  # `raise SystemExit("message")`: a user error, said in one line
             print(f"open-clip-cxr {command}: error: {' '.join(exc.code.split())}", file=sys.stderr)

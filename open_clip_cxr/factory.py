@@ -4,20 +4,19 @@
 (`vision.transforms`) read DICOM and 16-bit images, keep the aspect ratio and never flip.
 """
 import contextlib
-import json
 
 import open_clip
 import torch
 
-from .openclip_hooks import MODEL_CONFIG_DIR, our_model_names
+from .openclip_hooks import our_model_names, preprocess_cfgs
 from .vision.transforms import transforms_from_preprocess_cfg
 
 
-# Our models' image preprocessing. OpenCLIP keeps such settings with pretrained tags, which
-# our built-in names lack, so plain `open_clip.create_model*` gives OpenAI's defaults; ours
-# (and every exported folder's `preprocess_cfg`) use these.
-PREPROCESS_CFGS = {k: v for k, v in json.loads((MODEL_CONFIG_DIR / "preprocess.json").read_text()).items()
-                   if not k.startswith("_")}
+# Our models' image preprocessing, read from each model config's `preprocess_cfg`. OpenCLIP keeps
+# such settings with pretrained tags, which our built-in names lack, so plain
+# `open_clip.create_model*` without a tag gives OpenAI's defaults; ours (and every exported
+# folder's `preprocess_cfg`) use these.
+PREPROCESS_CFGS = preprocess_cfgs()
 
 
 def apply_preprocess_defaults(model, model_name: str):

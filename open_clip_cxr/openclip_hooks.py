@@ -95,6 +95,25 @@ def _register_transformers():
     open_clip.factory.HFTokenizer = _NoRemoteCodeHFTokenizer  # the name `get_tokenizer` calls
 
 
+# Each model config carries its image preprocessing under this key (OpenCLIP `PreprocessCfg` keys):
+# one file per model holds everything about it. OpenCLIP keeps such settings with pretrained tags,
+# which a built-in name used without a tag lacks, so it is read here and applied by our factory
+# and by each pretrained tag. "longest" = resize the longest side and pad: the whole chest stays in
+# view. cxr-llm keeps the authors' evaluation transform (EVA-CLIP image_transform, is_train=False:
+# resize the short side, centre crop, OpenAI mean/std).
+PREPROCESS_KEY = "preprocess_cfg"
+
+
+def preprocess_cfgs() -> dict:
+    """model name -> its image preprocessing, from the model configs."""
+    out = {}
+    for src in sorted(MODEL_CONFIG_DIR.glob("*.json")):
+        cfg = json.loads(src.read_text())
+        if PREPROCESS_KEY in cfg:
+            out[src.stem] = cfg[PREPROCESS_KEY]
+    return out
+
+
 def _register_model_configs():
     """Add our JSON configs, with `{package}` expanded to this install's folder.
 
@@ -106,7 +125,9 @@ def _register_model_configs():
     for src in sorted(MODEL_CONFIG_DIR.glob("*.json")):
         if src.stem not in our_model_names():
             continue
-        text = src.read_text().replace("{package}", PACKAGE_DIR.as_posix())
+        cfg = json.loads(src.read_text().replace("{package}", PACKAGE_DIR.as_posix()))
+        cfg.pop(PREPROCESS_KEY, None)   # ours (see `preprocess_cfgs`); OpenCLIP's model classes refuse it
+        text = json.dumps(cfg, indent=2)
         dst = out / src.name
         if not dst.exists() or dst.read_text() != text:
             tmp = dst.with_suffix(".tmp")
@@ -177,8 +198,7 @@ def build_tag_checkpoint(model_name: str, tag: str) -> Path:
 
 def _register_pretrained():
     from open_clip.pretrained import _PRETRAINED   # OpenCLIP's tag registry (read by list_pretrained etc.)
-    preprocess = {k: v for k, v in json.loads((MODEL_CONFIG_DIR / "preprocess.json").read_text()).items()
-                  if not k.startswith("_")}
+    preprocess = preprocess_cfgs()
     for model_name, tags in TAGS.items():
         for tag, source in tags.items():
             cfg = _BuiltOnFirstUse(url="", hf_hub=source.get("hf_hub", ""), **preprocess[model_name],

@@ -110,7 +110,7 @@ def test_empty_input_raises():
 def test_cli_text_robustness_with_baselines(tmp_path, monkeypatch, capsys):
     import argparse
     from open_clip_cxr.eval import cli
-    monkeypatch.setattr(RB, "openi_reports", lambda split=None, limit=None: REPORTS)
+    monkeypatch.setattr(RB, "load_reports", lambda spec=None, split=None, limit=None: REPORTS)
     p = argparse.ArgumentParser()
     cli.add_arguments(p)
     args = p.parse_args(["--task", "text-robustness", "--baselines", "bow", "--out", str(tmp_path)])

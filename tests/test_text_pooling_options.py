@@ -95,7 +95,7 @@ def test_config_fields_reach_the_tower_and_the_spec(tmp_path):
 
 def test_cxr_llm_uses_the_authors_mha_pooler():
     """The authors' released layout: nn.MultiheadAttention + Linear-GELU-Linear, no residuals
-    (see conversion/pooler_layouts.py for why), their instruction format and similarity."""
+    (see open_clip_cxr/text/pooler_layouts.py for why), their instruction format and similarity."""
     config = config_from_spec("cxr-text:cxr-llm")
     assert (config.latent_pre_norm, config.latent_ff, config.latent_head_dim, config.latent_out_bias,
             config.latent_in_bias, config.latent_residual, config.latent_mlp_ratio) == \

@@ -72,17 +72,13 @@ def freeze_for_cached(model) -> None:
 
 def iter_reports(urls) -> Iterator[Tuple[str, str]]:
     """(key, report text as evaluation reads it) for every sample, without decoding images."""
-    import webdataset as wds
-    from open_clip_cxr.data.loader import expand_urls
+    from open_clip_cxr.data.shard_reports import iter_shard_texts
     from open_clip_cxr.data.text_choice import choose_text, normalise_choice
     probs = normalise_choice(None, train=False)
-    pipeline = wds.DataPipeline(wds.SimpleShardList(expand_urls(urls)), wds.tarfile_to_samples())
-    for sample in pipeline:
-        if "txt" not in sample:
+    for key, txt, meta in iter_shard_texts(urls):
+        if txt is None:
             continue
-        meta = json.loads(sample["json"]) if "json" in sample else {}
-        key = sample["__key__"]
-        text, _ = choose_text(sample["txt"].decode("utf-8"), meta, probs, random.Random(key))
+        text, _ = choose_text(txt, meta, probs, random.Random(key))
         yield key, text
 
 

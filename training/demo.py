@@ -59,13 +59,12 @@ def package_dir(name: str) -> Path:
 # ---------------------------------------------------------------- steps
 
 def parse_reports() -> dict:
-    from open_clip_cxr.reports.parsers import hash_split, iter_openi_tgz
+    from open_clip_cxr.data.registry import iter_reports
     skipped = []
-    reports = list(iter_openi_tgz(on_error=skipped.append))
+    reports = list(iter_reports({"source": "openi"}, None, on_skip=skipped.append))
     splits = {}
     for r in reports:
-        s = r.split or hash_split(r.study_id)
-        splits[s] = splits.get(s, 0) + 1
+        splits[r.split] = splits.get(r.split, 0) + 1
     info = {"reports": len(reports), "skipped_empty": len(skipped), "splits": splits,
             "with_findings": sum(bool(r.findings) for r in reports),
             "with_impression": sum(bool(r.impression) for r in reports)}

@@ -4,7 +4,6 @@
 `StepData` makes the batch order a pure function of (seed, micro-batch), so a resumed run
 reads what an uninterrupted one would.
 """
-import json
 import random
 from typing import Dict, List, Optional
 
@@ -13,45 +12,20 @@ TABLE_KEYS = ("report_col", "findings_col", "impression_col", "study_col", "pati
 
 
 def load_reports(data: dict, split: Optional[str]) -> list:
-    """`Report`s of one split from `data`:
+    """`Report`s of one split from `data`, through the source registry (`open_clip_cxr.data.registry`):
     `shards: <urls>` (txt/json of WebDataset shards, one report per study),
-    `source: openi` (the Open-I tgz, `path:` optional; split by `hash_split` of the study id), or
-    `source: table` with `path:` (a CSV/JSONL export; columns as `parsers.iter_table` names them)."""
-    from open_clip_cxr.reports import parsers
-    limit, source = data.get("limit"), data.get("source", "openi")
-    if data.get("shards"):
-        reports = list(_reports_from_shards(data["shards"]))
-    elif source == "openi":
-        reports = list(parsers.iter_openi_tgz(data.get("path"), on_error=lambda e: None))
-    elif source == "table":
-        cols = {k: data[k] for k in TABLE_KEYS if data.get(k)}
-        reports = list(parsers.iter_table(data["path"], on_error=lambda e: None, **cols))
-    else:
-        raise ValueError(f"data: give `shards:` or `source: openi|table`, got {data}")
-    hash_split = parsers.hash_split
-    if split:
-        reports = [r for r in reports if (r.split or hash_split(r.study_id)) == split]
-    return reports[:limit] if limit else reports
+    `source: openi` (the Open-I tgz, `path:` optional), `source: table` with `path:` (a CSV/JSONL
+    export; columns as `parsers.iter_table` names them), or any registered source."""
+    from open_clip_cxr.data.registry import iter_reports
+    source = "shards" if data.get("shards") else (data.get("source") or "openi")
+    reports = list(iter_reports({**data, "source": source}, split or None))
+    return reports[:data["limit"]] if data.get("limit") else reports
 
 
 def _reports_from_shards(urls):
     """One `Report` per study from the shards' json (sections) and txt; images are not read."""
-    import webdataset as wds
-    from open_clip_cxr.data.loader import expand_urls
-    from open_clip_cxr.reports.types import Report
-    seen = set()
-    for s in wds.DataPipeline(wds.SimpleShardList(expand_urls(urls)), wds.tarfile_to_samples()):
-        if "json" not in s:
-            continue
-        meta = json.loads(s["json"])
-        sid = str(meta.get("study_id") or s["__key__"])
-        if sid in seen:       # one sample per image: several per study
-            continue
-        seen.add(sid)
-        sec = meta.get("sections") or {}
-        yield Report(study_id=sid, source=meta.get("source", "shards"), findings=sec.get("findings", ""),
-                     impression=sec.get("impression", ""), text=s.get("txt", b"").decode("utf-8"),
-                     split=meta.get("split"), patient_id=meta.get("patient_id"))
+    from open_clip_cxr.data.shard_reports import read_shards
+    return read_shards(urls)
 
 
 class StepData:

@@ -1,12 +1,16 @@
 """Data pipeline: dataset sources -> WebDataset shards (`shard_writer`) -> loaders (`loader`).
 
+Every reader of reports goes through the source registry (`registry`: `iter_source` for shards,
+`iter_reports` for stage 1 and eval); a new dataset is one `@register_source` reader.
+
 Names are resolved lazily so that `import open_clip_cxr.data` (and the CLI's --help) does
 not pull in torch; the loader imports it when first used.
 """
 import importlib
 
 _EXPORTS = {
-    "Sample": "sources", "Skipped": "sources", "iter_source": "sources", "SOURCES": "sources",
+    "Sample": "records", "Skipped": "records", "iter_source": "registry", "iter_reports": "registry",
+    "register_source": "registry", "sources": "registry",
     "EncodeOptions": "encode",
     "ShardLimits": "shard_writer", "write_shards": "shard_writer", "format_summary": "shard_writer",
     "ShardWriterError": "shard_writer",

@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = SOURCE_HELP
     src = parser.add_argument_group("input")
-    src.add_argument("--source", required=True, choices=["mimic-cxr", "chexpert-plus", "openi", "table"],
-                     help="dataset layout to read (see below)")
+    from open_clip_cxr.data.registry import sources
+    src.add_argument("--source", required=True, choices=[n for n, s in sources().items() if s.images],
+                     help="dataset layout to read (see below; more register with `@register_source`)")
     src.add_argument("--root", help="image folder (dataset root for mimic-cxr)")
     src.add_argument("--reports", help="report files: MIMIC reports folder, or Open-I tgz / XML folder")
     src.add_argument("--table", help="csv/jsonl for chexpert-plus and table sources")
@@ -102,9 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from open_clip_cxr.data.encode import EncodeOptions
     from open_clip_cxr.data.shard_writer import ShardLimits, ShardWriterError, format_summary, write_shards
-    from open_clip_cxr.data.sources import iter_source
-
-    from open_clip_cxr.data.sources import resolve_table_columns
+    from open_clip_cxr.data.registry import iter_source
+    from open_clip_cxr.data.table_source import resolve_table_columns
     from open_clip_cxr.errors import UsageError
 
     if Path(args.out).exists() and not Path(args.out).is_dir():

@@ -30,11 +30,11 @@ def label_value(v) -> Optional[float]:
 def read_table_labels(table, label_cols: Sequence[str], image_col: str = "image",
                       root=None) -> Dict[str, Dict[str, float]]:
     """{resolved image path: {column: value}} for every row's images; ValueError for unknown columns."""
-    from open_clip_cxr.reports import parsers
+    from open_clip_cxr.reports import reading, tables
     base = Path(root) if root else Path(table).resolve().parent
     seen_cols: set = set()
     out: Dict[str, Dict[str, float]] = {}
-    for _, row in parsers._iter_rows(table):
+    for _, row in reading._iter_rows(table):
         if not isinstance(row, dict):
             continue   # a bad row: the source reports it as skipped
         lower = {str(k).lower().strip(): k for k in row}
@@ -45,7 +45,7 @@ def read_table_labels(table, label_cols: Sequence[str], image_col: str = "image"
             v = label_value(row.get(key)) if key is not None else None
             if v is not None:
                 labels[col] = v
-        for img in parsers._images(row.get(image_col)):
+        for img in tables._images(row.get(image_col)):
             p = Path(img)
             out.setdefault(str(p if p.is_absolute() else base / p), {}).update(labels)
     have = {str(c).lower().strip() for c in seen_cols}

@@ -8,5 +8,6 @@
 - green: GREEN prompt, parser, score, and a batched cached LLM judge
 - report_gen, text_metrics: nearest-report generation; BLEU/ROUGE-L/CIDEr/METEOR/BERTScore
 - robustness: variant/section retrieval and error discrimination for any text encoder
+- probe: fixed probe embeddings (the export / push round-trip check)
 - cli: `open-clip-cxr eval`
 """

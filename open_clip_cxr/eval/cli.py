@@ -8,8 +8,25 @@ import json
 import os
 import sys
 import time
+from typing import Callable, Dict, NamedTuple, Tuple
 
-TASKS = ("retrieval", "zeroshot", "report-gen", "text-robustness")
+
+class Task(NamedTuple):
+    """An eval task: `run(args, model, preprocess, tokenizer) -> results dict`, and the flags it needs."""
+    run: Callable
+    needs: Tuple[str, ...] = ("model", "shards")
+    prints_own: bool = False   # the task prints its own summary (else the metrics are printed)
+
+
+TASKS: Dict[str, Task] = {}   # --task name -> Task, filled by @register_task below
+
+
+def register_task(name: str, needs: Tuple[str, ...] = ("model", "shards"), prints_own: bool = False):
+    """Decorator: make `run` the `--task name` of `open-clip-cxr eval` (a new task is one function)."""
+    def deco(run):
+        TASKS[name] = Task(run, tuple(needs), prints_own)
+        return run
+    return deco
 
 EPILOG = """examples:
   open-clip-cxr eval --task retrieval --model cxr-llm-small --pretrained ckpt.pt \\
@@ -31,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.description = __doc__.splitlines()[0]
     p.epilog = EPILOG
-    p.add_argument("--task", choices=TASKS, default="retrieval", help="what to evaluate (default: retrieval)")
+    p.add_argument("--task", choices=list(TASKS), default="retrieval", help="what to evaluate (default: retrieval)")
     m = p.add_argument_group("model")
     m.add_argument("--model", help="OpenCLIP model: a name, 'local-dir:PATH' or 'hf-hub:ORG/REPO' "
                                    "(text-robustness: optional when --baselines are given)")
@@ -97,7 +114,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
     t = p.add_argument_group("text robustness")
     t.add_argument("--baselines", default="", help="comma list from: bow, minilm (compared side by side)")
-    t.add_argument("--reports-split", default="test", help="Open-I hash split to use ('all': every report)")
+    t.add_argument("--reports-source", default="openi", metavar="NAME",
+                   help="report source (a registered one: openi, table, shards, mimic-cxr, ...; default openi)")
+    t.add_argument("--reports-path", default=None, metavar="PATH",
+                   help="the source's input (Open-I tgz / XML folder, a table, shard urls); default: Open-I's")
+    t.add_argument("--reports-split", default="test", help="split to use ('all': every report)")
     t.add_argument("--reports-limit", type=int, default=None, help="at most this many reports")
     t.add_argument("--seed", type=int, default=0, help="variant and gallery sampling seed")
 
@@ -147,6 +168,7 @@ def _require(args, *names):
         raise SystemExit(f"--task {args.task} needs " + ", ".join(f"--{n}" for n in missing))
 
 
+@register_task("retrieval")
 def run_retrieval(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval.encode import embed_shards, similarity_of
     from open_clip_cxr.eval.retrieval import recall_by_match, write_topk_csv
@@ -178,6 +200,7 @@ def run_retrieval(args, model, preprocess, tokenizer) -> dict:
     return metrics
 
 
+@register_task("zeroshot")
 def run_zeroshot(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval import zeroshot as Z
     from open_clip_cxr.eval.encode import embed_shards, encode_texts
@@ -203,6 +226,7 @@ def run_zeroshot(args, model, preprocess, tokenizer) -> dict:
     return res
 
 
+@register_task("report-gen")
 def run_report_gen(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval.encode import embed_shards
     from open_clip_cxr.eval.report_gen import evaluate_report_generation, retrieve_reports
@@ -250,10 +274,12 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
     return res
 
 
-def run_text_robustness(args, model, tokenizer) -> dict:
+@register_task("text-robustness", needs=(), prints_own=True)   # --model and/or --baselines, checked inside
+def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval import robustness as R
     split = None if args.reports_split == "all" else args.reports_split
-    reports = R.openi_reports(split=split, limit=args.reports_limit)
+    spec = {"source": getattr(args, "reports_source", "openi"), "path": getattr(args, "reports_path", None)}
+    reports = R.load_reports(spec, split=split, limit=args.reports_limit)
     encoders = {}
     if model is not None:
         encoders[args.model] = R.openclip_encode_fn(model, tokenizer, args.device, args.batch_size)
@@ -268,30 +294,23 @@ def run_text_robustness(args, model, tokenizer) -> dict:
         raise SystemExit("--task text-robustness needs --model or --baselines")
     results = {name: R.run_robustness(reports, fn, seed=args.seed) for name, fn in encoders.items()}
     print(R.format_table(results))
-    return {"by_model": results, "reports": "openi", "reports_split": args.reports_split}
+    return {"by_model": results, "reports": spec["source"], "reports_split": args.reports_split}
 
 
 def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     started = time.time()
     model = preprocess = tokenizer = None
-    if args.task != "text-robustness":
-        _require(args, "model", "shards")
+    task = TASKS[args.task]
+    _require(args, *task.needs)
     shard_check = _check_shards(args)
     if args.model:
         model, preprocess, tokenizer = load_model(args)
-    if args.task == "retrieval":
-        res = run_retrieval(args, model, preprocess, tokenizer)
-    elif args.task == "zeroshot":
-        res = run_zeroshot(args, model, preprocess, tokenizer)
-    elif args.task == "report-gen":
-        res = run_report_gen(args, model, preprocess, tokenizer)
-    else:
-        res = run_text_robustness(args, model, tokenizer)
+    res = task.run(args, model, preprocess, tokenizer)
     settings = {k: v for k, v in vars(args).items() if k != "func" and isinstance(v, (str, int, float, bool, list, type(None)))}
     out = {"task": args.task, "results": res, "settings": settings, "seconds": round(time.time() - started, 1)}
     out["shard_check"] = shard_check
     _write_json(os.path.join(args.out, "results.json"), out)
-    if args.task != "text-robustness":
+    if not task.prints_own:
         print(json.dumps(res.get("metrics", res), indent=2, default=str)[:4000])
     return 0

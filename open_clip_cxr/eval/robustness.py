@@ -91,18 +91,22 @@ def original_text(report: Report) -> str:
         return "\n".join(parts) if parts else (report.text or "").strip()
 
 
-def openi_reports(split: Optional[str] = "test", limit: Optional[int] = None, path=None) -> List[Report]:
-    """Open-I reports (read at run time from the torchxrayvision wheel) of one hash split."""
-    from open_clip_cxr.reports.parsers import hash_split, iter_openi_tgz
+def load_reports(spec: Optional[dict] = None, split: Optional[str] = "test", limit: Optional[int] = None) -> List[Report]:
+    """Reports with text of one split from any registered source (`open_clip_cxr.data.registry`;
+    `spec` as a recipe's `data:`, default Open-I read at run time from the torchxrayvision wheel)."""
+    from open_clip_cxr.data.registry import iter_reports
     out = []
-    for r in iter_openi_tgz(path, on_error=lambda e: None):
-        if not original_text(r):
-            continue
-        if split is None or (r.split or hash_split(r.study_id)) == split:
+    for r in iter_reports(spec or {"source": "openi"}, split):
+        if original_text(r):
             out.append(r)
             if limit is not None and len(out) >= limit:
                 break
     return out
+
+
+def openi_reports(split: Optional[str] = "test", limit: Optional[int] = None, path=None) -> List[Report]:
+    """Open-I reports (read at run time from the torchxrayvision wheel) of one hash split."""
+    return load_reports({"source": "openi", "path": path}, split, limit)
 
 
 # ------------------------------------------------------------------ the suite

@@ -10,13 +10,12 @@ import json
 from pathlib import Path
 from typing import Dict, Union
 
-from .config import CXRTextConfig
+from .config import LATENT_OPTIONS, CXRTextConfig
 
 SPEC_PREFIX = "cxr-text:"
 ARCH_DIR = Path(__file__).parent / "archs"
 # The fields that define a tower; everything else in a transformers config is derived.
-ARCH_FIELDS = ("llm", "pooling", "num_latents", "latent_heads", "latent_mlp_ratio", "latent_pre_norm", "latent_ff",
-               "latent_head_dim", "latent_out_bias", "latent_in_bias", "latent_residual", "output_norm", "lora", "train_pooling",
+ARCH_FIELDS = ("llm", "pooling", *LATENT_OPTIONS, "output_norm", "lora", "train_pooling",
                "instruction_separator_id", "instruction_format", "similarity", "base_weights")
 
 _ARCHS: Dict[str, dict] = {}

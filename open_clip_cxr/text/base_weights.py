@@ -92,23 +92,16 @@ def iter_tensors(folder: Path) -> Iterator[Tuple[str, torch.Tensor]]:
 
 
 def _pooler_mappers() -> List[Callable[[str], str]]:
-    """Registered mappers plus the authors' `latent_attn.*` layout (imported late: `conversion`
-    imports this package, so importing it at module load would be circular)."""
-    try:
-        from conversion.pooler_layouts import pooler_key
-    except ImportError:  # an install without the conversion package
-        return list(POOLER_KEY_MAPPERS)
+    """Registered mappers plus the authors' `latent_attn.*` layout (`pooler_layouts`)."""
+    from .pooler_layouts import pooler_key
     return [*POOLER_KEY_MAPPERS, pooler_key]
 
 
 def _whole_pooler_converter(keys):
     """When the folder's pooler (`latent_attn.*`) is in a layout other than ours (e.g. the authors'
     "mha"), it is converted as a whole: -> (key -> pooler sub-key or None, (sub-keys -> tensors,
-    config) -> our pooler's state dict fitted to the config). None otherwise, or without `conversion`."""
-    try:
-        from conversion.pooler_layouts import convert_pooler_state, detect_layout, pooler_options, split_prefix
-    except ImportError:
-        return None
+    config) -> our pooler's state dict fitted to the config). None otherwise."""
+    from .pooler_layouts import convert_pooler_state, detect_layout, pooler_options, split_prefix
     subs = [s[1] for s in map(split_prefix, keys) if s]
     if not subs or detect_layout(subs) == "cxr":
         return None

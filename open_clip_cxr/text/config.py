@@ -8,8 +8,14 @@ from typing import Optional
 
 from transformers import AutoConfig, PretrainedConfig
 
-POOLING_MODES = ("mean", "last_token", "latent_attention")
 LATENT_FF_KINDS = ("gelu", "geglu")
+# The latent-attention pooler's options, defined once: `CXRTextConfig` field -> keyword of
+# `pooling.LatentAttentionPooling`. The pooler's builder, the named-architecture fields
+# (`archs.ARCH_FIELDS`) and the checkpoint converter (`pooler_layouts.OPTION_FIELDS`) read this
+# table; a new option is one config field + one entry here + one pooler keyword.
+LATENT_OPTIONS = {"num_latents": "num_latents", "latent_heads": "heads", "latent_mlp_ratio": "mlp_ratio",
+                  "latent_pre_norm": "pre_norm", "latent_ff": "ff", "latent_head_dim": "head_dim",
+                  "latent_out_bias": "out_bias", "latent_in_bias": "in_bias", "latent_residual": "residual"}
 # "separator": the separator token is read by the decoder, pooling starts after it (ours);
 # "llm2vec": the authors' format, the marker only says where the text starts: it is masked out of
 #   attention and positions (as if removed before tokenising) and only the text's tokens are pooled.
@@ -26,7 +32,7 @@ class CXRTextConfig(PretrainedConfig):
     def __init__(
             self,
             llm: Optional[dict] = None,          # the decoder's config dict (must hold `model_type`, e.g. "llama")
-            pooling: str = "latent_attention",   # one of POOLING_MODES
+            pooling: str = "latent_attention",   # a registered pooler (`pooling.POOLING_MODES`)
             num_latents: int = 512,              # latent attention: size of the learned latent array
             latent_heads: int = 8,               # latent attention: heads of the cross-attention
             latent_mlp_ratio: int = 4,           # latent attention: MLP width (after any gating) / hidden size
@@ -46,8 +52,9 @@ class CXRTextConfig(PretrainedConfig):
             **kwargs,
     ):
         llm = dict(llm or {"model_type": "llama"})
+        from .pooling import POOLING_MODES   # the pooler registry (pooling imports this module)
         if pooling not in POOLING_MODES:
-            raise ValueError(f"pooling must be one of {POOLING_MODES}, got {pooling!r}")
+            raise ValueError(f"pooling must be one of {tuple(POOLING_MODES)}, got {pooling!r}")
         if latent_ff not in LATENT_FF_KINDS:
             raise ValueError(f"latent_ff must be one of {LATENT_FF_KINDS}, got {latent_ff!r}")
         if instruction_format not in INSTRUCTION_FORMATS:

@@ -1,14 +1,27 @@
 """Poolers: token states (B, L, D) + a mask of tokens to pool (B, L) -> one vector per text.
 
-All modes are batched; none loops over samples in Python.
+All modes are batched; none loops over samples in Python. Each mode registers a builder
+(`config -> nn.Module`) with `@register_pooler(name)`; `CXRTextConfig(pooling=name)` accepts
+any registered name, so a new pooler is one class + one decorated builder.
 """
-from typing import Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import LATENT_FF_KINDS
+from .config import LATENT_FF_KINDS, LATENT_OPTIONS
+
+POOLERS: Dict[str, Callable[..., nn.Module]] = {}
+POOLING_MODES = POOLERS.keys()   # a live view: every registered name
+
+
+def register_pooler(name: str):
+    """Decorator: register `builder(config) -> nn.Module` as pooling mode `name`."""
+    def deco(builder):
+        POOLERS[name] = builder
+        return builder
+    return deco
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -128,12 +141,23 @@ class LatentAttentionPooling(nn.Module):
         return sums / counts
 
 
+@register_pooler("mean")
+def _mean(config) -> nn.Module:
+    return MeanPooling()
+
+
+@register_pooler("last_token")
+def _last_token(config) -> nn.Module:
+    return LastTokenPooling()
+
+
+@register_pooler("latent_attention")
+def _latent_attention(config) -> nn.Module:
+    return LatentAttentionPooling(config.hidden_size, **{kw: getattr(config, field) for field, kw in LATENT_OPTIONS.items()})
+
+
 def build_pooler(config) -> nn.Module:
-    if config.pooling == "mean":
-        return MeanPooling()
-    if config.pooling == "last_token":
-        return LastTokenPooling()
-    return LatentAttentionPooling(
-        config.hidden_size, config.num_latents, config.latent_heads, config.latent_mlp_ratio,
-        pre_norm=config.latent_pre_norm, ff=config.latent_ff, head_dim=config.latent_head_dim,
-        out_bias=config.latent_out_bias, in_bias=config.latent_in_bias, residual=config.latent_residual)
+    """The pooler `config.pooling` names, built by its registered builder."""
+    if config.pooling not in POOLERS:
+        raise ValueError(f"pooling must be one of {tuple(POOLERS)}, got {config.pooling!r}")
+    return POOLERS[config.pooling](config)

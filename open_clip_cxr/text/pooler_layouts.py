@@ -64,6 +64,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .config import LATENT_OPTIONS
+
 OUR_KEYS = ("latents", "to_q.weight", "to_q.bias", "to_kv.weight", "to_kv.bias", "to_out.weight", "to_out.bias",
             "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")
 NORM_KEYS = ("norm_tokens.weight", "norm_tokens.bias", "norm_latents.weight", "norm_latents.bias",
@@ -71,9 +73,8 @@ NORM_KEYS = ("norm_tokens.weight", "norm_tokens.bias", "norm_latents.weight", "n
 ALL_KEYS = OUR_KEYS + NORM_KEYS   # every key our pooler has under some option
 SOURCE_PREFIXES = ("latent_attn.", "latent_attention_model.")
 LAYOUTS = ("cxr", "nv_embed", "prenorm", "mha")
-# The `CXRTextConfig` fields a pooler checkpoint determines.
-OPTION_FIELDS = ("num_latents", "latent_heads", "latent_mlp_ratio", "latent_pre_norm", "latent_ff",
-                 "latent_head_dim", "latent_out_bias", "latent_in_bias", "latent_residual")
+# The `CXRTextConfig` fields a pooler checkpoint determines: every latent-attention option.
+OPTION_FIELDS = tuple(LATENT_OPTIONS)
 
 
 class PoolerLayoutError(ValueError):
@@ -129,7 +130,7 @@ _NORMS = {"cxr": ("norm_tokens.", "norm_latents.", "ff_norm."),
           "prenorm": ("cross_attn.norm.", "cross_attn.norm_context.", "cross_ff.norm.")}
 _OUR_NORMS = ("norm_tokens.", "norm_latents.", "ff_norm.")
 _HINT = (". Import the decoder alone with `open-clip-cxr convert --from llm2vec --pooler drop`, or add a "
-         "matching pooling option to open_clip_cxr/text/pooling.py (see conversion/pooler_layouts.py).")
+         "matching pooling option to open_clip_cxr/text/pooling.py (see open_clip_cxr/text/pooler_layouts.py).")
 
 
 def detect_layout(keys) -> str:
@@ -316,7 +317,7 @@ def _check_one_to_one(sub_key: str) -> str:
     raise PoolerLayoutError(
         f"latent-attention tensor {sub_key!r} is in the {layout!r} layout, which needs a whole-checkpoint "
         f"conversion (or cannot be represented); run `open-clip-cxr convert --from llm2vec` on the "
-        f"weights and point `base_weights` at its output (see conversion/pooler_layouts.py)")
+        f"weights and point `base_weights` at its output (see open_clip_cxr/text/pooler_layouts.py)")
 
 
 def pooler_key(key: str) -> Optional[str]:

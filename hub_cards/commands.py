@@ -1,0 +1,5 @@
+"""`open-clip-cxr push`, registered through the entry-point group `open_clip_cxr.commands`
+(pyproject.toml). Kept light: `--help` loads this file only."""
+from open_clip_cxr.commands import Command
+
+PUSH = Command("hub_cards.push", "upload an exported folder to the Hugging Face Hub", 70)
