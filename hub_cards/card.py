@@ -83,10 +83,10 @@ def load_eval_results(path) -> dict:
 
 def load_recipe(path) -> dict:
     """A recipe from YAML (with its `base:` read first, as training reads it:
-    `training/recipe_io.load_recipe`) or JSON."""
+    `open_clip_cxr.recipe_files.load_recipe`) or JSON."""
     if str(path).endswith(".json"):
         return json.loads(Path(path).read_text())
-    from training.recipe_io import load_recipe as load_yaml_recipe   # torch-free
+    from open_clip_cxr.recipe_files import load_recipe as load_yaml_recipe   # torch-free
     return load_yaml_recipe(str(path))           # a UsageError (a ValueError) when not a mapping
 
 

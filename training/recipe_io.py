@@ -10,91 +10,14 @@ so `--help-recipe` and the card writer (`hub_cards/card.py`) load it at once.
 from __future__ import annotations
 
 import os
-import re
-from typing import Any, Dict, Iterable, List, Optional
+
+from typing import Any, Dict, List, Optional
 
 import yaml
 
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-4` as a float (YAML 1.1 wants `1.0e-4`)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
-    list("-+0123456789."))
-
-
-def parse_value(text: str) -> Any:
-    """Type inference for a command-line override: int, float, bool, null, list/dict, else str."""
-    text = text.strip()
-    if re.fullmatch(r"[-+]?\d+", text):
-        return int(text)
-    if _FLOAT.fullmatch(text):
-        return float(text)
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
-        return text
-
-
-def set_by_path(d: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    for k in keys[:-1]:
-        if not isinstance(d.get(k), dict):
-            d[k] = {}
-        d = d[k]
-    d[keys[-1]] = value
-
-
-def get_by_path(d: dict, dotted: str, default: Any = None) -> Any:
-    for k in dotted.split("."):
-        if not isinstance(d, dict) or k not in d:
-            return default
-        d = d[k]
-    return d
-
-
-def read_yaml(path: str) -> Any:
-    """One YAML file as written (no `base:`), `1e-4` read as a float."""
-    with open(path) as f:
-        return yaml.load(f, Loader=_Loader)
-
-
-def load_recipe(path: Optional[str], overrides: Iterable[str] = ()) -> dict:
-    """Read a YAML recipe and apply `a.b.c=value` overrides (values typed by `parse_value`).
-
-    A recipe may name `base: other.yaml` (relative to itself); its keys are read first and
-    deep-merged under this one's.
-    """
-    recipe: dict = {}
-    if path:
-        recipe = read_yaml(path) or {}
-        if not isinstance(recipe, dict):
-            from open_clip_cxr.errors import UsageError
-            raise UsageError(f"{path}: a recipe is a YAML mapping of keys to values, got {type(recipe).__name__}")
-        base = recipe.pop("base", None)
-        if base:
-            base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-            recipe = _deep_merge(load_recipe(base_path), recipe)
-    for item in overrides or ():
-        if "=" not in item:
-            from open_clip_cxr.errors import UsageError
-            raise UsageError(f"--set {item!r} is not KEY=VALUE: write e.g. --set train.epochs=3")
-        key, value = item.split("=", 1)
-        set_by_path(recipe, key.strip(), parse_value(value))
-    return recipe
-
-
-def _deep_merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
+# the YAML side (base:, --set, `1e-4` as a float) is the library's, shared with the card writer
+from open_clip_cxr.recipe_files import (_FLOAT, _deep_merge, _Loader, get_by_path, load_recipe,  # noqa: F401
+                                        parse_value, read_yaml, set_by_path)
 
 # keys that may change when a run resumes: speed, logging, evaluation and the run's length
 # (a finished run resumed with more steps trains on), not what is being learned
@@ -105,17 +28,14 @@ RESUMABLE_KEYS = ("output_dir", "train.num_threads", "train.mixed_precision", "r
                   "data.num_workers",
                   "eval.", "*.steps")
 
-
 def _resumable(key: str) -> bool:
     return any(key == r or (r.endswith(".") and key.startswith(r)) or (r.startswith("*") and key.endswith(r[1:]))
                for r in RESUMABLE_KEYS)
-
 
 def recipe_differences(saved: dict, recipe: dict) -> List[str]:
     """Keys (dotted) whose values differ between two recipes, `RESUMABLE_KEYS` left out."""
     a, b = flatten(saved), flatten(yaml.safe_load(yaml.safe_dump(recipe)))   # compare as saved
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not _resumable(k))
-
 
 def _stage_of(recipe: dict) -> Optional[str]:
     """The stage a resolved recipe belongs to (its sections say: every resolved text recipe
@@ -125,7 +45,6 @@ def _stage_of(recipe: dict) -> Optional[str]:
     if "mntp" in recipe and "supcon" in recipe:
         return "text"
     return None
-
 
 def saved_differences(path: str, recipe: dict, defaults: Optional[dict] = None,
                       stage: Optional[str] = None) -> List[str]:
@@ -141,7 +60,6 @@ def saved_differences(path: str, recipe: dict, defaults: Optional[dict] = None,
             from training.recipe_schema import saved_defaults
             defaults = saved_defaults(stage)
     return recipe_differences(_deep_merge(defaults, saved) if defaults else saved, recipe)
-
 
 def save_recipe(recipe: dict, path: str, defaults: Optional[dict] = None, stage: Optional[str] = None) -> None:
     """Write a run's recipe. A run folder resumes from its checkpoints, so a recipe that differs
@@ -159,7 +77,6 @@ def save_recipe(recipe: dict, path: str, defaults: Optional[dict] = None, stage:
     with open(path, "w") as f:
         yaml.safe_dump(recipe, f, sort_keys=False, default_flow_style=False)
 
-
 def flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; non-scalars become strings (TensorBoard hparams want scalars)."""
     out = {}
@@ -170,7 +87,6 @@ def flatten(d: dict, prefix: str = "") -> Dict[str, Any]:
         else:
             out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
     return out
-
 
 def _opt(recipe: dict, *keys: str, default=None):
     """The first of `keys` (dotted) set to a value other than null, else `default`."""
