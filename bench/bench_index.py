@@ -33,6 +33,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CHUNK = 50_000
+QUERIES_NPY = 1000     # npy data: the first rows are queries, never in the archive
+
+
+def load_avg() -> str:
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
 
 
 def cpu_name() -> str:
@@ -45,8 +50,20 @@ def cpu_name() -> str:
 
 
 def vectors(kind: str, n: int, dim: int, seed: int, start: int = 0):
-    """Rows [start, start+n) of a data set, in chunks; the same rows whatever the chunking."""
+    """Rows [start, start+n) of a data set, in chunks; the same rows whatever the chunking.
+
+    `npy:PATH`: real embeddings from a float32 [N, D] file; seed 1 (queries) gives its first
+    rows, seed 0 (the archive) the rest, so no query is in the archive.
+    """
     import numpy as np
+    if kind.startswith("npy:"):
+        x = np.load(kind[4:], mmap_mode="r")
+        x = x[:n] if seed == 1 else x[QUERIES_NPY:][:n]
+        for s in range(0, len(x), CHUNK):
+            y = np.array(x[s:s + CHUNK], dtype=np.float32)
+            y /= np.linalg.norm(y, axis=1, keepdims=True)
+            yield y
+        return
     centres = None
     if kind == "clustered":
         centres = np.random.default_rng(1234).standard_normal((2000, dim)).astype(np.float32)
@@ -68,13 +85,16 @@ def _rss_mb() -> float:
 
 
 def child(kind: str, data: str, n: int, dim: int, nq: int, threads: int, params: dict, workdir: str,
-          search_threads: int = 1) -> dict:
+          search_threads: int = 1, settings=None) -> dict:
     import faiss
     import numpy as np
     from open_clip_cxr.search import store
     base_mb = _rss_mb()          # the interpreter with numpy, faiss and torch (open_clip_cxr imports it)
+    load_start = load_avg()
+    kind, _, vstore = kind.partition(":")
     faiss.omp_set_num_threads(threads)
-    p = {**store.DEFAULT_PARAMS[kind], **params}
+    build_threads = faiss.omp_get_max_threads()
+    p = {**store.DEFAULT_PARAMS[kind], **params, "store": vstore or "fp32"}
     if kind in ("ivf", "ivfpq") and not p.get("nlist"):
         p["nlist"] = store.default_nlist(n)
     t0 = time.perf_counter()
@@ -88,19 +108,22 @@ def child(kind: str, data: str, n: int, dim: int, nq: int, threads: int, params:
     for x in vectors(data, n, dim, seed=0):
         index.add(x)
     build_s = time.perf_counter() - t0
-    path = Path(workdir) / f"{data}-{kind}.faiss"
+    load_built = load_avg()
+    path = Path(workdir) / f"{os.getpid()}.faiss"
     faiss.write_index(index, str(path))
     size = path.stat().st_size
     path.unlink()
     q = np.concatenate(list(vectors(data, nq, dim, seed=1)))
     # one query at a time: on a busy machine OpenMP's second thread mostly waits (measured 5x slower)
     faiss.omp_set_num_threads(search_threads)
-    gt_path = Path(workdir) / f"{data}-gt.npy"
-    settings = [None]
-    if kind == "hnsw":
-        settings = [64, 128, 256, 512]
-    elif kind in ("ivf", "ivfpq"):
-        settings = [16, 32, 64, 128]
+    single_threads = faiss.omp_get_max_threads()
+    gt_path = Path(workdir) / f"{data.replace('/', '_')}-gt.npy"
+    if settings is None:
+        settings = [None]
+        if kind == "hnsw":
+            settings = [64, 128, 256, 512]
+        elif kind in ("ivf", "ivfpq"):
+            settings = [16, 32, 64, 128]
     rows = []
     for s in settings:
         if kind == "hnsw":
@@ -115,31 +138,56 @@ def child(kind: str, data: str, n: int, dim: int, nq: int, threads: int, params:
             lat.append(time.perf_counter() - t)
             ids.append(I[0])
         ids = np.stack(ids)
-        if kind == "flat":
-            np.save(gt_path, ids)
+        load_single = load_avg()
+        if kind == "flat" and p["store"] == "fp32":
+            np.save(gt_path, ids)      # exact fp32 search is the ground truth for every other row
             recall = 1.0
         else:
             gt = np.load(gt_path)
             recall = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, gt)]))
+        # batched: all nq queries in one call (FAISS splits them over its threads; flat fp32 uses BLAS)
+        batched = {}
+        for bt in sorted({1, threads}):
+            faiss.omp_set_num_threads(bt)
+            t = time.perf_counter()
+            _, I = index.search(q, 10)
+            dt = time.perf_counter() - t
+            batched[f"threads_{faiss.omp_get_max_threads()}"] = round(nq / dt, 1)
+            assert (I == ids).mean() > 0.99 or kind == "hnsw", "a batched search disagrees with single queries"
+        faiss.omp_set_num_threads(search_threads)
         lat = np.sort(np.asarray(lat) * 1000)
         rows.append({"setting": s, "p50_ms": round(float(np.percentile(lat, 50)), 3),
-                     "p99_ms": round(float(np.percentile(lat, 99)), 3), "recall@10": round(recall, 4)})
-    return {"kind": kind, "data": data, "n": n, "dim": dim, "params": {k: v for k, v in p.items() if v is not None},
+                     "p99_ms": round(float(np.percentile(lat, 99)), 3), "recall@10": round(recall, 4),
+                     "batched_queries_per_s": batched, "load_avg_1_5_15": load_single})
+    return {"kind": kind, "store": p["store"], "data": data, "n": n, "dim": dim,
+            "params": {k: v for k, v in p.items() if v is not None},
             "train_s": round(train_s, 1), "build_s": round(build_s, 1), "size_mb": round(size / 2**20, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "peak_over_baseline_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_mb),
-            "search_threads": search_threads, "search": rows}
+            "build_threads": build_threads, "search_threads": single_threads, "queries": nq,
+            "load_avg_start": load_start, "load_avg_built": load_built, "search": rows}
 
 
 def faiss_part(args) -> list:
     workdir = tempfile.mkdtemp(prefix="bench_index_")
     results = []
     try:
+        settings = {}
+        for part in (args.settings or "").split(";"):
+            if part.strip():
+                k, v = part.split("=")
+                settings[k.strip()] = [int(x) for x in v.split(",")]
         for data in args.data.split(","):
-            for kind in ["flat"] + [k for k in args.kinds.split(",") if k != "flat"]:   # flat first: ground truth
+            n = args.n
+            if data.startswith("npy:"):
+                import numpy as np
+                n = min(n, len(np.load(data[4:], mmap_mode="r")) - QUERIES_NPY)
+            kinds = ["flat"] + [k for k in args.kinds.split(",") if k not in ("flat", "flat:fp32")]  # ground truth first
+            for kind in kinds:
+                st = settings.get(kind.partition(":")[0])
                 code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r});"
-                        f"from bench_index import child; print(json.dumps(child({kind!r}, {data!r}, {args.n}, {args.dim}, "
-                        f"{args.queries}, {args.threads}, {{}}, {workdir!r}, {args.search_threads})))")
+                        f"from bench_index import child; print(json.dumps(child({kind!r}, {data!r}, {n}, {args.dim}, "
+                        f"{args.queries}, {args.threads}, {{}}, {workdir!r}, {args.search_threads}, {st!r})))")
                 t = time.time()
                 out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
                 if out.returncode:
@@ -147,12 +195,15 @@ def faiss_part(args) -> list:
                     raise SystemExit(f"{kind} on {data} failed")
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 results.append(res)
-                print(f"[{data} {kind}] build {res['build_s']}s (train {res['train_s']}s), {res['size_mb']} MB on disk, "
-                      f"peak RSS {res['peak_rss_mb']} MB ({res['peak_over_baseline_mb']} MB over the bare interpreter); "
-                      f"wall {time.time() - t:.0f}s", flush=True)
+                print(f"[{data} n={n} {kind}] build {res['build_s']}s (train {res['train_s']}s, {res['build_threads']} "
+                      f"FAISS threads), {res['size_mb']} MB on disk, peak RSS {res['peak_rss_mb']} MB "
+                      f"({res['peak_over_baseline_mb']} MB over the bare interpreter); wall {time.time() - t:.0f}s; "
+                      f"load avg {res['load_avg_start']} at start, {res['load_avg_built']} after build", flush=True)
                 for r in res["search"]:
-                    print(f"    setting {r['setting']}: p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  "
-                          f"recall@10 {r['recall@10']}", flush=True)
+                    print(f"    setting {r['setting']}: single queries ({res['search_threads']} FAISS thread) "
+                          f"p50 {r['p50_ms']} ms  p99 {r['p99_ms']} ms  recall@10 {r['recall@10']}; "
+                          f"{res['queries']} queries in one call: {r['batched_queries_per_s']} queries/s; "
+                          f"load avg {r['load_avg_1_5_15']}", flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return results
@@ -208,8 +259,12 @@ def main():
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=300, help="single queries timed per setting")
-    p.add_argument("--kinds", default="flat,ivf,hnsw")
-    p.add_argument("--data", default="clustered,uniform")
+    p.add_argument("--kinds", default="flat,flat:fp16,flat:int8,ivf,hnsw",
+                   help="KIND[:STORE] list (stores fp32, fp16, int8); exact flat fp32 always runs first")
+    p.add_argument("--data", default="clustered,uniform",
+                   help="clustered, uniform, or npy:PATH (real embeddings; the first 1000 rows are the queries)")
+    p.add_argument("--settings", default=None,
+                   help="search settings per kind, e.g. 'ivf=8,16,32;hnsw=64,128' (nprobe / efSearch)")
     p.add_argument("--threads", type=int, default=2, help="threads for building and encoding")
     p.add_argument("--search-threads", type=int, default=1, help="FAISS threads for single queries")
     p.add_argument("--model", default="cxr-llm-tiny")
@@ -219,8 +274,9 @@ def main():
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
-    print(f"CPU: {cpu_name()}; {args.threads} threads; shared with other jobs while measured", flush=True)
-    res = {"cpu": cpu_name(), "threads": args.threads}
+    print(f"CPU: {cpu_name()}; {args.threads} threads; shared with other jobs while measured "
+          f"(load avg {load_avg()} at start)", flush=True)
+    res = {"cpu": cpu_name(), "threads": args.threads, "load_avg_start": load_avg()}
     if args.part in ("all", "faiss"):
         res["faiss"] = faiss_part(args)
     if args.part in ("all", "encode"):

@@ -233,6 +233,7 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
         if kind not in store.KINDS:
             raise SearchIndexError(f"unknown index kind {kind!r}; choose from {', '.join(store.KINDS)}")
         p = {**store.DEFAULT_PARAMS[kind], **{k: v for k, v in (params or {}).items() if v is not None}}
+        p["store"] = store.check_store(kind, p.get("store"))
         manifest = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, "created": _now(),
                     "model": current, "preprocess": current["preprocess"], "similarity": store.SIMILARITY,
                     "index": {"kind": kind, "params": p, "tables": {}}, "sources": [],
@@ -243,6 +244,12 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
         if kind and kind != manifest["index"]["kind"]:
             raise SearchIndexError(f"index {out} is a {manifest['index']['kind']!r} index; --index-kind {kind} "
                                    "applies only to a new index (use --overwrite to rebuild it)")
+        have = manifest["index"]["params"].get("store", "fp32")
+        want = (params or {}).get("store")
+        if want and want != have:
+            store.check_store(manifest["index"]["kind"], want)     # an unknown name is refused as such
+            raise SearchIndexError(f"index {out} stores {have} vectors; --store {want} applies only to a new "
+                                   "index (use --overwrite to rebuild it)")
         if params:   # search-time settings may change; build-time ones may not
             manifest["index"]["params"].update({k: v for k, v in params.items()
                                                 if v is not None and k in ("nprobe", "ef_search")})
