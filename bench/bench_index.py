@@ -33,7 +33,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 CHUNK = 50_000
-QUERIES_NPY = 1000     # npy data: the first rows are queries, never in the archive
+QUERIES_NPY = 1000     # npy data: the first rows (at most a fifth) are queries, never in the archive
+
+
+def npy_queries(path: str) -> int:
+    import numpy as np
+    return min(QUERIES_NPY, len(np.load(path, mmap_mode="r")) // 5)
 
 
 def load_avg() -> str:
@@ -58,7 +63,8 @@ def vectors(kind: str, n: int, dim: int, seed: int, start: int = 0):
     import numpy as np
     if kind.startswith("npy:"):
         x = np.load(kind[4:], mmap_mode="r")
-        x = x[:n] if seed == 1 else x[QUERIES_NPY:][:n]
+        nq = npy_queries(kind[4:])
+        x = x[:min(n, nq)] if seed == 1 else x[nq:][:n]
         for s in range(0, len(x), CHUNK):
             y = np.array(x[s:s + CHUNK], dtype=np.float32)
             y /= np.linalg.norm(y, axis=1, keepdims=True)
@@ -114,6 +120,7 @@ def child(kind: str, data: str, n: int, dim: int, nq: int, threads: int, params:
     size = path.stat().st_size
     path.unlink()
     q = np.concatenate(list(vectors(data, nq, dim, seed=1)))
+    nq = len(q)
     # one query at a time: on a busy machine OpenMP's second thread mostly waits (measured 5x slower)
     faiss.omp_set_num_threads(search_threads)
     single_threads = faiss.omp_get_max_threads()
@@ -181,12 +188,15 @@ def faiss_part(args) -> list:
             n = args.n
             if data.startswith("npy:"):
                 import numpy as np
-                n = min(n, len(np.load(data[4:], mmap_mode="r")) - QUERIES_NPY)
+                arr = np.load(data[4:], mmap_mode="r")
+                n, dim = min(n, len(arr) - npy_queries(data[4:])), arr.shape[1]
+            else:
+                dim = args.dim
             kinds = ["flat"] + [k for k in args.kinds.split(",") if k not in ("flat", "flat:fp32")]  # ground truth first
             for kind in kinds:
                 st = settings.get(kind.partition(":")[0])
                 code = (f"import json, sys; sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'bench')!r});"
-                        f"from bench_index import child; print(json.dumps(child({kind!r}, {data!r}, {n}, {args.dim}, "
+                        f"from bench_index import child; print(json.dumps(child({kind!r}, {data!r}, {n}, {dim}, "
                         f"{args.queries}, {args.threads}, {{}}, {workdir!r}, {args.search_threads}, {st!r})))")
                 t = time.time()
                 out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -253,9 +263,63 @@ def encode_part(args) -> list:
     return results
 
 
+def real_embed_part(args) -> list:
+    """Real embeddings to run the FAISS part on (`--data npy:PATH`); written outside the repository.
+
+    - openi-minilm.npy: the unique sentences of the Open-I reports (read at run time from the
+      torchxrayvision wheel; never committed) through all-MiniLM-L6-v2, mean-pooled, D=384.
+    - films-tiny.npy: the films of --films-dir (PNG) and the package films through the random
+      `cxr-llm-tiny` image tower, D=512: the embeddings the tests and `make demo`'s index step make.
+    """
+    import numpy as np
+    import torch
+    from open_clip_cxr.eval.robustness import hf_mean_pool_encode_fn
+    from open_clip_cxr.reports.parsers import iter_openi_tgz
+    torch.set_num_threads(args.threads)
+    out = Path(args.real_out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    sentences, seen = [], set()
+    for rep in iter_openi_tgz(on_error=lambda e: None):
+        text = " ".join(str(getattr(rep, f, "") or "") for f in ("findings", "impression")) or str(rep.text)
+        for sent in text.replace("\n", " ").split(". "):
+            sent = " ".join(sent.split()).strip(" .")
+            if len(sent) > 12 and sent.lower() not in seen and "xxxx" not in sent.lower():
+                seen.add(sent.lower())
+                sentences.append(sent)
+    rng = np.random.default_rng(0)
+    sentences = [sentences[i] for i in rng.permutation(len(sentences))]   # queries: a random 1000
+    t = time.perf_counter()
+    emb = hf_mean_pool_encode_fn()(sentences).numpy().astype(np.float32)
+    np.save(out / "openi-minilm.npy", emb)
+    written.append({"file": str(out / "openi-minilm.npy"), "rows": len(emb), "dim": emb.shape[1],
+                    "seconds": round(time.perf_counter() - t, 1)})
+    import open_clip_cxr
+    from bench_common import real_images
+    from open_clip_cxr.vision.io import load_image
+    torch.manual_seed(0)
+    model, _, pre = open_clip_cxr.create_model_and_transforms("cxr-llm-tiny")
+    model.eval()
+    films = real_images(args.films_dir)
+    films = [films[i] for i in rng.permutation(len(films))]
+    vecs = []
+    with torch.no_grad():
+        for s in range(0, len(films), 32):
+            x = torch.stack([pre(load_image(str(f), mode="L")) for f in films[s:s + 32]])
+            vecs.append(model.encode_image(x, normalize=True).float().numpy())
+    emb = np.concatenate(vecs)
+    np.save(out / "films-tiny.npy", emb)
+    written.append({"file": str(out / "films-tiny.npy"), "rows": len(emb), "dim": emb.shape[1]})
+    for w in written:
+        print(f"[real] wrote {w}", flush=True)
+    return written
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["all", "faiss", "encode"], default="all")
+    p.add_argument("--part", choices=["all", "faiss", "encode", "real-embed"], default="all")
+    p.add_argument("--real-out", default="/tmp/bench_index_real", help="real-embed: where the .npy files go")
+    p.add_argument("--films-dir", default=None, help="real-embed: a folder of extra PNG films")
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--queries", type=int, default=300, help="single queries timed per setting")
@@ -281,6 +345,8 @@ def main():
         res["faiss"] = faiss_part(args)
     if args.part in ("all", "encode"):
         res["encode"] = encode_part(args)
+    if args.part == "real-embed":
+        res["real"] = real_embed_part(args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
 

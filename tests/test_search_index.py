@@ -151,6 +151,27 @@ def test_two_threads_search_at_once_with_correct_results(tiny, built):
     index.close()
 
 
+def test_several_queries_are_searched_in_one_faiss_call(tiny, built):
+    from open_clip_cxr.search import Index
+    index = Index.open(built, model=tiny)
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.ntotal, self.d = inner, inner.ntotal, inner.d
+
+        def search(self, q, k):
+            calls.append(len(q))
+            return self.inner.search(q, k)
+    index.faiss = {t: Counting(ix) for t, ix in index.faiss.items()}
+    texts = ["small left pleural effusion", "lungs are clear", "endotracheal tube"]
+    assert len(index.search_text(texts, k=2)) == 3
+    assert calls == [3]
+    calls.clear()
+    assert len(index.search_image([str(p) for p in jpeg_paths()[:3]], k=2)) == 3
+    assert calls == [3, 3]                 # the reports, then the archived-film check
+
+
 # ---------------------------------------------------------------- --store fp16 / int8
 
 def embeddings(folder, table):
@@ -271,6 +292,26 @@ def test_add_equals_a_fresh_build_over_all_shards(tiny, archive, built, tmp_path
     assert m["counts"]["images"] == 8
     assert rows(out)["images"][:6] == before["images"]     # old rows untouched
     assert_same_index(out, built)
+
+
+def test_two_workers_give_the_same_index_as_one(tiny, archive, built, tmp_path, monkeypatch):
+    import threading
+    from open_clip_cxr.search import SearchIndexError, build as build_mod
+    seen = set()
+    real = build_mod._WithThumb.__call__
+
+    def spy(self, img):
+        seen.add(threading.current_thread().name)
+        return real(self, img)
+    monkeypatch.setattr(build_mod._WithThumb, "__call__", spy)
+    build(tiny, tmp_path / "w2", archive["ab"], workers=2)
+    assert seen and all(name.startswith("index-decode") for name in seen)     # decoded in the pool
+    assert_same_index(tmp_path / "w2", built)                                  # built with 1 worker
+    seen.clear()
+    build(tiny, tmp_path / "w1", archive["a"], workers=1)
+    assert seen == {threading.main_thread().name}
+    with pytest.raises(SearchIndexError, match="--workers must be a positive whole number, got 0"):
+        build(tiny, tmp_path / "w0", archive["a"], workers=0)
 
 
 @pytest.mark.slow

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default="cpu", help="torch device (default cpu)")
     m.add_argument("--batch-size", type=int, default=64, help="images or reports per forward pass (default 64)")
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--workers", type=int, default=1,
+                   help="threads that decode and preprocess images while one reader walks the shards (default 1)")
     s = p.add_argument_group("input (one of)")
     s.add_argument("--shards", action="append", help="WebDataset shards (brace pattern; repeat or join with '::')")
     s.add_argument("--source", choices=["mimic-cxr", "chexpert-plus", "openi", "table"],
@@ -98,7 +100,7 @@ def run(args) -> int:
                                pretrained=args.pretrained, precision=args.precision, add=args.add,
                                overwrite=args.overwrite, kind=args.index_kind, params=params,
                                chunk_size=args.chunk_size, batch_size=args.batch_size, device=args.device,
-                               progress=not args.no_progress, max_chunks=args.max_chunks,
+                               progress=not args.no_progress, max_chunks=args.max_chunks, workers=args.workers,
                                log=lambda msg: print(msg, file=sys.stderr))
     except (SearchIndexError, ValueError, FileNotFoundError) as exc:
         print(f"open-clip-cxr index: error: {exc}", file=sys.stderr)
