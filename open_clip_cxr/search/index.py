@@ -16,7 +16,7 @@ on) search FAISS and read SQLite at the same time, without a lock: FAISS CPU ind
 concurrent searches (search parameters are set once, when the index is opened), and each
 thread reads SQLite through its own read-only connection. Only the query encoder runs one
 call at a time: a forward pass already uses every torch thread, and a Hugging Face fast
-tokenizer refuses concurrent calls ("Already borrowed"). Several queries given together
+tokenizer can fail when two threads call it at once ("Already borrowed"). Several queries given together
 (a list, repeated --text) are encoded in one batch and searched in one FAISS call.
 """
 from __future__ import annotations
