@@ -219,7 +219,7 @@ def test_fp16_store_equals_brute_force_over_fp16_rounded_vectors(tiny, archive, 
     assert [r["study_id"] for r in index.search_image_vectors(qi, 4)[0]] == [s for s, _ in want]
 
 
-def test_int8_store_equals_brute_force_over_its_decoded_vectors(tiny, built, tmp_path):
+def test_int8_store_equals_brute_force_over_its_decoded_vectors(tiny, archive, built, tmp_path):
     import shutil
     from open_clip_cxr.search import Index, store
     folder = tmp_path / "int8"
@@ -235,6 +235,18 @@ def test_int8_store_equals_brute_force_over_its_decoded_vectors(tiny, built, tmp
     store.write_manifest(folder, m)
     index = Index.open(folder, model=tiny)
     assert index.faiss["images"].code_size == dim              # one byte per dimension
+    film = index.encode_image([str(archive["root"] / "imgs" / "img5.png")])   # an archived film (study s2)
+    inner = index.faiss["images"]
+
+    class Lossy:     # a store whose scores are far off (as int8 can be at scale); the ids stay right
+        ntotal, d = inner.ntotal, inner.d
+
+        def search(self, q, k):
+            scores, ids = inner.search(q, k)
+            return scores * 0.9, ids
+    index.faiss = {**index.faiss, "images": Lossy()}
+    assert index.archived_study(film) == ["s2"]       # decided on the float32 embedding from SQLite
+    index.faiss["images"] = inner
     x, studies = embeddings(folder, "images")
     decoded = index.faiss["images"].reconstruct_n(0, len(x))
     assert 0 < np.abs(decoded - x).max() < 0.05

@@ -229,11 +229,26 @@ class Index:
         return out
 
     def archived_study(self, q: np.ndarray) -> List[Optional[str]]:
-        """For each image embedding: the study holding that very image (cosine >= SAME_IMAGE), else None."""
+        """For each image embedding: the study holding that very image (cosine >= SAME_IMAGE), else None.
+
+        FAISS proposes the 4 nearest images; the cosine is then taken with their float32
+        embeddings from SQLite, so an fp16 or int8 store does not hide an exact match.
+        """
         q = self._as_queries(q)
-        scores, ids = self.faiss["images"].search(q, 1)
-        found = self._image_studies([int(i) for i in ids[:, 0] if i >= 0])
-        return [found.get(int(i)) if i >= 0 and s >= SAME_IMAGE else None for s, i in zip(scores[:, 0], ids[:, 0])]
+        _, ids = self.faiss["images"].search(q, min(4, self.faiss["images"].ntotal))
+        cand = sorted({int(i) for i in ids.ravel() if i >= 0})
+        rows = {r[0]: (r[1], np.frombuffer(r[2], dtype=np.float32))
+                for r in self._rows("SELECT id, study_id, emb FROM images WHERE id IN ({})", cand)}
+        out = []
+        for qi in range(len(q)):
+            best, study = -2.0, None
+            for i in ids[qi]:
+                if i >= 0:
+                    s = float(rows[int(i)][1] @ q[qi])
+                    if s > best:
+                        best, study = s, rows[int(i)][0]
+            out.append(study if best >= SAME_IMAGE else None)
+        return out
 
     def _as_queries(self, q) -> np.ndarray:
         q = np.ascontiguousarray(np.asarray(q, dtype=np.float32))
