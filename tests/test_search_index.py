@@ -121,6 +121,159 @@ def test_approximate_kinds_find_the_exact_top_on_a_small_archive(tiny, built, tm
         assert [[r["study_id"] for r in res] for res in approx.search_text_vectors(q, 3)] == want
 
 
+def test_two_threads_search_at_once_with_correct_results(tiny, built):
+    import threading
+    from open_clip_cxr.search import Index
+    index = Index.open(built, model=tiny)
+    qt = index.encode_text(["small left pleural effusion", "lungs are clear", "endotracheal tube"])
+    qi = index.encode_image([str(p) for p in jpeg_paths()[:2]])
+    want = (index.search_text_vectors(qt, 3), index.search_image_vectors(qi, 4))
+    assert want[1][0][0]["study_id"] != want[1][1][0]["study_id"] or want[0][0] != want[0][1]   # not all alike
+    barrier, got, errors = threading.Barrier(2), {0: [], 1: []}, []
+
+    def worker(n):
+        try:
+            barrier.wait(timeout=30)
+            for _ in range(15):
+                got[n].append((index.search_text_vectors(qt, 3), index.search_image_vectors(qi, 4)))
+        except Exception as exc:   # noqa: BLE001  (reported below)
+            errors.append(exc)
+    with index._lock:      # the query encoder's lock is held: searches must not wait for it
+        threads = [threading.Thread(target=worker, args=(n,)) for n in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not any(t.is_alive() for t in threads), "a search waited for the encoder lock"
+    assert errors == []
+    assert all(len(got[n]) == 15 and all(r == want for r in got[n]) for n in (0, 1))
+    assert len(index._cons) == 3          # the main thread's and one per search thread
+    index.close()
+
+
+def test_several_queries_are_searched_in_one_faiss_call(tiny, built):
+    from open_clip_cxr.search import Index
+    index = Index.open(built, model=tiny)
+    calls = []
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.ntotal, self.d = inner, inner.ntotal, inner.d
+
+        def search(self, q, k):
+            calls.append(len(q))
+            return self.inner.search(q, k)
+    index.faiss = {t: Counting(ix) for t, ix in index.faiss.items()}
+    texts = ["small left pleural effusion", "lungs are clear", "endotracheal tube"]
+    assert len(index.search_text(texts, k=2)) == 3
+    assert calls == [3]
+    calls.clear()
+    assert len(index.search_image([str(p) for p in jpeg_paths()[:3]], k=2)) == 3
+    assert calls == [3, 3]                 # the reports, then the archived-film check
+
+
+# ---------------------------------------------------------------- --store fp16 / int8
+
+def embeddings(folder, table):
+    con = sqlite3.connect(folder / "meta.sqlite")
+    x = np.stack([np.frombuffer(r[0], np.float32) for r in con.execute(f"SELECT emb FROM {table} ORDER BY id")])
+    studies = [r[0] for r in con.execute(f"SELECT study_id FROM {table} ORDER BY id")]
+    con.close()
+    return x, studies
+
+
+def brute_force_studies(q, x, studies, k):
+    """Top-k studies by their best row, with the scores, over the vectors x (float32 arithmetic)."""
+    out = []
+    for row in q @ x.T:
+        best = {}
+        for i in np.argsort(-row, kind="stable"):
+            best.setdefault(studies[i], float(row[i]))
+        out.append(list(best.items())[:k])
+    return out
+
+
+def test_fp16_store_equals_brute_force_over_fp16_rounded_vectors(tiny, archive, built, tmp_path):
+    import faiss
+    from open_clip_cxr.search import Index
+    out = tmp_path / "fp16"
+    m = build(tiny, out, archive["ab"], params={"store": "fp16"})
+    assert m["index"]["params"]["store"] == "fp16"
+    assert all(m["index"]["tables"][t]["store"] == "fp16" for t in ("images", "studies"))
+    assert json.loads((out / "manifest.json").read_text())["index"]["params"]["store"] == "fp16"
+    assert isinstance(faiss.read_index(str(out / "images.faiss")), faiss.IndexScalarQuantizer)
+    assert json.loads((built / "manifest.json").read_text())["index"]["params"]["store"] == "fp32"
+    index = Index.open(out, model=tiny)
+    q = index.encode_text(["small left pleural effusion", "lungs are clear", "pleural effusion"])
+    x, studies = embeddings(out, "images")
+    x16 = x.astype(np.float16).astype(np.float32)           # the vectors FAISS keeps
+    assert np.abs(x16 - x).max() > 0                          # rounding happened
+    want = brute_force_studies(q, x16, studies, 3)
+    got = index.search_text_vectors(q, 3)
+    for g, w in zip(got, want):
+        assert [r["study_id"] for r in g] == [s for s, _ in w]
+        np.testing.assert_allclose([r["score"] for r in g], [v for _, v in w], atol=1e-5)
+    xr, rstudies = embeddings(out, "studies")
+    qi = index.encode_image([str(jpeg_paths()[2])])
+    want = brute_force_studies(qi, xr.astype(np.float16).astype(np.float32), rstudies, 4)[0]
+    assert [r["study_id"] for r in index.search_image_vectors(qi, 4)[0]] == [s for s, _ in want]
+
+
+def test_int8_store_equals_brute_force_over_its_decoded_vectors(tiny, archive, built, tmp_path):
+    import shutil
+    from open_clip_cxr.search import Index, store
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    shutil.copy(built / "meta.sqlite", folder)
+    m = json.loads((built / "manifest.json").read_text())
+    m["index"] = {"kind": "flat", "params": {"store": "int8"}, "tables": {}}
+    con = store.connect(folder)
+    dim = len(m["model"]["probe"]["image"])
+    for table in store.FAISS_FILES:
+        _, m["index"]["tables"][table] = store.sync_faiss(folder, con, table, "flat", m["index"]["params"], dim)
+    con.close()
+    store.write_manifest(folder, m)
+    index = Index.open(folder, model=tiny)
+    assert index.faiss["images"].code_size == dim              # one byte per dimension
+    film = index.encode_image([str(archive["root"] / "imgs" / "img5.png")])   # an archived film (study s2)
+    inner = index.faiss["images"]
+
+    class Lossy:     # a store whose scores are far off (as int8 can be at scale); the ids stay right
+        ntotal, d = inner.ntotal, inner.d
+
+        def search(self, q, k):
+            scores, ids = inner.search(q, k)
+            return scores * 0.9, ids
+    index.faiss = {**index.faiss, "images": Lossy()}
+    assert index.archived_study(film) == ["s2"]       # decided on the float32 embedding from SQLite
+    index.faiss["images"] = inner
+    x, studies = embeddings(folder, "images")
+    decoded = index.faiss["images"].reconstruct_n(0, len(x))
+    assert 0 < np.abs(decoded - x).max() < 0.05
+    q = index.encode_text(["small left pleural effusion", "lungs are clear"])
+    want = brute_force_studies(q, decoded, studies, 3)
+    got = index.search_text_vectors(q, 3)
+    for g, w in zip(got, want):
+        assert [r["study_id"] for r in g] == [s for s, _ in w]
+        np.testing.assert_allclose([r["score"] for r in g], [v for _, v in w], atol=1e-4)
+
+
+def test_store_refusals(tiny, archive, built, tmp_path, capsys):
+    from open_clip_cxr import cli
+    from open_clip_cxr.search import SearchIndexError
+    with pytest.raises(SearchIndexError, match=r"unknown --store 'fp64'; choose from fp32, fp16, int8"):
+        build(tiny, tmp_path / "a", archive["a"], params={"store": "fp64"})
+    with pytest.raises(SearchIndexError, match="--store fp16 does not apply to --index-kind ivfpq"):
+        build(tiny, tmp_path / "b", archive["a"], kind="ivfpq", params={"store": "fp16"})
+    with pytest.raises(SearchIndexError, match="stores fp32 vectors; --store int8 applies only to a new index"):
+        build(tiny, built, archive["ab"], params={"store": "int8"})
+    assert cli.main(["index", "--model", "cxr-llm-tiny", "--shards", archive["a"], "--store", "fp64",
+                     "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("open-clip-cxr index: error: unknown --store 'fp64'") and "\n" not in err
+    assert not (tmp_path / "c").exists()
+
+
 # ---------------------------------------------------------------- resume and add
 
 def test_interrupted_run_resumes_to_the_same_index(tiny, archive, built, tmp_path, monkeypatch):
@@ -151,6 +304,26 @@ def test_add_equals_a_fresh_build_over_all_shards(tiny, archive, built, tmp_path
     assert m["counts"]["images"] == 8
     assert rows(out)["images"][:6] == before["images"]     # old rows untouched
     assert_same_index(out, built)
+
+
+def test_two_workers_give_the_same_index_as_one(tiny, archive, built, tmp_path, monkeypatch):
+    import threading
+    from open_clip_cxr.search import SearchIndexError, build as build_mod
+    seen = set()
+    real = build_mod._WithThumb.__call__
+
+    def spy(self, img):
+        seen.add(threading.current_thread().name)
+        return real(self, img)
+    monkeypatch.setattr(build_mod._WithThumb, "__call__", spy)
+    build(tiny, tmp_path / "w2", archive["ab"], workers=2)
+    assert seen and all(name.startswith("index-decode") for name in seen)     # decoded in the pool
+    assert_same_index(tmp_path / "w2", built)                                  # built with 1 worker
+    seen.clear()
+    build(tiny, tmp_path / "w1", archive["a"], workers=1)
+    assert seen == {threading.main_thread().name}
+    with pytest.raises(SearchIndexError, match="--workers must be a positive whole number, got 0"):
+        build(tiny, tmp_path / "w0", archive["a"], workers=0)
 
 
 @pytest.mark.slow

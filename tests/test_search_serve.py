@@ -112,6 +112,15 @@ def test_serve_command_binds_loopback_and_warns_elsewhere(served, monkeypatch, c
     assert calls[-1]["host"] == "0.0.0.0" and "patient data" in capsys.readouterr().err
     assert cli.main(["serve", "--index", str(served["folder"] / "nope")]) == 2
     assert "no index at" in capsys.readouterr().err
+    import faiss
+    before = faiss.omp_get_max_threads()
+    try:
+        assert cli.main(["serve", "--index", str(served["folder"]), "--faiss-threads", "2"]) == 0
+        assert "FAISS threads per search: 2" in capsys.readouterr().err and faiss.omp_get_max_threads() == 2
+        assert cli.main(["serve", "--index", str(served["folder"]), "--faiss-threads", "0"]) == 2
+        assert capsys.readouterr().err.strip() == "open-clip-cxr serve: error: --faiss-threads must be at least 1, got 0"
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 # ---------------------------------------------------------------- the page in a real browser

@@ -72,11 +72,14 @@ def _raw_shard_samples(url: str, skipped) -> Iterator[dict]:
     yield from _EvalShards([url], 1, 0, skipped)
 
 
-def iter_chunks(spec: dict, transform: Callable, chunk_size: int, done: set, skipped: List[int]
-                ) -> Iterator[Tuple[int, Optional[List[Item]], int]]:
+def iter_chunks(spec: dict, transform: Callable, chunk_size: int, done: set, skipped: List[int],
+                pool=None) -> Iterator[Tuple[int, Optional[List[Item]], int]]:
     """(chunk index, items or None when the chunk is already done, samples in chunk), in order.
 
-    Done chunks are counted, not decoded. `skipped[0]` counts unreadable samples.
+    Done chunks are counted, not decoded. `skipped[0]` counts unreadable samples. `pool`: an
+    executor whose order-keeping `map` decodes and preprocesses a chunk's samples (`--workers`);
+    the tar files are still read in order by one reader, so the chunks and their contents are
+    the same whatever the number of workers.
     """
     from open_clip_cxr.data.loader import DecodeSample, SkipCounter
     sid = source_id(spec)
@@ -113,7 +116,7 @@ def iter_chunks(spec: dict, transform: Callable, chunk_size: int, done: set, ski
         unit = f"{sid}#{index}"
         if unit in done:
             return index, None, len(chunk)
-        items = [it for it in map(make, chunk) if it is not None]
+        items = [it for it in (pool.map(make, chunk) if pool is not None else map(make, chunk)) if it is not None]
         skipped[0] += len(chunk) - len(items)
         return index, items, len(chunk)
 
@@ -202,8 +205,11 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
                 pretrained: Optional[str] = None, precision: str = "fp32", add: bool = False,
                 overwrite: bool = False, kind: Optional[str] = None, params: Optional[dict] = None,
                 chunk_size: int = 256, batch_size: int = 64, device="cpu", progress: bool = True,
-                max_chunks: Optional[int] = None, log=print) -> dict:
+                max_chunks: Optional[int] = None, workers: int = 1, log=print) -> dict:
     """Encode `sources` into the index folder `out`; returns the manifest.
+
+    `workers` > 1 decodes and preprocesses each chunk's images in that many threads (PIL's
+    decoders and resizes, zlib and torch release the GIL) while one reader walks the shards.
 
     A folder holding an unfinished build of the same sources resumes it. `add=True` appends
     sources the index does not have yet. `max_chunks` stops after encoding that many new
@@ -216,6 +222,8 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
         raise SearchIndexError("no sources to index: give --shards or --source")
     if chunk_size < 1 or batch_size < 1:
         raise SearchIndexError("--chunk-size and --batch-size must be positive")
+    if not isinstance(workers, int) or workers < 1:
+        raise SearchIndexError(f"--workers must be a positive whole number, got {workers!r}")
     current = model_record(model, preprocess, tokenizer, model_name, pretrained, precision, device)
     manifest = None
     if store.manifest_path(out).exists():
@@ -233,6 +241,7 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
         if kind not in store.KINDS:
             raise SearchIndexError(f"unknown index kind {kind!r}; choose from {', '.join(store.KINDS)}")
         p = {**store.DEFAULT_PARAMS[kind], **{k: v for k, v in (params or {}).items() if v is not None}}
+        p["store"] = store.check_store(kind, p.get("store"))
         manifest = {"format": store.FORMAT, "format_version": store.FORMAT_VERSION, "created": _now(),
                     "model": current, "preprocess": current["preprocess"], "similarity": store.SIMILARITY,
                     "index": {"kind": kind, "params": p, "tables": {}}, "sources": [],
@@ -243,6 +252,12 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
         if kind and kind != manifest["index"]["kind"]:
             raise SearchIndexError(f"index {out} is a {manifest['index']['kind']!r} index; --index-kind {kind} "
                                    "applies only to a new index (use --overwrite to rebuild it)")
+        have = manifest["index"]["params"].get("store", "fp32")
+        want = (params or {}).get("store")
+        if want and want != have:
+            store.check_store(manifest["index"]["kind"], want)     # an unknown name is refused as such
+            raise SearchIndexError(f"index {out} stores {have} vectors; --store {want} applies only to a new "
+                                   "index (use --overwrite to rebuild it)")
         if params:   # search-time settings may change; build-time ones may not
             manifest["index"]["params"].update({k: v for k, v in params.items()
                                                 if v is not None and k in ("nprobe", "ef_search")})
@@ -259,6 +274,10 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
 
     chunk_size = manifest["chunk_size"]
     con = store.connect(out)
+    pool = None
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="index-decode")
     try:
         done = {r[0] for r in con.execute("SELECT unit FROM done")}
         n_img, n_study = store.count(con, "images"), store.count(con, "studies")
@@ -278,7 +297,7 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
                 if bar is not None:
                     bar.update(n)
                 continue
-            for ci, items, n_raw in iter_chunks(spec, transform, chunk_size, done, skipped):
+            for ci, items, n_raw in iter_chunks(spec, transform, chunk_size, done, skipped, pool):
                 if bar is not None:
                     bar.update(n_raw)
                 if items is None:
@@ -323,6 +342,8 @@ def build_index(out, sources: Sequence[dict], *, model, preprocess, tokenizer, m
         manifest["complete"] = True
         store.write_manifest(out, manifest)
     finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
         con.close()
     log(f"indexed {n_img} images of {n_study} studies into {out} ({encoded_chunks} chunks encoded in this run)")
     return manifest

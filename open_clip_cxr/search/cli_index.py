@@ -14,7 +14,8 @@ EPILOG = """examples:
 Rerunning an interrupted command resumes it: committed chunks are not encoded again.
 --add appends sources that the index lacks; the model must be the one the index was built
 with (checked by name, config hash and probe embeddings). Exact inner-product search by
-default; --index-kind hnsw / ivf / ivfpq for archives past a few million images."""
+default; --store fp16 halves the bytes each query scans (int8 quarters them);
+--index-kind hnsw / ivf / ivfpq for archives past a few million images."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--device", default="cpu", help="torch device (default cpu)")
     m.add_argument("--batch-size", type=int, default=64, help="images or reports per forward pass (default 64)")
     m.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    m.add_argument("--workers", type=int, default=1,
+                   help="threads that decode and preprocess images while one reader walks the shards (default 1)")
     s = p.add_argument_group("input (one of)")
     s.add_argument("--shards", action="append", help="WebDataset shards (brace pattern; repeat or join with '::')")
     s.add_argument("--source", choices=["mimic-cxr", "chexpert-plus", "openi", "table"],
@@ -46,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--overwrite", action="store_true", help="delete an existing index in DIR and start again")
     o.add_argument("--index-kind", choices=["flat", "hnsw", "ivf", "ivfpq"], default=None,
                    help="flat: exact (default); hnsw / ivf / ivfpq: approximate, for millions of images")
+    o.add_argument("--store", default=None, metavar="fp32|fp16|int8",
+                   help="how vectors are kept (flat, ivf, hnsw): fp32 exact (default), fp16 half the bytes, "
+                        "int8 a quarter (approximate scores)")
     o.add_argument("--nlist", type=int, default=None, help="ivf: number of cells (default ~4*sqrt(N))")
     o.add_argument("--nprobe", type=int, default=None, help="ivf: cells visited per query (default 32)")
     o.add_argument("--hnsw-m", type=int, default=None, help="hnsw: links per node (default 32)")
@@ -77,6 +83,9 @@ def run(args) -> int:
     from open_clip_cxr.search.store import SearchIndexError
     try:
         sources = sources_from_args(args)
+        if args.store is not None:          # refuse a bad name before loading the model
+            from open_clip_cxr.search.store import check_store
+            check_store(args.index_kind or "flat", args.store)
         import torch
         if args.threads:
             torch.set_num_threads(args.threads)
@@ -84,14 +93,14 @@ def run(args) -> int:
         from open_clip_cxr.search.build import build_index
         model, _, preprocess = open_clip_cxr.create_model_and_transforms(
             args.model, pretrained=args.pretrained, precision=args.precision, device=args.device)
-        params = {"nlist": args.nlist, "nprobe": args.nprobe, "m": args.hnsw_m,
+        params = {"store": args.store, "nlist": args.nlist, "nprobe": args.nprobe, "m": args.hnsw_m,
                   "ef_construction": args.ef_construction, "ef_search": args.ef_search, "pq_m": args.pq_m}
         manifest = build_index(args.out, sources, model=model.eval(), preprocess=preprocess,
                                tokenizer=open_clip_cxr.get_tokenizer(args.model), model_name=args.model,
                                pretrained=args.pretrained, precision=args.precision, add=args.add,
                                overwrite=args.overwrite, kind=args.index_kind, params=params,
                                chunk_size=args.chunk_size, batch_size=args.batch_size, device=args.device,
-                               progress=not args.no_progress, max_chunks=args.max_chunks,
+                               progress=not args.no_progress, max_chunks=args.max_chunks, workers=args.workers,
                                log=lambda msg: print(msg, file=sys.stderr))
     except (SearchIndexError, ValueError, FileNotFoundError) as exc:
         print(f"open-clip-cxr index: error: {exc}", file=sys.stderr)

@@ -10,6 +10,14 @@ evaluation does); image queries rank studies by their report (the nearest report
 retrieval-based report drafting). Each record: rank, study_id, score, patient_id, split, view,
 snippet, findings, impression, report, images [{id, key, view, image_path, score}], and
 `query_match` (True for the study whose own image was the query).
+
+Threads: searching is read-only, so concurrent calls (the threads `serve` answers requests
+on) search FAISS and read SQLite at the same time, without a lock: FAISS CPU indexes allow
+concurrent searches (search parameters are set once, when the index is opened), and each
+thread reads SQLite through its own read-only connection. Only the query encoder runs one
+call at a time: a forward pass already uses every torch thread, and a Hugging Face fast
+tokenizer can fail when two threads call it at once ("Already borrowed"). Several queries given together
+(a list, repeated --text) are encoded in one batch and searched in one FAISS call.
 """
 from __future__ import annotations
 
@@ -45,7 +53,10 @@ class Index:
         self._model_name = model_name or manifest["model"]["name"]
         self._pretrained = pretrained if pretrained is not None else manifest["model"].get("pretrained")
         self._precision = precision or manifest["model"].get("precision", "fp32")
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()          # the query encoder (model load and forward passes) only
+        self._local = threading.local()         # one read-only SQLite connection per thread
+        self._cons: list = []
+        self._cons_lock = threading.Lock()
         self.kind = manifest["index"]["kind"]
         self.faiss = {}
         for table, name in store.FAISS_FILES.items():
@@ -59,7 +70,7 @@ class Index:
             store.set_search_params(index, self.kind, {**manifest["index"]["params"],
                                                        **(manifest["index"]["tables"].get(table) or {})})
             self.faiss[table] = index
-        self.con = sqlite3.connect(f"file:{self.folder / store.DB}?mode=ro", uri=True, check_same_thread=False)
+        self._connect()
         if model is not None:
             self._check(model)
 
@@ -104,8 +115,26 @@ class Index:
                 self._model = triple
             return self._model
 
+    def _connect(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(f"file:{self.folder / store.DB}?mode=ro", uri=True, check_same_thread=False)
+            self._local.con = con
+            with self._cons_lock:
+                self._cons.append(con)
+        return con
+
+    @property
+    def con(self) -> sqlite3.Connection:
+        """This thread's read-only connection to meta.sqlite."""
+        return self._connect()
+
     def close(self) -> None:
-        self.con.close()
+        with self._cons_lock:
+            for con in self._cons:
+                con.close()
+            self._cons.clear()
+        self._local = threading.local()
 
     def __len__(self) -> int:
         return self.manifest["counts"]["images"]
@@ -162,25 +191,25 @@ class Index:
         q = self._as_queries(q)
         index = self.faiss["images"]
         n_total = index.ntotal
+        fetch = min(n_total, max(4 * k, 32))
+        scores, ids = index.search(q, fetch)             # all queries in one call
         out = []
         for qi in range(len(q)):
-            fetch = min(n_total, max(4 * k, 32))
+            s_row, i_row, f = scores[qi], ids[qi], fetch
             while True:
-                with self._lock:
-                    scores, ids = index.search(q[qi:qi + 1], fetch)
-                ids, scores = ids[0], scores[0]
-                keep = ids >= 0
-                ids, scores = ids[keep], scores[keep]
-                study_of = self._image_studies(ids.tolist())
+                keep = i_row >= 0
+                i_row, s_row = i_row[keep], s_row[keep]
+                study_of = self._image_studies(i_row.tolist())
                 best: Dict[str, dict] = {}
-                for i, s in zip(ids.tolist(), scores.tolist()):
+                for i, s in zip(i_row.tolist(), s_row.tolist()):
                     st = study_of[i]
                     if st not in best:
                         best[st] = {"score": s, "hits": []}
                     best[st]["hits"].append((i, s))
-                if len(best) >= k or fetch >= n_total:
+                if len(best) >= k or f >= n_total:
                     break
-                fetch = min(n_total, fetch * 4)
+                f = min(n_total, f * 4)                    # many images per study: fetch deeper for this query
+                s_row, i_row = (a[0] for a in index.search(q[qi:qi + 1], f))
             ranked = list(best.items())[:k]     # faiss returns scores in descending order
             out.append(self._records(ranked))
         return out
@@ -189,8 +218,7 @@ class Index:
         """Image embeddings [n, D] -> top-k studies each by report similarity; flags the query's own study."""
         k = self._k(k)
         q = self._as_queries(q)
-        with self._lock:
-            scores, ids = self.faiss["studies"].search(q, min(k, self.faiss["studies"].ntotal))
+        scores, ids = self.faiss["studies"].search(q, min(k, self.faiss["studies"].ntotal))
         matches = self.archived_study(q)
         out = []
         for qi in range(len(q)):
@@ -201,12 +229,26 @@ class Index:
         return out
 
     def archived_study(self, q: np.ndarray) -> List[Optional[str]]:
-        """For each image embedding: the study holding that very image (cosine >= SAME_IMAGE), else None."""
+        """For each image embedding: the study holding that very image (cosine >= SAME_IMAGE), else None.
+
+        FAISS proposes the 4 nearest images; the cosine is then taken with their float32
+        embeddings from SQLite, so an fp16 or int8 store does not hide an exact match.
+        """
         q = self._as_queries(q)
-        with self._lock:
-            scores, ids = self.faiss["images"].search(q, 1)
-        found = self._image_studies([int(i) for i in ids[:, 0] if i >= 0])
-        return [found.get(int(i)) if i >= 0 and s >= SAME_IMAGE else None for s, i in zip(scores[:, 0], ids[:, 0])]
+        _, ids = self.faiss["images"].search(q, min(4, self.faiss["images"].ntotal))
+        cand = sorted({int(i) for i in ids.ravel() if i >= 0})
+        rows = {r[0]: (r[1], np.frombuffer(r[2], dtype=np.float32))
+                for r in self._rows("SELECT id, study_id, emb FROM images WHERE id IN ({})", cand)}
+        out = []
+        for qi in range(len(q)):
+            best, study = -2.0, None
+            for i in ids[qi]:
+                if i >= 0:
+                    s = float(rows[int(i)][1] @ q[qi])
+                    if s > best:
+                        best, study = s, rows[int(i)][0]
+            out.append(study if best >= SAME_IMAGE else None)
+        return out
 
     def _as_queries(self, q) -> np.ndarray:
         q = np.ascontiguousarray(np.asarray(q, dtype=np.float32))
@@ -218,11 +260,10 @@ class Index:
         return q
 
     def _rows(self, sql: str, ids: list):
-        out = []
-        with self._lock:
-            for s in range(0, len(ids), 500):
-                part = ids[s:s + 500]
-                out += self.con.execute(sql.format(",".join("?" * len(part))), part).fetchall()
+        out, con = [], self.con
+        for s in range(0, len(ids), 500):
+            part = ids[s:s + 500]
+            out += con.execute(sql.format(",".join("?" * len(part))), part).fetchall()
         return out
 
     def _image_studies(self, ids: List[int]) -> Dict[int, str]:
@@ -253,6 +294,5 @@ class Index:
         return out
 
     def thumbnail(self, image_id: int) -> Optional[bytes]:
-        with self._lock:
-            row = self.con.execute("SELECT thumbnail FROM images WHERE id = ?", (int(image_id),)).fetchone()
+        row = self.con.execute("SELECT thumbnail FROM images WHERE id = ?", (int(image_id),)).fetchone()
         return row[0] if row else None

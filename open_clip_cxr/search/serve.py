@@ -150,11 +150,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", default=None, help="require this token on every request (?token=... once per browser)")
     p.add_argument("--k", type=int, default=10, help="default number of studies per query")
     p.add_argument("--device", default="cpu", help="torch device for the query encoder (default cpu)")
+    p.add_argument("--faiss-threads", type=int, default=1,
+                   help="OpenMP threads per FAISS search (default 1: requests are searched concurrently, "
+                        "each on its own thread)")
 
 
 def run(args) -> int:
     from open_clip_cxr.search.store import SearchIndexError
     try:
+        if args.faiss_threads < 1:
+            raise ValueError(f"--faiss-threads must be at least 1, got {args.faiss_threads}")
+        import faiss
+        faiss.omp_set_num_threads(args.faiss_threads)
+        print(f"FAISS threads per search: {faiss.omp_get_max_threads()}; concurrent requests are searched "
+              "in parallel", file=sys.stderr)
         from open_clip_cxr.search.index import Index
         index = Index.open(args.index, device=args.device)
         index.model                        # load and check the model now, not on the first query

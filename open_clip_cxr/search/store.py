@@ -34,11 +34,32 @@ SIMILARITY = "cosine: inner product of L2-normalised embeddings (FAISS METRIC_IN
 # FAISS index kinds: exact by default; the others trade a little recall for speed at millions of items.
 KINDS = ("flat", "hnsw", "ivf", "ivfpq")
 DEFAULT_PARAMS = {
-    "flat": {},
-    "hnsw": {"m": 32, "ef_construction": 80, "ef_search": 128},
-    "ivf": {"nlist": None, "nprobe": 32},        # nlist None: about 4*sqrt(N), set when trained
-    "ivfpq": {"nlist": None, "nprobe": 32, "pq_m": 64},
+    "flat": {"store": "fp32"},
+    "hnsw": {"store": "fp32", "m": 32, "ef_construction": 80, "ef_search": 128},
+    "ivf": {"store": "fp32", "nlist": None, "nprobe": 32},   # nlist None: about 4*sqrt(N), set when trained
+    "ivfpq": {"store": "fp32", "nlist": None, "nprobe": 32, "pq_m": 64},
 }
+# How flat, hnsw and ivf keep each vector (FAISS scalar quantizers). fp32: the embedding itself
+# (2 KB at D=512). fp16: IEEE half precision (half the bytes; scores are exact inner products
+# with the fp16-rounded vectors). int8: one byte per dimension on a per-dimension range learnt
+# from a sample (a quarter of the bytes; an approximation). ivfpq compresses with PQ instead.
+STORES = ("fp32", "fp16", "int8")
+STORE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+def check_store(kind: str, store: str) -> str:
+    store = store or "fp32"
+    if store not in STORES:
+        raise SearchIndexError(f"unknown --store {store!r}; choose from {', '.join(STORES)}")
+    if kind == "ivfpq" and store != "fp32":
+        raise SearchIndexError(f"--store {store} does not apply to --index-kind ivfpq (PQ codes are already "
+                               "compressed); use --store fp16/int8 with flat, ivf or hnsw")
+    return store
+
+
+def _qtype(store: str):
+    import faiss
+    return {"fp16": faiss.ScalarQuantizer.QT_fp16, "int8": faiss.ScalarQuantizer.QT_8bit}[store]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS images (
@@ -163,21 +184,27 @@ def default_nlist(n: int) -> int:
 
 def new_faiss(kind: str, dim: int, params: dict):
     import faiss
+    if kind not in KINDS:
+        raise SearchIndexError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+    store = check_store(kind, params.get("store"))
+    ip = faiss.METRIC_INNER_PRODUCT
     if kind == "flat":
-        return faiss.IndexFlatIP(dim)
+        return faiss.IndexFlatIP(dim) if store == "fp32" else faiss.IndexScalarQuantizer(dim, _qtype(store), ip)
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(dim, int(params["m"]), faiss.METRIC_INNER_PRODUCT)
+        m = int(params["m"])
+        index = faiss.IndexHNSWFlat(dim, m, ip) if store == "fp32" else faiss.IndexHNSWSQ(dim, _qtype(store), m, ip)
         index.hnsw.efConstruction = int(params["ef_construction"])
         return index
     if kind in ("ivf", "ivfpq"):
         quantizer = faiss.IndexFlatIP(dim)
         if kind == "ivf":
+            if store != "fp32":
+                return faiss.IndexIVFScalarQuantizer(quantizer, dim, int(params["nlist"]), _qtype(store), ip)
             return faiss.IndexIVFFlat(quantizer, dim, int(params["nlist"]), faiss.METRIC_INNER_PRODUCT)
         if dim % int(params["pq_m"]):
             raise SearchIndexError(f"--pq-m {params['pq_m']} must divide the embedding dimension {dim}")
         return faiss.IndexIVFPQ(quantizer, dim, int(params["nlist"]), int(params["pq_m"]), 8,
                                 faiss.METRIC_INNER_PRODUCT)
-    raise SearchIndexError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
 
 
 def set_search_params(index, kind: str, params: dict) -> None:
