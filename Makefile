@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch/torchvision pinned to the builds this machine has on disk (a CUDA build that runs on CPU).
-$(STAMP): pyproject.toml requirements-assets.txt
+$(STAMP): pyproject.toml setup.py requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1

@@ -47,12 +47,12 @@ def child(mode: str, dtype: str, batch: int, steps: int, warmup: int, threads: i
     import torch
     torch.set_num_threads(threads)
     import open_clip_cxr  # noqa: F401
-    from training import cached_text
-    from training.clip_stage import (ContrastiveModel, build_loss, build_model, compute_loss, param_groups,
+    from open_clip_cxr_train import cached_text
+    from open_clip_cxr_train.clip_stage import (ContrastiveModel, build_loss, build_model, compute_loss, param_groups,
                                      transformer_blocks, with_defaults)
-    from training.speedups import FrozenCast, compile_blocks
+    from open_clip_cxr_train.speedups import FrozenCast, compile_blocks
     from open_clip_cxr.text import count_parameters
-    from training.common import peak_flops
+    from open_clip_cxr_train.common import peak_flops
 
     class Acc:
         num_processes, process_index = 1, 0

@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import open_clip  # noqa: E402
 import open_clip_cxr  # noqa: F401,E402  (registers the models)
 from open_clip_cxr.eval.robustness import openi_reports, run_robustness  # noqa: E402
-from training.supcon import length_chunks  # noqa: E402
-from training.speedups import FrozenCast  # noqa: E402
+from open_clip_cxr_train.supcon import length_chunks  # noqa: E402
+from open_clip_cxr_train.speedups import FrozenCast  # noqa: E402
 
 
 def layer_means(tower, tokenizer, texts, max_tokens=2048):

@@ -123,9 +123,9 @@ def encode_rates(texts, threads: int, max_tokens: int = 2048, repeats: int = 3) 
     import open_clip
     from transformers import AutoModel
     import open_clip_cxr  # noqa: F401
-    from training.speedups import FrozenCast
-    from training.supcon import TextStateCache, length_chunks
-    from training.text_stage import tower_encode_fn
+    from open_clip_cxr_train.speedups import FrozenCast
+    from open_clip_cxr_train.supcon import TextStateCache, length_chunks
+    from open_clip_cxr_train.text_stage import tower_encode_fn
     torch.set_num_threads(threads)
     model = open_clip.create_model("cxr-llm-small-l4", pretrained_image=False).eval()
     tower = model.text.transformer.merge_lora().requires_grad_(False)   # FrozenCast casts frozen weights
@@ -196,7 +196,7 @@ def stage1_runs(threads: int, mntp_steps: int, supcon_steps: int, cache_reports:
     for forced in ("fp32", "bf16"):
         with tempfile.TemporaryDirectory() as tmp:
             env = {**os.environ, precision.ENV: forced, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-            cmd = [sys.executable, "-m", "training.text_stage", "--out", f"{tmp}/run",
+            cmd = [sys.executable, "-m", "open_clip_cxr_train.text_stage", "--out", f"{tmp}/run",
                    "--set", f"train.num_threads={threads}", "--set", f"mntp.steps={mntp_steps}",
                    "--set", f"supcon.steps={supcon_steps}", "--set", f"supcon.cache_reports={cache_reports}",
                    "--set", "supcon.warmup_steps=1", "--set", "eval.enabled=false", "--set", "train.log_with=none",

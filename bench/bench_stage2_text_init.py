@@ -84,7 +84,7 @@ def make_shards(data: Path, work: Path) -> dict:
 
 
 def train_arm(arm: str, text_from, seed: int, shards: dict, args) -> dict:
-    from training import clip_stage, common
+    from open_clip_cxr_train import clip_stage, common
     out = Path(args.work) / "runs" / f"{arm}-seed{seed}"
     done = out / "final_metrics.json"
     if done.exists():

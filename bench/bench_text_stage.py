@@ -50,7 +50,7 @@ HELDOUT_TARGETS = {"variant->original R@1 [abbreviate_heldout]": 0.90,
 def tower_column(name: str, seed: int):
     """(tower, tokenizer) of a built-in model (as initialised under `seed`) or `local-dir:`."""
     from accelerate.utils import set_seed
-    from training.text_stage import build_model
+    from open_clip_cxr_train.text_stage import build_model
     set_seed(seed)   # the same random pooler the training run starts from
     model, tokenizer, _, _ = build_model(name)
     tower = model.text.transformer.eval()
@@ -60,8 +60,8 @@ def tower_column(name: str, seed: int):
 
 def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",), unshout=False) -> dict:
     """{protocol: suite result} for one column, each protocol of `styles` ("train", "heldout")."""
-    from training.speedups import FrozenCast
-    from training.text_stage import tower_encode_fn
+    from open_clip_cxr_train.speedups import FrozenCast
+    from open_clip_cxr_train.text_stage import tower_encode_fn
     if column == "bow":
         fn = bow_encode_fn()
     elif column == "minilm":
@@ -124,8 +124,8 @@ def main():
 
     timings = {}
     if args.train:
-        from training import common
-        from training.text_stage import train
+        from open_clip_cxr_train import common
+        from open_clip_cxr_train.text_stage import train
         recipe = common.load_recipe(args.train, args.overrides + ["eval.enabled=false"])
         recipe["output_dir"] = args.out
         t = time.time()

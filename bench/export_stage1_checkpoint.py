@@ -29,12 +29,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
     from safetensors.torch import load_file
-    from conversion.export import export_folder
+    from open_clip_cxr_convert.export import export_folder
     from open_clip_cxr.text.lora import load_adapter_state_dict
-    from training import common
-    from training.mntp import LORA_TARGETS
-    from training.text_stage import build_model, set_lora, stage1_provenance
-    from training.towers import write_provenance
+    from open_clip_cxr_train import common
+    from open_clip_cxr_train.mntp import LORA_TARGETS
+    from open_clip_cxr_train.text_stage import build_model, set_lora, stage1_provenance
+    from open_clip_cxr_train.towers import write_provenance
 
     run, out = Path(args.run), Path(args.out)
     if out.exists():

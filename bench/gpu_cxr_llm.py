@@ -17,7 +17,7 @@ MFU, two ways (both printed):
             FLOPs, not hardware FLOPs), at a batch of 2, scaled to the batch;
   6N:       vision 6 * N_vision * patches per image; text (4 N_frozen + 6 N_lora) per token,
             the frozen base paying forward + activation gradients but no weight gradients.
-Peak: H100/H200 dense bf16 989 TFLOP/s (`training.common.peak_flops`).
+Peak: H100/H200 dense bf16 989 TFLOP/s (`open_clip_cxr_train.common.peak_flops`).
 Writes $OUT/gpu_cxr_llm.json when OUT is set.
 """
 import argparse
@@ -32,10 +32,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import open_clip_cxr  # noqa: E402,F401  (registers the models)
-from training.clip_stage import (ContrastiveModel, build_loss, compute_loss, configure_trainable,  # noqa: E402
+from open_clip_cxr_train.clip_stage import (ContrastiveModel, build_loss, compute_loss, configure_trainable,  # noqa: E402
                                  param_groups, transformer_blocks, with_defaults)
-from training.speedups import FrozenCast, compile_blocks  # noqa: E402
-from training.common import peak_flops  # noqa: E402
+from open_clip_cxr_train.speedups import FrozenCast, compile_blocks  # noqa: E402
+from open_clip_cxr_train.common import peak_flops  # noqa: E402
 
 
 class _Acc:   # what build_loss needs of an Accelerator, for one process

@@ -170,7 +170,7 @@ def load_source(model_name: str, pretrained: Optional[str] = None):
 
 
 def run(args) -> int:
-    from hub_cards.card import load_eval_results, load_recipe, render_card
+    from open_clip_cxr_hub.card import load_eval_results, load_recipe, render_card
     from open_clip_cxr.errors import UsageError
     check_out_folder(args.out, args.overwrite)
     for flag, path in (("--eval-json", args.eval_json), ("--recipe", args.recipe), ("--pretrained", args.pretrained)):

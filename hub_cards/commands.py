@@ -2,4 +2,4 @@
 (pyproject.toml). Kept light: `--help` loads this file only."""
 from open_clip_cxr.commands import Command
 
-PUSH = Command("hub_cards.push", "upload an exported folder to the Hugging Face Hub", 70)
+PUSH = Command("open_clip_cxr_hub.push", "upload an exported folder to the Hugging Face Hub", 70)

@@ -6,10 +6,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import open_clip
-from conversion.checkpoints import CheckpointMismatchError, load_clip_checkpoint
-from conversion.export import (ExportMismatchError, embeddings, export_folder, save_state_dict, text_tower,
+from open_clip_cxr_convert.checkpoints import CheckpointMismatchError, load_clip_checkpoint
+from open_clip_cxr_convert.export import (ExportMismatchError, embeddings, export_folder, save_state_dict, text_tower,
                                verify_export)
-from conversion.lora import (create_model_from_adapter, export_adapter, load_adapter, merge_lora,
+from open_clip_cxr_convert.lora import (create_model_from_adapter, export_adapter, load_adapter, merge_lora,
                              read_adapter_config)
 from conversion_fixtures import encode, randomize, tiny_clip
 from open_clip_cxr.cli import main as cli_main

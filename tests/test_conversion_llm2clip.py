@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 from timm.models import register_model
 
-from conversion.checkpoints import build_clip, read_state_dict
-from conversion.llm2clip import ConversionError, convert_llm2clip
+from open_clip_cxr_convert.checkpoints import build_clip, read_state_dict
+from open_clip_cxr_convert.llm2clip import ConversionError, convert_llm2clip
 from conversion_fixtures import BYTE_TOKENIZER, randomize
 from open_clip_cxr.cli import main as cli_main
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from transformers import AutoModel
 
-from conversion.llm2vec import convert_llm2vec, save_text_tower
+from open_clip_cxr_convert.llm2vec import convert_llm2vec, save_text_tower
 from open_clip_cxr.text.pooler_layouts import (PoolerLayoutError, convert_pooler, convert_pooler_state, detect_layout,
                                        pooler_options)
 from conversion_fixtures import BYTE_TOKENIZER, PROBE_IDS

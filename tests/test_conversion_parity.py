@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 import open_clip
 import open_clip_cxr
-from conversion.llm2vec import convert_llm2vec, save_text_tower
+from open_clip_cxr_convert.llm2vec import convert_llm2vec, save_text_tower
 from conversion_fixtures import BYTE_TOKENIZER
 from open_clip_cxr.text.instructions import LLM2VEC_MARKER, LLM2VecTokenizer, with_instruction
 
@@ -312,7 +312,7 @@ def clip_cfg():
 
 @torch.no_grad()
 def test_clip_checkpoint_matches_and_ranks_as_the_authors(tmp_path):
-    from conversion.llm2clip import convert_llm2clip
+    from open_clip_cxr_convert.llm2clip import convert_llm2clip
     from open_clip.tokenizer import HFTokenizer
     from open_clip_cxr.eval.encode import similarity_of
     from open_clip_cxr.eval.retrieval import search

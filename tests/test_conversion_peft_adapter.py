@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import save_file
 
-from conversion.lora import adapter_state_dict, export_adapter, load_adapter
+from open_clip_cxr_convert.lora import adapter_state_dict, export_adapter, load_adapter
 from conversion_fixtures import encode, randomize, tiny_clip
 
 IDS = torch.tensor([[1, 40, 41, 42, 43, 2], [1, 50, 51, 2, 0, 0]])

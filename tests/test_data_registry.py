@@ -41,7 +41,7 @@ def test_a_registered_source_reaches_shards_stage1_and_eval(toy_source, tmp_path
     from open_clip_cxr.cli import main
     from open_clip_cxr.data.manifest import load_manifest
     from open_clip_cxr.eval.robustness import load_reports as eval_reports
-    from training.text_stage import load_reports as stage1_reports
+    from open_clip_cxr_train.text_stage import load_reports as stage1_reports
     assert "toy" in registry.sources()
     expected = {f"toy{i}": hash_split(f"pt{i // 2}") for i in range(len(REPORTS))}
 

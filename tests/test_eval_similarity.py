@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data_fixtures as fx
-from conversion.export import export_folder
+from open_clip_cxr_convert.export import export_folder
 from conversion_fixtures import tiny_clip
 from open_clip_cxr.cli import main as cli_main
 

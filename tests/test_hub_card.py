@@ -6,7 +6,7 @@ import yaml  # a dependency of huggingface_hub
 
 import open_clip
 import open_clip_cxr  # noqa: F401  (registers the cxr-llm configs)
-from hub_cards.card import (ReportTextError, check_no_report_text, is_short_identifier, load_recipe, render_card,
+from open_clip_cxr_hub.card import (ReportTextError, check_no_report_text, is_short_identifier, load_recipe, render_card,
                             retrieval_results)
 
 RESULTS = {"retrieval": {

@@ -6,9 +6,9 @@ import open_clip
 import torch
 import yaml
 
-from conversion.export import export_folder
+from open_clip_cxr_convert.export import export_folder
 from conversion_fixtures import tiny_clip
-from hub_cards.card import render_card
+from open_clip_cxr_hub.card import render_card
 
 RESULTS = {"image_to_text": {"R@1": 0.1, "R@5": 0.3, "R@10": 0.5},
            "text_to_image": {"R@1": 0.2, "R@5": 0.4, "R@10": 0.6}, "n_images": 10, "n_reports": 10}

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import open_clip
-from conversion.export import embeddings, export_folder
+from open_clip_cxr_convert.export import embeddings, export_folder
 from conversion_fixtures import tiny_clip
-from hub_cards.card import render_card
-from hub_cards.push import push_folder, upload_plan
+from open_clip_cxr_hub.card import render_card
+from open_clip_cxr_hub.push import push_folder, upload_plan
 from open_clip_cxr.cli import main as cli_main
 
 REPO = "org/cxr-llm-tiny"
@@ -101,7 +101,7 @@ def test_missing_files_and_bad_repo_ids(tmp_path):
 LOADER = textwrap.dedent("""
     import sys, torch
     import open_clip, open_clip_cxr
-    from conversion.export import embeddings
+    from open_clip_cxr_convert.export import embeddings
     name = "hf-hub:" + sys.argv[1]
     model, _, preprocess = open_clip.create_model_and_transforms(name)
     tokenizer = open_clip.get_tokenizer(name)

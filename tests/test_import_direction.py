@@ -9,17 +9,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # each top-level folder -> the package name it is imported (and installed) as
-PACKAGES = {"open_clip_cxr": "open_clip_cxr", "training": "training", "conversion": "conversion", "hub_cards": "hub_cards"}
+PACKAGES = {"open_clip_cxr": "open_clip_cxr", "training": "open_clip_cxr_train", "conversion": "open_clip_cxr_convert", "hub_cards": "open_clip_cxr_hub"}
 LIBRARY = "open_clip_cxr"
 WINGS = tuple(PACKAGES[f] for f in PACKAGES if f != LIBRARY)
 FOLDER_OF = {name: folder for folder, name in PACKAGES.items()}
-# "training.text_cli" or "conversion.commands:EXPORT"; a bare word ("training") is just a word
+# "open_clip_cxr_train.text_cli" or "open_clip_cxr_convert.commands:EXPORT"; a bare word ("training") is just a word
 _MODULE_STRING = re.compile(r"^((?:%s)(?:\.[A-Za-z_]\w*)+)(?::[\w.]+)?$" % "|".join(WINGS))
 
 
 def _named_modules(tree: ast.AST):
     """(line, dotted name) of every import, and of every string constant that looks like a module
-    path of one of our folders (`importlib.import_module("training.x")`, entry-point strings)."""
+    path of one of our folders (`importlib.import_module("open_clip_cxr_train.x")`, entry-point strings)."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             yield from ((node.lineno, a.name) for a in node.names)
@@ -50,10 +50,12 @@ def test_library_imports_no_wing():
 
 
 def test_scanner_sees_imports_and_module_strings():
-    src = ("import training.text_stage\nfrom conversion import lora\nm = 'hub_cards.push'\nx = 'training wing'\n"
-           "y = 'training'\nz = 'conversion.commands:EXPORT'\n")
+    src = "\n".join(["import open_clip_cxr_train.text_stage", "from open_clip_cxr_convert import lora",
+                     "m = 'open_clip_cxr_hub.push'", "x = 'training wing'", "y = 'training'",
+                     "z = 'open_clip_cxr_convert.commands:EXPORT'"])
     found = [name for _, name in _named_modules(ast.parse(src))]
-    assert found == ["training.text_stage", "conversion", "hub_cards.push", "conversion.commands"]
+    assert found == ["open_clip_cxr_train.text_stage", "open_clip_cxr_convert", "open_clip_cxr_hub.push",
+                     "open_clip_cxr_convert.commands"]
 
 
 def _cycle(edges):

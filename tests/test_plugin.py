@@ -71,7 +71,7 @@ def test_mismatched_checkpoint_names_keys(tmp_path, tiny):
 
 
 def test_openclip_config_folder_round_trip(tmp_path, tiny):
-    from conversion.export import export_folder
+    from open_clip_cxr_convert.export import export_folder
     model, _, tokenizer = tiny
     ids = tokenizer(["Small left pleural effusion.", ""])
     image = torch.randn(2, 3, 64, 64)

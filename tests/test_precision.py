@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from open_clip_cxr import precision
-from training import common
+from open_clip_cxr_train import common
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_resume_of_a_run_saved_with_an_explicit_precision(tmp_path):
 @pytest.mark.parametrize("forced", ["fp32", pytest.param("bf16", marks=pytest.mark.slow)])
 def test_tiny_run_logs_its_precision_and_mfu_below_100(tmp_path, monkeypatch, forced):
     """The MFU peak is measured in the dtype the run computes in, and never exceeded."""
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     monkeypatch.setenv(precision.ENV, forced)
     modes = []
     real = precision.linear_rates

@@ -99,10 +99,10 @@ def test_eval_needs_shards(capsys, tmp_path):
 
 def test_internal_bug_keeps_its_traceback(monkeypatch, tmp_path):
     """input: a bug inside a subcommand (here: a KeyError) -> the exception propagates (traceback)."""
-    import conversion.cli
+    import open_clip_cxr_convert.cli
 
     def boom(args):
         raise KeyError("a bug")
-    monkeypatch.setattr(conversion.cli, "run", boom)
+    monkeypatch.setattr(open_clip_cxr_convert.cli, "run", boom)
     with pytest.raises(KeyError):
         cli_main(["convert", "--from", "llm2vec", "--src", str(tmp_path), "--out", str(tmp_path / "o")])

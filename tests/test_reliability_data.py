@@ -212,7 +212,7 @@ def test_export_refuses_a_folder_with_foreign_files(tmp_path, capsys):
 def test_export_accepts_the_runs_own_recipe(tmp_path):
     """input: a saved recipe.yaml with an absolute output_dir and brace shard patterns -> the card renders."""
     import yaml
-    from hub_cards.card import render_card
+    from open_clip_cxr_hub.card import render_card
     root = Path(__file__).resolve().parents[1]
     recipe = yaml.safe_load((root / "training/recipes/clip-cxr-llm-small-cpu.yaml").read_text())
     recipe["output_dir"] = str(tmp_path / "runs" / "clip")
@@ -220,7 +220,7 @@ def test_export_accepts_the_runs_own_recipe(tmp_path):
     recipe["data"]["val"] = "shards/hospital/validate-*.tar"
     card = render_card(repo_id="org/x", recipe=recipe)
     assert "org/x" in card
-    from hub_cards.card import ReportTextError
+    from open_clip_cxr_hub.card import ReportTextError
     recipe["note"] = "No acute cardiopulmonary process."
     with pytest.raises(ReportTextError):
         render_card(repo_id="org/x", recipe=recipe)

@@ -30,7 +30,7 @@ class _WritesMarker:
 def test_resume_refuses_a_pickle_that_runs_code(tmp_path):
     """input: a run folder whose checkpoint holds a code-running pickle -> refused, code not run."""
     from accelerate import Accelerator
-    from training.common import TrainState, UnsafeCheckpointError, resume_from_checkpoint, save_checkpoint
+    from open_clip_cxr_train.common import TrainState, UnsafeCheckpointError, resume_from_checkpoint, save_checkpoint
     acc = Accelerator(cpu=True)
     state = TrainState(step=3)
     acc.register_for_checkpointing(state)
@@ -46,7 +46,7 @@ def test_resume_refuses_a_pickle_that_runs_code(tmp_path):
 def test_resume_of_an_honest_checkpoint_still_works(tmp_path):
     """input: a checkpoint our own save wrote -> resumes, counters restored."""
     from accelerate import Accelerator
-    from training.common import TrainState, resume_from_checkpoint, save_checkpoint
+    from open_clip_cxr_train.common import TrainState, resume_from_checkpoint, save_checkpoint
     acc = Accelerator(cpu=True)
     state = TrainState(step=7, samples_seen=56)
     acc.register_for_checkpointing(state)
@@ -125,9 +125,9 @@ def test_tokenizer_with_custom_code_is_refused_without_prompt(tmp_path, answers_
 # -- push: report text, PHI, repo ids ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    from conversion.export import export_folder
+    from open_clip_cxr_convert.export import export_folder
     from conversion_fixtures import tiny_clip
-    from hub_cards.card import render_card
+    from open_clip_cxr_hub.card import render_card
     model, tokenizer = tiny_clip(seed=1)
     cfg = open_clip.get_model_config("cxr-llm-tiny")
     folder = tmp_path_factory.mktemp("release") / "tiny"
@@ -137,7 +137,7 @@ def release(tmp_path_factory):
 
 def test_push_accepts_our_own_card(release):
     """input: a folder as export wrote it -> the leak check passes (dry run lists the files)."""
-    from hub_cards.push import push_folder
+    from open_clip_cxr_hub.push import push_folder
     assert "README.md" in push_folder(release, "org/tiny", dry_run=True, validate=False)["files"]
 
 
@@ -150,7 +150,7 @@ def test_push_accepts_our_own_card(release):
 def test_push_refuses_report_text_or_phi(release, tmp_path, name, text):
     """input: a release folder edited after export to hold report text or PHI -> push refuses, names the file."""
     import shutil
-    from hub_cards.push import LeakError, push_folder
+    from open_clip_cxr_hub.push import LeakError, push_folder
     folder = tmp_path / "edited"
     shutil.copytree(release, folder)
     with open(folder / name, "a") as f:
@@ -162,7 +162,7 @@ def test_push_refuses_report_text_or_phi(release, tmp_path, name, text):
 @pytest.mark.parametrize("repo_id", ["me/", "me/x.git", "/x", "me", "a/b/c", "me/x y", "me/../x", "me/x--y"])
 def test_push_refuses_repo_ids_that_are_not_org_name(release, repo_id):
     """input: --repo-id not of the form ORG/NAME -> refused before anything is read or sent."""
-    from hub_cards.push import push_folder
+    from open_clip_cxr_hub.push import push_folder
     from open_clip_cxr.errors import UsageError
     with pytest.raises(UsageError, match="ORG/NAME"):
         push_folder(release, repo_id, dry_run=True, validate=False)

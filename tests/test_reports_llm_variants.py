@@ -102,7 +102,7 @@ def test_shards_cli_stores_llm_variants_and_counts(tmp_path, monkeypatch, capsys
 
 
 def test_stage1_texts_with_llm_variants(tmp_path, monkeypatch):
-    from training.supcon import report_texts
+    from open_clip_cxr_train.supcon import report_texts
     monkeypatch.setattr(P, "load_llm_variants", lambda *a, **k: _maker())
     rep = Report(study_id="s1", source="t", findings="Small left pleural effusion.", impression="No pneumothorax.")
     rules = report_texts(rep, 0)
@@ -121,8 +121,8 @@ def test_stage1_trains_with_llm_variants(tmp_path, monkeypatch):
     import torch
     from pathlib import Path
     from test_train_text import tiny_recipe
-    from training import common
-    from training.text_stage import train
+    from open_clip_cxr_train import common
+    from open_clip_cxr_train.text_stage import train
     calls = []
 
     def fake_loader(model_id, cache_dir, **kw):

@@ -11,11 +11,11 @@ import torch
 
 from open_clip_cxr.cli import main
 from open_clip_cxr.errors import UsageError
-from training.accel import reset_accelerator_state, setup_accelerator
-from training.checkpoints import (CheckpointDamagedError, RunLock, TrainState, list_checkpoints,
+from open_clip_cxr_train.accel import reset_accelerator_state, setup_accelerator
+from open_clip_cxr_train.checkpoints import (CheckpointDamagedError, RunLock, TrainState, list_checkpoints,
                                   resume_from_checkpoint, save_checkpoint)
-from training.logs import MetricsWriter
-from training.schedule import cosine_with_warmup
+from open_clip_cxr_train.logs import MetricsWriter
+from open_clip_cxr_train.schedule import cosine_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,8 +206,8 @@ def test_bad_precision_variable_is_one_line(tmp_path, capsys, monkeypatch, comma
 
 
 def test_old_common_names_resolve_to_the_moved_objects():
-    """`training.common.X` (used by older callers and the benches) is the object of X's new module."""
-    from training import accel, checkpoints, common, logs, schedule, throughput
+    """`open_clip_cxr_train.common.X` (used by older callers and the benches) is the object of X's new module."""
+    from open_clip_cxr_train import accel, checkpoints, common, logs, schedule, throughput
     assert common.TrainState is checkpoints.TrainState and common.save_checkpoint is checkpoints.save_checkpoint
     assert common.setup_accelerator is accel.setup_accelerator and common.peak_flops is throughput.peak_flops
     assert common.MetricsWriter is logs.MetricsWriter and common.cosine_with_warmup is schedule.cosine_with_warmup

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from training import common
-from training.clip_stage import (ContrastiveModel, build_loss, build_model, compute_loss, epoch_batches,
+from open_clip_cxr_train import common
+from open_clip_cxr_train.clip_stage import (ContrastiveModel, build_loss, build_model, compute_loss, epoch_batches,
                                  frozen_base_cast, merge_vision_lora, param_groups, train, transformer_blocks,
                                  with_defaults)
 
@@ -296,7 +296,7 @@ def test_reseed_resume_draws_new_batches(shards):
 # ---------------------------------------------------------------- cached text
 
 def test_cached_text_mode(shards, tmp_path):
-    from training import cached_text
+    from open_clip_cxr_train import cached_text
     r = recipe(shards, tmp_path / "cached", text__cached=True, data__val=shards["val"])
     final = train(r)
     assert final["step"] == 4 and np.isfinite(final["loss"]) and "val/mean_recall" in final
@@ -324,8 +324,8 @@ MULTI_PROCESS_SCRIPT = textwrap.dedent('''
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
-    from training import common
-    from training.clip_stage import (with_defaults, build_model, ContrastiveModel, build_loss, compute_loss,
+    from open_clip_cxr_train import common
+    from open_clip_cxr_train.clip_stage import (with_defaults, build_model, ContrastiveModel, build_loss, compute_loss,
                                      param_groups, is_fsdp2, scalars_to_1d, full_value)
 
     # accelerate runs FSDP only on accelerators and quietly falls back to plain multi-CPU data
@@ -372,7 +372,7 @@ MULTI_PROCESS_SCRIPT = textwrap.dedent('''
         if sys.argv[1] != "none":
             grads_after_one_step(sys.argv[1])
         if len(sys.argv) > 2:   # then a whole run on 2 ranks: reduce, checkpoint, resume, validation, export
-            from training.clip_stage import train
+            from open_clip_cxr_train.clip_stage import train
             common.reset_accelerator_state()
             final = train(json.loads(sys.argv[2]))
             sys.stdout.flush()
@@ -510,7 +510,7 @@ def test_fsdp2_recipe_trains_resumes_and_exports(shards, tmp_path):
 
 @pytest.mark.parametrize("name", ["clip-cxr-llm.yaml", "clip-cxr-llm-small-cpu.yaml"])
 def test_recipe_files_are_complete(name):
-    from training.clip_stage import DEFAULT_RECIPE
+    from open_clip_cxr_train.clip_stage import DEFAULT_RECIPE
     r = common.load_recipe(str(ROOT / "training" / "recipes" / name))
     for section, values in r.items():
         assert section in DEFAULT_RECIPE, section

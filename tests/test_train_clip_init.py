@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import data_fixtures as fx
-from training import common
+from open_clip_cxr_train import common
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def assert_same(a: dict, b: dict):
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, pretrained_trunk):
     """A stage-1 export of cxr-llm-tiny (1 MNTP + 1 contrastive step on hand-written reports)."""
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     tmp = tmp_path_factory.mktemp("stage1")
     rows = [{"study": f"s{i}", "findings": f, "impression": im, "split": "train"} for i, (f, im) in enumerate(fx.REPORTS)]
     (tmp / "reports.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
@@ -86,7 +86,7 @@ def stage1(tmp_path_factory, pretrained_trunk):
 
 
 def clip_recipe(**over) -> dict:
-    from training.clip_stage import with_defaults
+    from open_clip_cxr_train.clip_stage import with_defaults
     r = {"model": "cxr-llm-tiny", "pretrained_image": True, "pretrained_text": False, "seed": 0,
          "train": {"log_with": None}}
     for k, v in over.items():
@@ -95,7 +95,7 @@ def clip_recipe(**over) -> dict:
 
 
 def build(recipe):
-    from training.clip_stage import build_model
+    from open_clip_cxr_train.clip_stage import build_model
     lines = []
     model = build_model(recipe, log=lines.append)[0]
     return model, "\n".join(lines)
@@ -114,7 +114,7 @@ def test_stage2_from_stage1_gets_pretrained_vision_weights(stage1, spelling):
     """The failing case of issue 20: `pretrained_image: true` from a stage-1 folder kept the
     folder's random vision tower. At step 0 the trunk must equal a fresh pretrained build and the
     text tower the stage-1 export."""
-    from training.towers import folder_state_dict, sub_state
+    from open_clip_cxr_train.towers import folder_state_dict, sub_state
     if spelling == "model=local-dir":
         recipe = clip_recipe(model=f"local-dir:{stage1}")
     else:
@@ -144,7 +144,7 @@ def test_folder_without_provenance_is_read_from_its_weights(stage1, tmp_path):
 
 
 def test_pretrained_image_false_is_random_and_says_so(stage1):
-    from training.towers import norms_at_init
+    from open_clip_cxr_train.towers import norms_at_init
     model, log = build(clip_recipe(text__from=f"local-dir:{stage1}", pretrained_image=False))
     assert norms_at_init(model.visual) is True
     assert "vision tower: RANDOM initialisation (pretrained_image: false" in log
@@ -154,8 +154,8 @@ def test_train_logs_origins_and_a_trained_clip_keeps_its_vision(stage1, tmp_path
     """A CLIP run records its towers; a second run from its export keeps that trained vision
     tower (auto), or takes the pretrained one when asked (vision.from: pretrained)."""
     from test_train_clip import write_shards
-    from training.clip_stage import train
-    from training.towers import folder_state_dict, sub_state
+    from open_clip_cxr_train.clip_stage import train
+    from open_clip_cxr_train.towers import folder_state_dict, sub_state
     train_urls = write_shards(tmp_path / "shards", "train", 16)
     r = clip_recipe(text__from=f"local-dir:{stage1}", output_dir=str(tmp_path / "clip"),
                     data={"train": train_urls, "epoch_samples": 16, "batch_size": 8, "shuffle_buffer": 8,
@@ -219,7 +219,7 @@ def test_text_from_a_model_name_and_bad_sources():
 
 def test_norms_at_init_on_timm_nets():
     import timm
-    from training.towers import norms_at_init
+    from open_clip_cxr_train.towers import norms_at_init
     net = timm.create_model("test_efficientnet", pretrained=False)
     assert norms_at_init(net) is True
     net.train()
@@ -232,8 +232,8 @@ def test_demo_moves_a_clip_run_of_the_old_recipe_aside(tmp_path):
     """An earlier demo's CLIP run (started with model=local-dir:stage1, a random vision tower)
     is kept aside rather than resumed under the new recipe; the same recipe is left alone."""
     import yaml
-    from training import clip_stage as cs
-    from training.demo import _move_aside_if_other_recipe
+    from open_clip_cxr_train import clip_stage as cs
+    from open_clip_cxr_train.demo import _move_aside_if_other_recipe
     new = cs.with_defaults({"model": "cxr-llm-small", "text": {"from": f"local-dir:{tmp_path / 'stage1'}"}})
     old = {"model": f"local-dir:{tmp_path / 'stage1'}"}
     (tmp_path / "clip").mkdir()

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from training import common
-from training.common import (Throughput, TrainState, cosine_with_warmup, data_seed, flops_per_sample_transformer,
+from open_clip_cxr_train import common
+from open_clip_cxr_train.common import (Throughput, TrainState, cosine_with_warmup, data_seed, flops_per_sample_transformer,
                              list_checkpoints, load_recipe, log_line, measure_forward_flops, parse_value,
                              peak_flops, resume_from_checkpoint, save_checkpoint, save_recipe)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from open_clip_cxr.cli import main
-from training import common
+from open_clip_cxr_train import common
 from train_trap_fixtures import WorkStarted, refused as _refused, trap_work, write_tar  # noqa: F401 (trap_work: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_missing_validation_shards_are_refused_up_front(tmp_path, capsys):
 
 def test_no_training_shards_named(tmp_path):
     from open_clip_cxr.errors import UsageError
-    from training.clip_stage import train
+    from open_clip_cxr_train.clip_stage import train
     with pytest.raises(UsageError, match="names no training shards"):
         train({"output_dir": str(tmp_path / "run")})
     assert not (tmp_path / "run").exists()
@@ -86,7 +86,7 @@ def test_train_text_refuses_empty_report_shards(tmp_path, capsys):
 
 def test_log_with_null_writes_no_tensorboard_events(tmp_path, monkeypatch):
     """`train.log_with: null` -> an Accelerator without trackers (so no events file can appear)."""
-    from training import clip_stage
+    from open_clip_cxr_train import clip_stage
     monkeypatch.undo()                      # the real setup_accelerator
     common.reset_accelerator_state()
     try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from open_clip_cxr.cli import main
-from training import common
+from open_clip_cxr_train import common
 from train_trap_fixtures import WorkStarted, refused as _refused, trap_work, write_tar  # noqa: F401 (trap_work: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,13 +95,13 @@ def test_valid_text_recipes_reach_the_work(good, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_shipped_recipes_pass(name):
-    from training.recipe_check import check_recipe
+    from open_clip_cxr_train.recipe_check import check_recipe
     check_recipe(common.load_recipe(str(RECIPES / name)), "text" if name.startswith("text-") else "clip")
 
 
 def test_library_callers_get_a_usage_error(tmp_path):
     from open_clip_cxr.errors import UsageError
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     with pytest.raises(UsageError, match="mntp.mask_prob"):
         train({"output_dir": str(tmp_path / "run"), "mntp": {"steps": 1, "batch_size": 2, "mask_prob": 1.5}})
     assert not (tmp_path / "run").exists()
@@ -122,13 +122,13 @@ def test_help_does_not_import_torch(command):
 @pytest.mark.parametrize("stage", ["text", "clip"])
 def test_a_runs_saved_recipe_with_its_resolved_block_passes(stage):
     """A run folder's own recipe.yaml carries `resolved:` (what `auto` became); it is accepted back."""
-    from training.recipe_check import check_recipe
+    from open_clip_cxr_train.recipe_check import check_recipe
     check_recipe({"resolved": {"precision": "bf16", "threads": 1, "ratio": 2.3}}, stage)
 
 
 def test_stage1_variant_keys_of_the_llm_and_style_options_are_known():
     """`supcon.variants/paraphraser` (LLM rewrites) and `p_phrases/variant_styles` (style ablations) pass; a bad choice names the options."""
-    from training.recipe_check import check_recipe
+    from open_clip_cxr_train.recipe_check import check_recipe
     check_recipe({"supcon": {"variants": "both", "paraphraser": "m", "p_phrases": 0.25, "variant_styles": None}}, "text")
     with pytest.raises(Exception, match="rules, llm, both"):
         check_recipe({"supcon": {"variants": "llmz"}}, "text")
@@ -136,14 +136,14 @@ def test_stage1_variant_keys_of_the_llm_and_style_options_are_known():
 
 def test_zero_steps_skips_a_phase_and_is_not_mistaken_for_an_eps():
     """`mntp.steps: 0` (skip MNTP) is valid; `*eps` once matched every key ending in "steps"."""
-    from training.recipe_check import check_recipe
+    from open_clip_cxr_train.recipe_check import check_recipe
     check_recipe({"mntp": {"steps": 0}, "supcon": {"steps": 0}}, "text")
 
 
 @pytest.mark.parametrize("key", ["train", "val"])
 def test_shards_may_be_a_list_of_patterns(key):
     """The demo hands `data.train`/`data.val` over as a list of tar paths; a list is a valid value."""
-    from training.recipe_check import check_recipe
+    from open_clip_cxr_train.recipe_check import check_recipe
     check_recipe({"data": {key: ["a/train-000000.tar", "a/train-000001.tar"]}}, "clip")
     with pytest.raises(Exception, match=f"data.{key}"):
         check_recipe({"data": {key: 3}}, "clip")
@@ -194,8 +194,8 @@ def test_a_set_without_a_value_is_a_usage_error(command, capsys):
 
 @pytest.mark.parametrize("stage", ["text", "clip"])
 def test_every_key_has_a_type_a_default_and_help(stage):
-    from training.recipe_schema import Field, Section, defaults, walk
-    from training.recipe_io import get_by_path
+    from open_clip_cxr_train.recipe_schema import Field, Section, defaults, walk
+    from open_clip_cxr_train.recipe_io import get_by_path
     keys = list(walk(stage))
     assert len(keys) > 40
     for key, spec in keys:
@@ -203,7 +203,7 @@ def test_every_key_has_a_type_a_default_and_help(stage):
         if isinstance(spec, Field):
             assert spec.kind and spec.kinds <= {"int", "float", "bool", "str", "list", "dict"}, key
             if spec.default is not None and not spec.choices:     # the default passes its own check
-                from training.recipe_check import _value
+                from open_clip_cxr_train.recipe_check import _value
                 assert _value(key, spec.default, spec) == spec.default, key
         parent = key.rpartition(".")[0]
         if not parent or get_by_path(defaults(stage), parent) is not None:
@@ -211,23 +211,23 @@ def test_every_key_has_a_type_a_default_and_help(stage):
 
 
 def test_clip_default_recipe_is_the_schema():
-    from training.clip_stage import DEFAULT_RECIPE
-    from training.recipe_schema import defaults
+    from open_clip_cxr_train.clip_stage import DEFAULT_RECIPE
+    from open_clip_cxr_train.recipe_schema import defaults
     assert DEFAULT_RECIPE == defaults("clip")
 
 
 def test_the_mntp_lora_default_targets_are_the_stage_code_s():
-    from training.mntp import LORA_TARGETS
-    from training.recipe_schema import defaults
+    from open_clip_cxr_train.mntp import LORA_TARGETS
+    from open_clip_cxr_train.recipe_schema import defaults
     assert defaults("text")["mntp"]["lora"]["target_modules"] == list(LORA_TARGETS)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in RECIPES.glob("*.yaml")))
 def test_resolved_recipes_are_complete_typed_and_stable(name):
     """Every key filled; resolving again changes nothing; the typed view reads the same values."""
-    from training.recipe_check import resolve, resolve_recipe, resolve_typed
-    from training.recipe_schema import Section, walk
-    from training.recipe_io import get_by_path
+    from open_clip_cxr_train.recipe_check import resolve, resolve_recipe, resolve_typed
+    from open_clip_cxr_train.recipe_schema import Section, walk
+    from open_clip_cxr_train.recipe_io import get_by_path
     stage = "text" if name.startswith("text-") else "clip"
     recipe, obj = resolve_typed(str(RECIPES / name), (), stage)
     assert resolve(str(RECIPES / name), (), stage) == recipe
@@ -246,7 +246,7 @@ def test_resolved_recipes_are_complete_typed_and_stable(name):
 
 
 def test_defaults_fill_what_the_stage_code_once_guessed():
-    from training.recipe_check import resolve_recipe
+    from open_clip_cxr_train.recipe_check import resolve_recipe
     r = resolve_recipe({"supcon": {"lr": 1e-4, "lora": {"r": 8}}, "mntp": None}, "text")
     assert r["supcon"]["head_lr"] == pytest.approx(1e-3)            # the pooler's faster rate, written down
     assert r["supcon"]["lora"] == {"r": 8, "alpha": 32, "dropout": 0.1, "layers": None,
@@ -260,7 +260,7 @@ def test_defaults_fill_what_the_stage_code_once_guessed():
 
 
 def test_old_top_level_spellings_move_to_their_key():
-    from training.recipe_check import resolve_recipe
+    from open_clip_cxr_train.recipe_check import resolve_recipe
     r = resolve_recipe({"mixed_precision": "bf16", "gradient_accumulation_steps": 4, "log_with": "tensorboard",
                         "train": {"log_with": None}}, "clip")
     assert r["train"]["mixed_precision"] == "bf16" and r["train"]["grad_accum_steps"] == 4
@@ -272,7 +272,7 @@ def test_old_top_level_spellings_move_to_their_key():
 
 @pytest.mark.parametrize("stage", ["text", "clip"])
 def test_precision_auto_is_a_first_class_value(stage):
-    from training.recipe_check import resolve_recipe
+    from open_clip_cxr_train.recipe_check import resolve_recipe
     r = resolve_recipe({"train": {"mixed_precision": "auto", "num_threads": "auto"}}, stage)
     assert r["train"]["mixed_precision"] == "auto" and r["train"]["num_threads"] == "auto"
 
@@ -280,9 +280,9 @@ def test_precision_auto_is_a_first_class_value(stage):
 def test_a_text_run_saved_before_the_schema_resumes(tmp_path):
     """A stage-1 recipe.yaml written before the schema lacks keys whose default changed since
     (mntp.min_lr_ratio, the MNTP LoRA's dropout): it resumes under what it trained with, and only that."""
-    from training.recipe_check import resolve, resolve_recipe
-    from training.recipe_io import save_recipe
-    from training.recipe_schema import defaults
+    from open_clip_cxr_train.recipe_check import resolve, resolve_recipe
+    from open_clip_cxr_train.recipe_io import save_recipe
+    from open_clip_cxr_train.recipe_schema import defaults
     old = common.load_recipe(str(RECIPES / "text-cxr-llm-small-cpu.yaml"))
     del old["mntp"]["min_lr_ratio"], old["mntp"]["lora"]["dropout"]   # the code's fallbacks: 0.1 and 0.05
     path = str(tmp_path / "recipe.yaml")
@@ -300,7 +300,7 @@ def test_a_text_run_saved_before_the_schema_resumes(tmp_path):
 @pytest.mark.parametrize("command,keys", [("train-text", ["supcon.temperature", "mntp.lora.dropout", "eval.limit"]),
                                           ("train-clip", ["vision.mode", "schedule.min_lr_ratio", "train.epochs"])])
 def test_help_recipe_lists_every_key_without_torch(command, keys):
-    from training.recipe_check import help_rows
+    from open_clip_cxr_train.recipe_check import help_rows
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     probe = ("import sys, runpy; sys.argv = ['open-clip-cxr', %r, '--help-recipe']\n"
              "try:\n    runpy.run_module('open_clip_cxr.cli', run_name='__main__', alter_sys=True)\n"
@@ -327,7 +327,7 @@ def test_train_text_takes_output_dir_and_still_out(tmp_path):
 
 @pytest.mark.parametrize("stage", ["text", "clip"])
 def test_readme_holds_the_generated_recipe_tables(stage):
-    """The README's recipe reference is `python -m training.recipe_check --markdown`: regenerate it
+    """The README's recipe reference is `python -m open_clip_cxr_train.recipe_check --markdown`: regenerate it
     when a key changes."""
-    from training.recipe_check import help_text
+    from open_clip_cxr_train.recipe_check import help_text
     assert help_text(stage, markdown=True) in (ROOT / "README.md").read_text()

@@ -7,9 +7,9 @@ import pytest
 from open_clip_cxr.reports.lexicon import entries
 from open_clip_cxr.reports.noise import HELDOUT_STYLES
 from open_clip_cxr.reports.types import Report
-from training import common
-from training.supcon import report_texts, training_split
-from training.text_stage import load_reports
+from open_clip_cxr_train import common
+from open_clip_cxr_train.supcon import report_texts, training_split
+from open_clip_cxr_train.text_stage import load_reports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def test_training_on_the_evaluation_split_is_refused(tmp_path):
 
 
 def test_stage_one_refuses_a_test_split_before_training(tmp_path):
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     recipe = _recipe(tmp_path, "test")
     recipe.update(model="cxr-llm-tiny", output_dir=str(tmp_path / "out"))
     recipe["train"].update(log_with="none", num_threads=1)
@@ -75,7 +75,7 @@ def test_training_texts_come_from_the_training_part():
 
 def test_phrase_pairs_pair_a_short_form_with_its_expansion():
     import random
-    from training.supcon import phrase_pairs, sample_example
+    from open_clip_cxr_train.supcon import phrase_pairs, sample_example
     text = "Small right pleural effusion. No pneumothorax. Left lower lobe atelectasis."
     pairs = phrase_pairs(text, seed=0)
     assert ("No PTX.", "No pneumothorax.") in [(s, lg) for s, lg, _ in pairs]

@@ -14,10 +14,10 @@ import torch.nn as nn
 
 import data_fixtures as fx
 from open_clip_cxr.reports.types import Report
-from training import common
-from training.mntp import (IGNORE, mask_tokens, mntp_loss, resolve_mask_token_id, shift_for_next_token,
+from open_clip_cxr_train import common
+from open_clip_cxr_train.mntp import (IGNORE, mask_tokens, mntp_loss, resolve_mask_token_id, shift_for_next_token,
                            special_token_ids)
-from training.supcon import Embedder, length_chunks, make_example, supcon_loss, text_key
+from open_clip_cxr_train.supcon import Embedder, length_chunks, make_example, supcon_loss, text_key
 
 ROOT = Path(__file__).resolve().parents[1]
 # the shared hand-written reports, plus two with right-sided findings (more laterality negatives)
@@ -155,7 +155,7 @@ def test_mntp_loss_predicts_i_from_i_minus_1():
 
 
 def test_mntp_overfits_one_batch(tiny_tower):
-    from training.text_stage import MNTPModel, set_lora
+    from open_clip_cxr_train.text_stage import MNTPModel, set_lora
     tower, tok = tiny_tower
     set_lora(tower, {"r": 8, "alpha": 16, "dropout": 0.0})
     texts = [f for f, _ in REPORTS[:4]]
@@ -290,8 +290,8 @@ def test_embedder_chunks_equal_one_batch(tiny_tower):
 
 @pytest.mark.parametrize("k", [0, 1, 2])
 def test_cached_lower_layers_embed_like_the_whole_tower(tiny_tower, k):
-    from training.supcon import CachedEmbedder, TextStateCache
-    from training.text_stage import set_lora
+    from open_clip_cxr_train.supcon import CachedEmbedder, TextStateCache
+    from open_clip_cxr_train.text_stage import set_lora
     tower, tok = tiny_tower
     if k:
         set_lora(tower, {"r": 4, "alpha": 8, "dropout": 0.0, "layers": k})
@@ -310,7 +310,7 @@ def test_cached_lower_layers_embed_like_the_whole_tower(tiny_tower, k):
 
 
 def test_supcon_overfits_one_batch(tiny_tower):
-    from training.text_stage import set_lora
+    from open_clip_cxr_train.text_stage import set_lora
     tower, tok = tiny_tower
     set_lora(tower, {"r": 8, "alpha": 16, "dropout": 0.0})
     for m in (tower.pooler, tower.norm):
@@ -332,7 +332,7 @@ def test_supcon_overfits_one_batch(tiny_tower):
 
 
 def test_lora_targets_limited_to_top_layers(tiny_tower):
-    from training.text_stage import lora_targets, set_lora
+    from open_clip_cxr_train.text_stage import lora_targets, set_lora
     tower, _ = tiny_tower
     names = lora_targets(tower, {"target_modules": ["q_proj", "v_proj"], "layers": 1})
     assert names and all(".layers.1." in "." + n for n in names) and len(names) == 2
@@ -345,7 +345,7 @@ def test_lora_targets_limited_to_top_layers(tiny_tower):
 
 def test_train_end_to_end_exports_a_loadable_folder(tmp_path):
     import open_clip
-    from training.text_stage import train, tower_encode_fn
+    from open_clip_cxr_train.text_stage import train, tower_encode_fn
     recipe = tiny_recipe(tmp_path)
     summary = train(recipe)
     out = Path(recipe["output_dir"])
@@ -369,7 +369,7 @@ def test_train_end_to_end_exports_a_loadable_folder(tmp_path):
 
 @pytest.mark.parametrize("lora", [{"layers": 1}, None])
 def test_train_cached_supcon(tmp_path, lora):
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.cache_reports": 6, "supcon.steps": 3,
                                       "supcon.lora": lora and {**lora, "r": 4, "alpha": 8}, "eval.enabled": False})
     train(recipe)
@@ -378,7 +378,7 @@ def test_train_cached_supcon(tmp_path, lora):
 
 
 def test_pooler_head_steps_come_before_lora(tmp_path):
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.head_steps": 2, "supcon.steps": 2,
                                       "eval.enabled": False})
     train(recipe)
@@ -389,7 +389,7 @@ def test_pooler_head_steps_come_before_lora(tmp_path):
 
 
 def test_rerun_resumes_instead_of_restarting(tmp_path):
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     recipe = tiny_recipe(tmp_path, **{"supcon.steps": 2, "eval.enabled": False})
     train(recipe)
     common.reset_accelerator_state()
@@ -402,7 +402,7 @@ def test_rerun_resumes_instead_of_restarting(tmp_path):
 def test_kill_and_resume_matches_uninterrupted(tmp_path):
     """Stopped mid-way through the contrastive step (after its checkpoint), then rerun: the steps
     after the restart have the uninterrupted run's losses (data, optimiser, schedule and RNG restored)."""
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     over = {"supcon.steps": 4, "supcon.cache": True, "supcon.lora.dropout": 0.1,   # dropout: the RNG must resume too
             "train.checkpoint_every": 100, "eval.enabled": False}
     for run in ("full", "cut"):
@@ -423,7 +423,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path):
 
 
 def test_reports_from_shards(tmp_path):
-    from training.text_stage import load_reports
+    from open_clip_cxr_train.text_stage import load_reports
     tar = tmp_path / "train-000000.tar"
     with tarfile.open(tar, "w") as t:
         for i, (f, im) in enumerate(REPORTS[:3]):
@@ -438,7 +438,7 @@ def test_reports_from_shards(tmp_path):
 
 
 def test_cli_parses_recipe_and_overrides(tmp_path, monkeypatch):
-    import training.text_stage as ts
+    import open_clip_cxr_train.text_stage as ts
     from open_clip_cxr.cli import main
     seen = {}
     monkeypatch.setattr(ts, "train", lambda recipe: seen.update(recipe) or {"output_dir": recipe["output_dir"]})
@@ -448,7 +448,7 @@ def test_cli_parses_recipe_and_overrides(tmp_path, monkeypatch):
 
 
 def test_demo_schedules_are_recipes_of_the_same_model():
-    from training.demo import SCHEDULES
+    from open_clip_cxr_train.demo import SCHEDULES
     full, short = (common.load_recipe(str(SCHEDULES[k])) for k in ("recipe", "short"))
     assert full["model"] == short["model"] == "cxr-llm-small-l4"
     assert short["supcon"]["steps"] < full["supcon"]["steps"]
@@ -457,7 +457,7 @@ def test_demo_schedules_are_recipes_of_the_same_model():
 
 def test_rerun_with_another_recipe_is_refused(tmp_path):
     """The folder's checkpoints belong to its recipe: another model or loss must not resume them."""
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     train(tiny_recipe(tmp_path, **{"supcon.steps": 2, "eval.enabled": False}))
     common.reset_accelerator_state()
     with pytest.raises(ValueError, match="another recipe.*supcon.temperature"):
@@ -469,8 +469,8 @@ def test_rerun_with_another_recipe_is_refused(tmp_path):
 
 def test_demo_moves_a_stage1_of_another_recipe_aside(tmp_path, monkeypatch):
     import torch
-    import training.text_stage as ts
-    from training import demo
+    import open_clip_cxr_train.text_stage as ts
+    from open_clip_cxr_train import demo
     calls = []
     monkeypatch.setattr(ts, "train", lambda recipe: calls.append(recipe) or {"trained": True})
     stage1, clip = tmp_path / "stage1", tmp_path / "clip"
@@ -495,7 +495,7 @@ def test_demo_moves_a_stage1_of_another_recipe_aside(tmp_path, monkeypatch):
 def test_text_arch_swaps_the_tower_for_an_ablation(tmp_path):
     """`text_arch` (e.g. fewer decoder layers) trains and exports that tower; local-dir rebuilds it."""
     import open_clip
-    from training.text_stage import train
+    from open_clip_cxr_train.text_stage import train
     recipe = tiny_recipe(tmp_path, **{"mntp.steps": 1, "supcon.steps": 1, "eval.enabled": False})
     recipe["text_arch"] = 'cxr-text:cxr-llm-tiny{"llm": {"num_hidden_layers": 1}}'
     train(recipe)

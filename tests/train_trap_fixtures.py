@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from training import common
+from open_clip_cxr_train import common
 
 
 class WorkStarted(Exception):
@@ -14,11 +14,11 @@ class WorkStarted(Exception):
 
 @pytest.fixture(autouse=True)
 def trap_work(monkeypatch):
-    import training.clip_stage as cs
+    import open_clip_cxr_train.clip_stage as cs
 
     def trap(recipe):
         raise WorkStarted(recipe.get("output_dir"))
-    from training import accel
+    from open_clip_cxr_train import accel
     monkeypatch.setattr(common, "setup_accelerator", trap)
     monkeypatch.setattr(accel, "setup_accelerator", trap)   # where the text stage calls it
     monkeypatch.setattr(cs, "setup_accelerator", trap)

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from open_clip_cxr.errors import UsageError
-from training.common import _opt, flatten, get_by_path
+from open_clip_cxr_train.common import _opt, flatten, get_by_path
 
 
 def check_precision_env() -> None:

@@ -1,10 +1,10 @@
 """`open-clip-cxr train-clip`: its flags, free of torch so that `--help` answers at once.
 
-The work is `training.clip_stage.run`, imported only when the command runs.
+The work is `open_clip_cxr_train.clip_stage.run`, imported only when the command runs.
 """
 import argparse
 
-from training.text_cli import HelpRecipe, add_output_dir
+from open_clip_cxr_train.text_cli import HelpRecipe, add_output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,5 +18,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training import clip_stage
+    from open_clip_cxr_train import clip_stage
     return clip_stage.run(args)

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from training.checkpoints import data_seed
+from open_clip_cxr_train.checkpoints import data_seed
 
 
 # ---------------------------------------------------------------- data

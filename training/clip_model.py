@@ -8,16 +8,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from training import cached_text
-from training.speedups import FrozenCast, low_precision_dtype
-from training.throughput import flops_per_sample_transformer, measure_forward_flops
+from open_clip_cxr_train import cached_text
+from open_clip_cxr_train.speedups import FrozenCast, low_precision_dtype
+from open_clip_cxr_train.throughput import flops_per_sample_transformer, measure_forward_flops
 
 
 def build_model(recipe: dict, log=print):
     """(model, train transform, eval transform, tokenizer, model_cfg) with the trainable parts set.
     The towers come from `text.from` / `vision.from` (see `training/towers.py`); where each
     one's weights came from is logged and kept in `model.tower_provenance`."""
-    from training.towers import compose
+    from open_clip_cxr_train.towers import compose
     from open_clip_cxr.vision.transforms import transforms_from_preprocess_cfg
     model, tokenizer, model_cfg, _, provenance = compose(recipe, log=log)
     model.tower_provenance = provenance

@@ -32,24 +32,24 @@ from functools import partial
 
 import torch
 
-from training import cached_text
-from training.accel import check_precision_env, init_tracking, move_to, setup_accelerator
-from training.checkpoints import RunLock, TrainState, keep_trainable_only, list_checkpoints, save_checkpoint
-from training.common import get_by_path, load_recipe, save_recipe
-from training.logs import MetricsWriter
-from training.loop import Cadence, Loop, StopAfter, resume
-from training.schedule import cosine_with_warmup
-from training.speedups import compile_blocks
-from training.throughput import peak_header
-from training.towers import write_provenance
+from open_clip_cxr_train import cached_text
+from open_clip_cxr_train.accel import check_precision_env, init_tracking, move_to, setup_accelerator
+from open_clip_cxr_train.checkpoints import RunLock, TrainState, keep_trainable_only, list_checkpoints, save_checkpoint
+from open_clip_cxr_train.common import get_by_path, load_recipe, save_recipe
+from open_clip_cxr_train.logs import MetricsWriter
+from open_clip_cxr_train.loop import Cadence, Loop, StopAfter, resume
+from open_clip_cxr_train.schedule import cosine_with_warmup
+from open_clip_cxr_train.speedups import compile_blocks
+from open_clip_cxr_train.throughput import peak_header
+from open_clip_cxr_train.towers import write_provenance
 # the pieces, importable from here as before
-from training.clip_data import SeededAugment, epoch_batches, preserved_rng, train_loader, validate  # noqa: F401
-from training.clip_model import (SCALAR_PARAMS, ContrastiveModel, add_vision_lora, build_loss,  # noqa: F401
+from open_clip_cxr_train.clip_data import SeededAugment, epoch_batches, preserved_rng, train_loader, validate  # noqa: F401
+from open_clip_cxr_train.clip_model import (SCALAR_PARAMS, ContrastiveModel, add_vision_lora, build_loss,  # noqa: F401
                                  build_model, compute_loss, configure_trainable, export_provenance,
                                  frozen_base_cast, full_value, is_fsdp2, load_full_state_dict, merge_vision_lora,
                                  param_groups, scalars_to_1d, shard_ready, train_flops, transformer_blocks)
 
-from training.recipe_schema import defaults as schema_defaults  # noqa: E402
+from open_clip_cxr_train.recipe_schema import defaults as schema_defaults  # noqa: E402
 DEFAULT_RECIPE = schema_defaults("clip")   # every key at its default: the schema is the one place (training/recipe_schema.py)
 
 
@@ -209,7 +209,7 @@ def _finish(run: ClipRun) -> dict:
         save_checkpoint(accelerator, out_dir, state, keep_last=r_train["keep_last"])
     if r_train["export"]:
         from accelerate.utils import DistributedType
-        from conversion.export import export_folder
+        from open_clip_cxr_convert.export import export_folder
         if accelerator.distributed_type == DistributedType.FSDP:   # gather the shards (all ranks), rebuild
             full = accelerator.get_state_dict(run.net)
             if main:
@@ -238,7 +238,7 @@ def _finish(run: ClipRun) -> dict:
 def train(recipe: dict) -> dict:
     """Run the CLIP stage per `recipe` (defaults: `DEFAULT_RECIPE`); returns the final metrics
     (`{"stopped_at": step, ...}` when `train.stop_after` ends it early)."""
-    from training.recipe_check import check_before_work   # refused recipes and data leave no run folder
+    from open_clip_cxr_train.recipe_check import check_before_work   # refused recipes and data leave no run folder
     check_precision_env()
     recipe = with_defaults(check_before_work(recipe, "clip"))
     out_dir = recipe["output_dir"]
@@ -261,7 +261,7 @@ def train(recipe: dict) -> dict:
 
 # ---------------------------------------------------------------- CLI
 
-from training.clip_cli import add_arguments  # noqa: E402,F401  (the flags live there, free of torch: a fast --help)
+from open_clip_cxr_train.clip_cli import add_arguments  # noqa: E402,F401  (the flags live there, free of torch: a fast --help)
 
 
 def run(args) -> int:

@@ -22,15 +22,15 @@ from .recipe_io import (RESUMABLE_KEYS, _deep_merge, _Loader, _opt, _resumable, 
 # ---------------------------------------------------------------- old names, now in their own modules
 
 _MOVED = {
-    "training.accel": ("setup_accelerator", "_resolve_precision", "reset_accelerator_state", "init_tracking",
+    "open_clip_cxr_train.accel": ("setup_accelerator", "_resolve_precision", "reset_accelerator_state", "init_tracking",
                        "unwrap", "move_to", "check_precision_env"),
-    "training.schedule": ("cosine_with_warmup",),
-    "training.checkpoints": ("TrainState", "CKPT_PREFIX", "_DONE", "list_checkpoints", "save_checkpoint",
+    "open_clip_cxr_train.schedule": ("cosine_with_warmup",),
+    "open_clip_cxr_train.checkpoints": ("TrainState", "CKPT_PREFIX", "_DONE", "list_checkpoints", "save_checkpoint",
                              "resume_from_checkpoint", "UnsafeCheckpointError", "load_custom_state_safely",
                              "_safe_custom_state", "keep_trainable_only", "data_seed"),
-    "training.throughput": ("flops_per_sample_transformer", "measure_forward_flops", "CPU_PEAK_DEFAULT",
+    "open_clip_cxr_train.throughput": ("flops_per_sample_transformer", "measure_forward_flops", "CPU_PEAK_DEFAULT",
                             "precision_name", "_dtype_name", "peak_flops", "peak_header", "Throughput"),
-    "training.logs": ("log_line", "progress_bar", "MetricsWriter"),
+    "open_clip_cxr_train.logs": ("log_line", "progress_bar", "MetricsWriter"),
 }
 _WHERE = {name: module for module, names in _MOVED.items() for name in names}
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from open_clip_cxr.search.demo import index_and_query
-from training.demo_summary import Steps, plot_curves, summarise  # noqa: F401  (importable from here)
+from open_clip_cxr_train.demo_summary import Steps, plot_curves, summarise  # noqa: F401  (importable from here)
 
 RECIPES = Path(__file__).parent / "recipes"
 TEXT_RECIPE = RECIPES / "text-cxr-llm-small-cpu.yaml"
@@ -74,9 +74,9 @@ def parse_reports() -> dict:
 
 def stage1(out: Path, schedule: str) -> dict:
     import torch
-    from training import text_stage
-    from training.recipe_check import resolve
-    from training.recipe_io import saved_differences
+    from open_clip_cxr_train import text_stage
+    from open_clip_cxr_train.recipe_check import resolve
+    from open_clip_cxr_train.recipe_io import saved_differences
     folder = out / "stage1"
     recipe = resolve(str(SCHEDULES[schedule]), ["eval.enabled=false"], "text")   # step 3 evaluates
     recipe["output_dir"] = str(folder)
@@ -105,8 +105,8 @@ def robustness(out: Path, n_reports: Optional[int], schedule: str) -> dict:
     from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn, openi_reports,
                                                run_robustness)
     from open_clip_cxr.precision import choose as choose_precision
-    from training.recipe_check import resolve
-    from training.text_stage import FrozenCast, tower_encode_fn
+    from open_clip_cxr_train.recipe_check import resolve
+    from open_clip_cxr_train.text_stage import FrozenCast, tower_encode_fn
     reports = openi_reports("test", limit=n_reports)
     print(f"{len(reports)} test-split reports")
     results = {}
@@ -169,9 +169,9 @@ def shards(out: Path) -> dict:
 
 def clip_stage(out: Path, steps: int) -> dict:
     from open_clip_cxr.data.manifest import shard_urls
-    from training import clip_stage as cs
-    from training import common
-    from training.recipe_check import resolve
+    from open_clip_cxr_train import clip_stage as cs
+    from open_clip_cxr_train import common
+    from open_clip_cxr_train.recipe_check import resolve
     from open_clip_cxr.data.manifest import load_manifest
     urls = {s: shard_urls(out / "shards", s) for s in ("train", "test")}
     n_train = sum(e["count"] for e in load_manifest(out / "shards")["shards"].values() if e["split"] == "train")
@@ -191,7 +191,7 @@ def _move_aside_if_other_recipe(out: Path, name: str, recipe: dict, defaults: Op
     """A run folder of an earlier demo trained from another recipe (e.g. before `text.from`
     existed, when its vision tower started at random): keep it aside and train afresh.
     `recipe` is resolved (`recipe_check.resolve`); the saved one's gaps are filled as a resume would."""
-    from training.recipe_io import saved_differences
+    from open_clip_cxr_train.recipe_io import saved_differences
     diff = saved_differences(str(out / name / "recipe.yaml"), recipe, defaults)
     if diff:
         n = 1 + sum(1 for _ in out.glob(f"{name}.previous-*"))
@@ -204,9 +204,9 @@ def export(out: Path, clip_metrics: dict, robustness_results: dict) -> dict:
     """The CLIP stage's folder, re-exported with a model card, then loaded back and compared."""
     import open_clip
     import torch
-    from conversion.export import embeddings, export_folder, verify_export
-    from hub_cards.card import render_card
-    from training import common
+    from open_clip_cxr_convert.export import embeddings, export_folder, verify_export
+    from open_clip_cxr_hub.card import render_card
+    from open_clip_cxr_train import common
     src = Path(clip_metrics.get("export_dir") or out / "clip" / "export")
     name = f"local-dir:{src}"
     model, _, _ = open_clip.create_model_and_transforms(name)
@@ -228,7 +228,7 @@ def export(out: Path, clip_metrics: dict, robustness_results: dict) -> dict:
                   card=card)
     provenance = json.loads((src / "open_clip_config.json").read_text()).get("provenance")
     if provenance:   # where the towers' weights came from, carried into the release folder
-        from training.towers import write_provenance
+        from open_clip_cxr_train.towers import write_provenance
         write_provenance(dest, provenance)
     diffs = verify_export(dest, reference)
     print(f"exported {dest}; reloaded through local-dir: max |diff| {diffs}")

@@ -25,10 +25,10 @@ from typing import Callable, Optional
 
 import torch
 
-from training.checkpoints import resume_from_checkpoint, save_checkpoint
-from training.logs import log_line, progress_bar
-from training.speedups import low_precision_dtype
-from training.throughput import Throughput, peak_flops, precision_name
+from open_clip_cxr_train.checkpoints import resume_from_checkpoint, save_checkpoint
+from open_clip_cxr_train.logs import log_line, progress_bar
+from open_clip_cxr_train.speedups import low_precision_dtype
+from open_clip_cxr_train.throughput import Throughput, peak_flops, precision_name
 
 
 class StopAfter(Exception):

@@ -22,8 +22,8 @@ import keyword
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from open_clip_cxr.errors import UsageError
-from training.recipe_io import get_by_path, load_recipe, set_by_path
-from training.recipe_schema import ALIASES, RUN_KEYS, Field, Section, schema, walk
+from open_clip_cxr_train.recipe_io import get_by_path, load_recipe, set_by_path
+from open_clip_cxr_train.recipe_schema import ALIASES, RUN_KEYS, Field, Section, schema, walk
 
 
 class RecipeError(UsageError):
@@ -177,10 +177,10 @@ def resolve_typed(path: Optional[str], sets: Iterable[str] = (), stage: str = "c
 def check_before_work(recipe: dict, stage: str) -> dict:
     """What a stage calls first: the recipe resolved (keys, values, defaults), then its data
     checked (`preflight`). Returns the resolved recipe."""
-    from training.preflight import check_training_data
+    from open_clip_cxr_train.preflight import check_training_data
     resolved = resolve_recipe(recipe, stage)
     if stage == "text":               # never train on a test split or on what is evaluated
-        from training.supcon import training_split
+        from open_clip_cxr_train.supcon import training_split
         try:
             training_split(resolved)
         except ValueError as e:
@@ -281,7 +281,7 @@ def help_text(stage: str, markdown: bool = False) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":          # python -m training.recipe_check [--markdown]: the README's tables
+if __name__ == "__main__":          # python -m open_clip_cxr_train.recipe_check [--markdown]: the README's tables
     import sys
     md = "--markdown" in sys.argv
     for i, stage in enumerate(("text", "clip")):

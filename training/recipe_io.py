@@ -57,7 +57,7 @@ def saved_differences(path: str, recipe: dict, defaults: Optional[dict] = None,
     if defaults is None:
         stage = stage or _stage_of(recipe)
         if stage:
-            from training.recipe_schema import saved_defaults
+            from open_clip_cxr_train.recipe_schema import saved_defaults
             defaults = saved_defaults(stage)
     return recipe_differences(_deep_merge(defaults, saved) if defaults else saved, recipe)
 

@@ -1,6 +1,6 @@
 """The typed recipe schema of each training stage: every key, its type, default, limits and meaning.
 
-    from training.recipe_schema import SCHEMAS, defaults
+    from open_clip_cxr_train.recipe_schema import SCHEMAS, defaults
     SCHEMAS["text"]["supcon"]["temperature"]   # Field(kind='float', default=0.05, rng=(0, False, None, False), ...)
     defaults("clip")                             # the nested dict every key falls back to
 
@@ -86,7 +86,7 @@ def _lora(targets, what: str, layers: bool = False, **kw) -> Section:
     return Section(fields, what, **kw)
 
 
-# the decoder's linear layers (also `training.mntp.LORA_TARGETS`; a test keeps them equal)
+# the decoder's linear layers (also `open_clip_cxr_train.mntp.LORA_TARGETS`; a test keeps them equal)
 LLM_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

@@ -10,12 +10,12 @@ from functools import partial
 import torch
 
 from open_clip_cxr.reports.variants import base_text
-from training.mntp import LORA_TARGETS, mask_tokens, resolve_mask_token_id, special_token_ids
-from training.speedups import FrozenCast
-from training.stage1_data import StepData
-from training.stage1_run import run_stage
-from training.stage1_model import MNTPModel, matmul_params, set_lora, trainable
-from training.throughput import flops_per_sample_transformer
+from open_clip_cxr_train.mntp import LORA_TARGETS, mask_tokens, resolve_mask_token_id, special_token_ids
+from open_clip_cxr_train.speedups import FrozenCast
+from open_clip_cxr_train.stage1_data import StepData
+from open_clip_cxr_train.stage1_run import run_stage
+from open_clip_cxr_train.stage1_model import MNTPModel, matmul_params, set_lora, trainable
+from open_clip_cxr_train.throughput import flops_per_sample_transformer
 
 
 class MNTPBatches:

@@ -10,11 +10,11 @@ import torch
 import torch.nn as nn
 
 from open_clip_cxr.precision import choose as choose_precision
-from training.mntp import IGNORE, LORA_TARGETS, mntp_loss
-from training.speedups import FrozenCast, low_precision_dtype
-from training.stage1_data import load_reports
-from training.text_embed import TextStateCache, length_chunks
-from training.throughput import peak_flops
+from open_clip_cxr_train.mntp import IGNORE, LORA_TARGETS, mntp_loss
+from open_clip_cxr_train.speedups import FrozenCast, low_precision_dtype
+from open_clip_cxr_train.stage1_data import load_reports
+from open_clip_cxr_train.text_embed import TextStateCache, length_chunks
+from open_clip_cxr_train.throughput import peak_flops
 
 
 def build_model(name: str, text_arch: Optional[str] = None):
@@ -127,7 +127,7 @@ def stage1_provenance(recipe: dict, mntp_steps: int, supcon_steps: int) -> dict:
     """The export's record of where its towers' weights came from: the text tower trained here;
     the vision tower never trained (stage 1 builds it without pretrained weights), so a CLIP
     stage started from this folder takes its vision weights elsewhere (`training/towers.py`)."""
-    from training.towers import is_folder, read_provenance
+    from open_clip_cxr_train.towers import is_folder, read_provenance
     name = recipe.get("model", "cxr-llm-small")
     vision = {"init": "random", "trained": False, "by": None}
     if is_folder(name):   # stage 1 continued from a folder: its vision tower is carried as it was

@@ -8,10 +8,10 @@ from typing import Optional
 
 import torch
 
-from training.checkpoints import TrainState
-from training.logs import MetricsWriter
-from training.loop import Cadence, Loop, resume
-from training.schedule import cosine_with_warmup
+from open_clip_cxr_train.checkpoints import TrainState
+from open_clip_cxr_train.logs import MetricsWriter
+from open_clip_cxr_train.loop import Cadence, Loop, resume
+from open_clip_cxr_train.schedule import cosine_with_warmup
 
 
 @dataclass

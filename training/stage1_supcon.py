@@ -17,13 +17,13 @@ from typing import Callable, List, Optional
 import torch
 
 from open_clip_cxr.text.instructions import with_instruction
-from training.speedups import FrozenCast
-from training.stage1_data import StepData
-from training.stage1_run import run_stage
-from training.stage1_model import cache_rate, matmul_params, set_lora, trainable
-from training.supcon import INSTRUCTIONS, Example, report_texts, sample_example, text_key
-from training.supcon_loss import supcon_loss
-from training.text_embed import CachedEmbedder, Embedder, TextStateCache
+from open_clip_cxr_train.speedups import FrozenCast
+from open_clip_cxr_train.stage1_data import StepData
+from open_clip_cxr_train.stage1_run import run_stage
+from open_clip_cxr_train.stage1_model import cache_rate, matmul_params, set_lora, trainable
+from open_clip_cxr_train.supcon import INSTRUCTIONS, Example, report_texts, sample_example, text_key
+from open_clip_cxr_train.supcon_loss import supcon_loss
+from open_clip_cxr_train.text_embed import CachedEmbedder, Embedder, TextStateCache
 
 
 @dataclass

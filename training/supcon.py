@@ -177,6 +177,6 @@ def text_key(text: str) -> int:
 
 
 # the embedding and the loss live in their own modules; their names stay importable from here
-from training.text_embed import (CachedEmbedder, Embedder, TextStateCache, _run_layers, layer_range,  # noqa: E402,F401
+from open_clip_cxr_train.text_embed import (CachedEmbedder, Embedder, TextStateCache, _run_layers, layer_range,  # noqa: E402,F401
                                  length_chunks)
-from training.supcon_loss import _info_nce, gather_keys, gather_with_grad, supcon_loss  # noqa: E402,F401
+from open_clip_cxr_train.supcon_loss import _info_nce, gather_keys, gather_with_grad, supcon_loss  # noqa: E402,F401

@@ -1,6 +1,6 @@
 """`open-clip-cxr train-text`: its flags, free of torch so that `--help` answers at once.
 
-The work is `training.text_stage.run`, imported only when the command runs.
+The work is `open_clip_cxr_train.text_stage.run`, imported only when the command runs.
 """
 import argparse
 import os
@@ -16,7 +16,7 @@ class HelpRecipe(argparse.Action):
         self.stage = stage
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from training.recipe_check import help_text
+        from open_clip_cxr_train.recipe_check import help_text
         print(help_text(self.stage))
         parser.exit()
 
@@ -38,5 +38,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from training import text_stage
+    from open_clip_cxr_train import text_stage
     return text_stage.run(args)

@@ -32,20 +32,20 @@ from pathlib import Path
 
 import torch
 
-from training import accel, common
-from training.checkpoints import RunLock, TrainState, keep_trainable_only
-from training.logs import MetricsWriter
-from training.loop import StopAfter
-from training.speedups import FrozenCast, low_precision_dtype  # noqa: F401  (FrozenCast: the demo's import)
-from training.supcon import training_split
-from training.throughput import peak_header
+from open_clip_cxr_train import accel, common
+from open_clip_cxr_train.checkpoints import RunLock, TrainState, keep_trainable_only
+from open_clip_cxr_train.logs import MetricsWriter
+from open_clip_cxr_train.loop import StopAfter
+from open_clip_cxr_train.speedups import FrozenCast, low_precision_dtype  # noqa: F401  (FrozenCast: the demo's import)
+from open_clip_cxr_train.supcon import training_split
+from open_clip_cxr_train.throughput import peak_header
 # the pieces, importable from here as before
-from training.stage1_data import TABLE_KEYS, StepData, _reports_from_shards, load_reports  # noqa: F401
-from training.stage1_model import (MNTPModel, build_model, cache_rate, evaluate, lora_targets,  # noqa: F401
+from open_clip_cxr_train.stage1_data import TABLE_KEYS, StepData, _reports_from_shards, load_reports  # noqa: F401
+from open_clip_cxr_train.stage1_model import (MNTPModel, build_model, cache_rate, evaluate, lora_targets,  # noqa: F401
                                    matmul_params, set_lora, stage1_provenance, tower_encode_fn, trainable)
-from training.stage1_mntp import mntp_phase
-from training.stage1_run import Stage1Run, run_stage  # noqa: F401
-from training.stage1_supcon import supcon_phase
+from open_clip_cxr_train.stage1_mntp import mntp_phase
+from open_clip_cxr_train.stage1_run import Stage1Run, run_stage  # noqa: F401
+from open_clip_cxr_train.stage1_supcon import supcon_phase
 
 DEFAULT_RECIPE = Path(__file__).parent / "recipes" / "text-cxr-llm-small-cpu.yaml"
 
@@ -63,7 +63,7 @@ def train(recipe: dict) -> dict:
 
 def _train(recipe: dict) -> dict:
     t0 = time.time()
-    from training.recipe_check import check_before_work   # refused recipes and data leave no run folder
+    from open_clip_cxr_train.recipe_check import check_before_work   # refused recipes and data leave no run folder
     accel.check_precision_env()
     recipe = dict(check_before_work(recipe, "text"))
     recipe.setdefault("train", {})
@@ -113,8 +113,8 @@ def _export(run: Stage1Run, m_steps: int, s_steps: int) -> None:
     """OUT/ as an OpenCLIP folder with its provenance; the robustness suite into eval.json."""
     accelerator, recipe, out = run.accelerator, run.recipe, run.out
     if accelerator.is_main_process:
-        from conversion.export import export_folder
-        from training.towers import write_provenance
+        from open_clip_cxr_convert.export import export_folder
+        from open_clip_cxr_train.towers import write_provenance
         export_folder(run.model, run.model_cfg, run.tokenizer, out, preprocess_cfg=run.preprocess_cfg)
         write_provenance(out, stage1_provenance(recipe, m_steps, s_steps))
         accelerator.print(f"exported {out} (load with open_clip.create_model_and_transforms('local-dir:{out}'))")
@@ -127,7 +127,7 @@ def _export(run: Stage1Run, m_steps: int, s_steps: int) -> None:
 
 # ---------------------------------------------------------------- CLI
 
-from training.text_cli import add_arguments  # noqa: E402,F401  (the flags live there, free of torch: a fast --help)
+from open_clip_cxr_train.text_cli import add_arguments  # noqa: E402,F401  (the flags live there, free of torch: a fast --help)
 
 
 def run(args: argparse.Namespace) -> int:

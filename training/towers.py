@@ -49,7 +49,7 @@ import torch.nn as nn
 
 from open_clip_cxr.errors import UsageError
 # folders as sources (importable from here as before)
-from training.tower_folders import (CONFIG_NAME, FOLDER_SCHEMAS, NORM_TYPES, folder_config,  # noqa: F401
+from open_clip_cxr_train.tower_folders import (CONFIG_NAME, FOLDER_SCHEMAS, NORM_TYPES, folder_config,  # noqa: F401
                                     folder_state_dict, is_folder, norms_at_init, read_provenance, sub_state,
                                     write_provenance)
 

@@ -3,7 +3,7 @@
 Every rule table of the rewriters (abbreviation lexicon entries, synonym pairs, negation
 templates, severity swaps, inserted-error sentences) is split by entry into a "train" part and
 a "heldout" part, by a hash of the entry's key (stable when entries are added or reordered).
-Stage 1 draws rewrites from the train part only (`training.supcon.report_texts`); the
+Stage 1 draws rewrites from the train part only (`open_clip_cxr_train.supcon.report_texts`); the
 held-out protocol (`open_clip_cxr.eval.robustness.run_heldout`) builds its variants from the
 held-out part plus rewrite operations no training rule makes (`reports.noise`). A model that
 learned our lexicon rather than abbreviation in general fails there, as it failed on the
