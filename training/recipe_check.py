@@ -62,7 +62,7 @@ EXTRA_KEYS: Dict[str, Dict[str, Any]] = {
         "supcon.instruction_prob": 0.0, "supcon.cache": True, "supcon.cache_reports": 1, "supcon.head_lr": 1e-3,
         "supcon.head_steps": 1, "supcon.max_variants": 1, "supcon.lora.layers": 2,
         "supcon.variants": "rules", "supcon.paraphraser": "x", "supcon.p_phrases": 0.0,
-        "supcon.variant_styles": ["x"],
+        "supcon.variant_styles": ["x"], "supcon.negative_seeds": 1,
         "eval.enabled": True, "eval.split": "validate", "eval.limit": 1, "eval.seed": 0, "eval.bf16": True,
     },
     "clip": {**_COMMON_EXTRA},

@@ -420,7 +420,8 @@ def _train(recipe: dict) -> dict:
             from open_clip_cxr.reports.paraphrase import llm_report_texts
             texts_fn = llm_report_texts(report_texts, reports, scfg, out / "work" / "llm_variants", accelerator.print)
         p_phrases = float(scfg.get("p_phrases", 0.0))     # sentence-level abbreviation pairs (supcon.py)
-        text_kw = {"phrases": p_phrases > 0, "styles": scfg.get("variant_styles")}   # null: every style
+        text_kw = {"phrases": p_phrases > 0, "styles": scfg.get("variant_styles"),   # null: every style
+                   "negative_seeds": int(scfg.get("negative_seeds", 1))}            # one-error copies drawn k times
         max_tokens = int(recipe["train"].get("max_tokens", 4096))
         n_layers = tower.config.llm_config().num_hidden_layers
         top = min(int(lora_cfg.get("layers") or n_layers), n_layers) if lora_cfg else 0   # adapted layers
