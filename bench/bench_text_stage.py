@@ -23,6 +23,10 @@ variants built only from the held-out part of the rule tables and from rewrites 
 makes (`open_clip_cxr.reports.noise`), error templates from the held-out part; then the targets
 of issue 19 (held-out abbreviation >= 0.90, paraphrase >= 0.93, error discrimination >= 0.90).
 `--heldout-styles --both` prints the in-distribution table first.
+
+Tower columns compute in `--precision` (default auto: bf16 only where `open_clip_cxr.precision`
+measures it faster on this CPU; printed with the CPU model). `--fold-capitals on|off` forces the
+tokenizer's case folding of mostly-capital texts (default: what the model's config says).
 """
 import argparse
 import json
