@@ -23,6 +23,10 @@ variants built only from the held-out part of the rule tables and from rewrites 
 makes (`open_clip_cxr.reports.noise`), error templates from the held-out part; then the targets
 of issue 19 (held-out abbreviation >= 0.90, paraphrase >= 0.93, error discrimination >= 0.90).
 `--heldout-styles --both` prints the in-distribution table first.
+
+Tower columns compute in `--precision` (default auto: bf16 only where `open_clip_cxr.precision`
+measures it faster on this CPU; printed with the CPU model). `--fold-capitals on|off` forces the
+tokenizer's case folding of mostly-capital texts (default: what the model's config says).
 """
 import argparse
 import json
@@ -58,8 +62,11 @@ def tower_column(name: str, seed: int):
     return tower, tokenizer
 
 
-def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",), unshout=False) -> dict:
-    """{protocol: suite result} for one column, each protocol of `styles` ("train", "heldout")."""
+def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",), unshout=False,
+                    dtype=torch.bfloat16, fold=None) -> dict:
+    """{protocol: suite result} for one column, each protocol of `styles` ("train", "heldout").
+    Tower columns compute in `dtype` (None: fp32); `fold` (True/False) overrides the tokenizer's
+    `fold_capitals` setting (None: the model config's)."""
     from open_clip_cxr_train.speedups import FrozenCast
     from open_clip_cxr_train.text_stage import tower_encode_fn
     if column == "bow":
@@ -69,12 +76,14 @@ def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("t
     else:
         name = column if column in open_clip_cxr.list_models() else f"local-dir:{column}"
         tower, tokenizer = tower_column(name, seed)
-        FrozenCast(tower, torch.bfloat16)   # weights in bf16 for speed; nothing is merged afterwards
-        fn = tower_encode_fn(tower, tokenizer, max_tokens=max_tokens)
+        if fold is not None:
+            tokenizer.fold_capitals = fold
+        FrozenCast(tower, dtype)   # bf16: weights stored in bf16 for speed; nothing is merged afterwards
+        fn = tower_encode_fn(tower, tokenizer, max_tokens=max_tokens, dtype=dtype)
         if unshout:     # an input normaliser in front of the tower (measured, not part of the model)
-            from open_clip_cxr.reports.noise import unshout as fold
+            from open_clip_cxr.reports.noise import unshout as unshout_fn
             enc = fn
-            fn = lambda texts: enc([fold(t) for t in texts])  # noqa: E731
+            fn = lambda texts: enc([unshout_fn(t) for t in texts])  # noqa: E731
     return {st: run_robustness(reports, fn, seed=seed, styles=st) for st in styles}
 
 
@@ -118,9 +127,19 @@ def main():
     ap.add_argument("--unshout", action="store_true",
                     help="lower-case all-caps inputs before the tower columns (reports.noise.unshout); "
                          "their columns are named '<folder>+unshout'")
+    ap.add_argument("--fold-capitals", choices=("config", "on", "off"), default="config",
+                    help="the tokenizer's case folding of mostly-capital texts (text_cfg.tokenizer_kwargs."
+                         "fold_capitals): as the model config says, or forced; forced columns are named "
+                         "'<folder>+fold' / '<folder>+nofold'")
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                    help="the tower columns' compute precision; auto: bf16 only where open_clip_cxr.precision "
+                         "measures it faster on this CPU (OPEN_CLIP_CXR_PRECISION overrides)")
     args = ap.parse_args()
     protocols = (["train"] if args.both or not args.heldout_styles else []) + (["heldout"] if args.heldout_styles else [])
     torch.set_num_threads(args.threads)
+    from open_clip_cxr.precision import choose
+    choice = choose(args.precision, "cpu", threads=args.threads)
+    print(f"CPU: {_cpu_name()}; {args.threads} thread(s); tower columns: {choice.line()}", flush=True)
 
     timings = {}
     if args.train:
@@ -141,32 +160,47 @@ def main():
 
     if args.unshout:
         args.after = [a + "+unshout" for a in args.after]
+    fold = {"config": None, "on": True, "off": False}[args.fold_capitals]
+    if fold is not None:
+        args.after = [a + ("+fold" if fold else "+nofold") for a in args.after]
     columns = [c for c in args.columns.split(",") if c] + args.after
     for st in protocols:
         results = {}
         store = stores[st]
         for col in columns:
             fresh_after = col in args.after and col in timings   # just trained: never reuse
-            if col in store and not fresh_after and not (col in args.after and _newer(col, store[col])):
+            same_precision = store.get(col, {}).get("precision", choice.precision) == choice.precision \
+                or col in ("bow", "minilm")
+            if col in store and same_precision and not fresh_after and not (col in args.after and _newer(col, store[col])):
                 results[col] = store[col]
                 continue
             t = time.time()
-            res = evaluate_column(col.removesuffix("+unshout"), reports, args.seed, args.max_tokens, (st,),
-                                  unshout=col.endswith("+unshout"))[st]
+            res = evaluate_column(_folder(col), reports, args.seed, args.max_tokens, (st,),
+                                  unshout="+unshout" in col, dtype=choice.dtype, fold=fold)[st]
             res["eval_wall_s"] = round(time.time() - t, 1)
+            if col not in ("bow", "minilm"):
+                res["precision"] = choice.precision
             if col in timings:
                 res["train"] = timings[col]
             if col in args.after:
-                res["mtime"] = os.path.getmtime(Path(col.removesuffix("+unshout")) / "open_clip_model.safetensors")
+                res["mtime"] = os.path.getmtime(Path(_folder(col)) / "open_clip_model.safetensors")
             results[col] = store[col] = res
             print(f"{col} [{st}]: evaluated in {res['eval_wall_s']} s", flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cache, indent=2))
         title = ("style-held-out protocol (held-out rules + unseen rewrites)" if st == "heldout"
                  else "in-distribution suite (training part of the rule tables)")
-        print(f"\n== {title}; {len(reports)} {args.split} reports; CPU: {_cpu_name()}")
+        print(f"\n== {title}; {len(reports)} {args.split} reports; CPU: {_cpu_name()}; "
+              f"tower columns in {choice.precision} ({choice.requested}), {args.threads} thread(s)")
         print(format_table(results))
         _summary(results, args.after, st)
+
+
+def _folder(col: str) -> str:
+    """The model of a column name (without its +unshout / +fold / +nofold marks)."""
+    for mark in ("+nofold", "+fold", "+unshout"):
+        col = col.removesuffix(mark)
+    return col
 
 
 def _cpu_name() -> str:
@@ -199,7 +233,7 @@ def _summary(results: dict, after, protocol: str) -> None:
 
 def _newer(col: str, cached: dict) -> bool:
     """The folder was re-exported since its column was cached."""
-    weights = Path(col.removesuffix("+unshout")) / "open_clip_model.safetensors"
+    weights = Path(_folder(col)) / "open_clip_model.safetensors"
     return weights.exists() and os.path.getmtime(weights) != cached.get("mtime")
 
 

@@ -66,10 +66,26 @@ class _ResolvingAutoModel:
 
 class _NoRemoteCodeHFTokenizer(open_clip.tokenizer.HFTokenizer):
     """OpenCLIP's `HFTokenizer` with `trust_remote_code=False` forced (a config's
-    `tokenizer_kwargs` cannot turn it on)."""
+    `tokenizer_kwargs` cannot turn it on), and our one tokenizer option:
+    `text_cfg.tokenizer_kwargs.fold_capitals` (default off; on in our model configs but
+    `cxr-llm`, whose tokenization follows the authors'): mostly-capital texts are lower-cased
+    before tokenising (`text/case.py`). `open_clip.get_tokenizer(name, fold_capitals=False)`
+    overrides a config."""
 
-    def __init__(self, tokenizer_name, *args, **kwargs):
+    def __init__(self, tokenizer_name, *args, fold_capitals: bool = False, **kwargs):
         super().__init__(tokenizer_name, *args, **{**kwargs, "trust_remote_code": False})
+        self.fold_capitals = bool(fold_capitals)
+
+    def fold(self, texts):
+        if isinstance(texts, str):
+            texts = [texts]
+        if not self.fold_capitals:
+            return list(texts)
+        from .text.case import fold_capitals
+        return [fold_capitals(t) for t in texts]
+
+    def __call__(self, texts, context_length=None):
+        return super().__call__(self.fold(texts), context_length)
 
 
 def _register_transformers():

@@ -118,6 +118,26 @@ def test_cli_text_robustness_with_baselines(tmp_path, monkeypatch, capsys):
     res = json.load(open(tmp_path / "results.json"))["results"]
     assert res["by_model"]["bag-of-words"]["n_reports"] == 4
     assert "bag-of-words" in capsys.readouterr().out
+    assert res["styles"] == "train" and list(res["by_protocol"]) == ["train"]
+
+
+def test_cli_text_robustness_styles_both(tmp_path, monkeypatch, capsys):
+    import argparse
+    from open_clip_cxr.eval import cli
+    monkeypatch.setattr(RB, "openi_reports", lambda split=None, limit=None: REPORTS)
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--task", "text-robustness", "--baselines", "bow", "--styles", "both", "--out", str(tmp_path)])
+    assert cli.run(args) == 0
+    res = json.load(open(tmp_path / "results.json"))["results"]
+    assert list(res["by_protocol"]) == ["train", "heldout"]
+    held = res["by_protocol"]["heldout"]["bag-of-words"]
+    assert held["styles"] == "heldout" and res["by_model"]["bag-of-words"]["styles"] == "train"
+    assert any(s in held["variant_to_original"] for s in ("caps_headers", "typos", "numbered_list"))
+    out = capsys.readouterr().out
+    assert "== train styles" in out and "== heldout styles" in out
+    with pytest.raises(SystemExit):
+        p.parse_args(["--task", "text-robustness", "--styles", "unseen"])
 
 
 @pytest.mark.slow

@@ -194,3 +194,39 @@ def test_spec_overrides_merge_into_the_llm_dict():
     cfg = config_from_spec('cxr-text:cxr-llm-small{"llm": {"num_hidden_layers": 3}, "num_latents": 8}')
     small = config_from_spec("cxr-text:cxr-llm-small")
     assert cfg.llm == {**small.llm, "num_hidden_layers": 3} and cfg.num_latents == 8
+
+
+# ---------------------------------------------------------------- case folding in the tokenizer
+
+SHOUTED = "FINDINGS: NO PNEUMOTHORAX. SMALL RIGHT PLEURAL EFFUSION, CHF. IMPRESSION: NO ACUTE DISEASE."
+
+
+def test_fold_capitals_folds_shouted_text_and_leaves_mixed_case():
+    from open_clip_cxr.text.case import fold_capitals
+    assert fold_capitals(SHOUTED) == SHOUTED.lower()
+    mixed = "FINDINGS: No PTX in the RLL. Mild cardiomegaly, CHF. IMPRESSION: Stable since the prior study."
+    assert fold_capitals(mixed) == mixed
+    assert fold_capitals("") == "" and fold_capitals("1. 2.") == "1. 2."
+    # an instruction is judged apart from the text it introduces; the separator is kept
+    assert fold_capitals("Retrieve the report <file_sep>" + SHOUTED) == "Retrieve the report <file_sep>" + SHOUTED.lower()
+    assert fold_capitals("Retrieve it !@#$%^&*()NO PTX") == "Retrieve it !@#$%^&*()no ptx"
+
+
+def test_tokenizer_folds_capitals_per_model_config(tiny, tmp_path):
+    import json
+    import open_clip
+    from open_clip_cxr_convert.export import export_folder
+    model, _, tok = tiny
+    assert tok.fold_capitals   # on in our configs (text_cfg.tokenizer_kwargs)
+    assert torch.equal(tok([SHOUTED]), tok([SHOUTED.lower()]))
+    mixed = "FINDINGS: No PTX in the RLL. Mild cardiomegaly, CHF. IMPRESSION: Stable."
+    raw = open_clip.get_tokenizer("cxr-llm-tiny", fold_capitals=False)
+    assert not raw.fold_capitals
+    assert torch.equal(tok([mixed]), raw([mixed]))                   # normal mixed case untouched
+    assert not torch.equal(raw([SHOUTED]), raw([SHOUTED.lower()]))   # the byte tokenizer reads case
+    # the option travels with an exported folder, and `local-dir:` reads it back
+    out = export_folder(model, open_clip.get_model_config("cxr-llm-tiny"), tok, tmp_path / "out", merge_lora=False)
+    cfg = json.loads((out / "open_clip_config.json").read_text())
+    assert cfg["model_cfg"]["text_cfg"]["tokenizer_kwargs"]["fold_capitals"] is True
+    again = open_clip.get_tokenizer(f"local-dir:{out}")
+    assert again.fold_capitals and torch.equal(again([SHOUTED]), tok([SHOUTED.lower()]))

@@ -89,3 +89,18 @@ def test_phrase_pairs_pair_a_short_form_with_its_expansion():
     assert all(e.task == "phrase" for e in exs)
     assert {(e.anchor, e.positive) for e in exs} <= {p for s, lg, _ in pairs for p in ((s, lg), (lg, s))}
     assert report_texts(r, 0).phrases == []
+
+
+def test_negative_seeds_draw_more_distinct_one_error_copies():
+    from open_clip_cxr.reports.negatives import hard_negatives
+    r = Report("x", "test", findings="The heart is normal in size. Small left pleural effusion. No pneumothorax. "
+               "Mild right basilar atelectasis.", impression="Small left effusion. No acute disease.")
+    one, three = report_texts(r, 0), report_texts(r, 0, negative_seeds=3)
+    assert one.negatives == [v.text for v in hard_negatives(r, 0, part="train")]   # default unchanged
+    assert set(one.negatives) < set(three.negatives) and len(set(three.negatives)) == len(three.negatives)
+    assert all(len(three.sections[k]) >= len(one.sections[k]) for k in one.sections)
+    assert three.base not in three.negatives
+    # every copy is still drawn from the training part of the error templates
+    held = {v.text for s in range(0, 3 * 7_919, 7_919) for v in hard_negatives(r, s, part="heldout")}
+    train = {v.text for s in range(0, 3 * 7_919, 7_919) for v in hard_negatives(r, s, part="train")}
+    assert set(three.negatives) == train and (held - train) and not (set(three.negatives) & (held - train))

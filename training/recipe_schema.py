@@ -165,6 +165,7 @@ TEXT: Dict[str, Any] = {
         "cache_reports": F("int", None, "reports whose texts are cached (null: all)", GE1),
         "max_variants": F("int", None, "rewrites kept per report (null: all)", GE1),
         "variant_styles": F("list", None, "rewrite styles trained on (null: every style)"),
+        "negative_seeds": F("int", 1, "draw each report's one-error copies this many times (more error sentences)", GE1),
         "variants": F("str", "rules", "where rewrites come from", choices=("rules", "llm", "both")),
         "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both)"),
         "paraphraser_batch_size": F("int", 8, "reports per paraphraser call", GE1),

@@ -44,7 +44,8 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
     if scfg.get("variants", "rules") != "rules":
         from open_clip_cxr.reports.paraphrase import llm_report_texts
         texts_fn = llm_report_texts(report_texts, reports, scfg, run.out / "work" / "llm_variants", acc.print)
-    text_kw = {"phrases": float(scfg.get("p_phrases", 0.0)) > 0, "styles": scfg.get("variant_styles")}
+    text_kw = {"phrases": float(scfg.get("p_phrases", 0.0)) > 0, "styles": scfg.get("variant_styles"),  # null: every style
+               "negative_seeds": int(scfg.get("negative_seeds", 1))}      # one-error copies drawn k times
     max_tokens = int(run.recipe["train"].get("max_tokens", 4096))
     if not scfg.get("cache"):
         return SupconData(Embedder(run.tower, run.pad, max_tokens),

@@ -91,14 +91,27 @@ def phrase_pairs(text: str, seed: int = 0, part: Optional[str] = "train", max_pa
     return out
 
 
+def _negatives(report: Report, seed: int, part: Optional[str], negative_seeds: int) -> List[str]:
+    """One-error copies of `report` drawn with `negative_seeds` seeds (each seed: at most one per
+    error type, on another sentence / template), duplicates dropped."""
+    out: List[str] = []
+    for k in range(max(1, negative_seeds)):
+        for v in hard_negatives(report, seed + 7_919 * k, part=part):
+            if v.text not in out:
+                out.append(v.text)
+    return out
+
+
 def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = None,
                  part: Optional[str] = "train", phrases: bool = False,
-                 styles: Optional[Sequence[str]] = None) -> Optional[ReportTexts]:
+                 styles: Optional[Sequence[str]] = None, negative_seeds: int = 1) -> Optional[ReportTexts]:
     """The texts of one report (None without text); `seed` picks the rewrites, `max_variants`
     keeps a random subset of the rewrite styles (fewer texts per report, more reports per budget),
     `phrases` adds sentence-level abbreviation pairs (`phrase_pairs`), `styles` keeps only those
-    rewrite styles (None: every style of `VARIANT_STYLES`). Rewrites come from the `part` of the style split ("train": never the held-out entries the
-    held-out protocol measures with; None: both parts, for ablations only)."""
+    rewrite styles (None: every style of `VARIANT_STYLES`), `negative_seeds` draws the one-error
+    copies that many times (more error sentences and templates per report; recipe key
+    `supcon.negative_seeds`). Rewrites come from the `part` of the style split ("train": never the
+    held-out entries the held-out protocol measures with; None: both parts, for ablations only)."""
     base = base_text(report)
     if not base:
         return None
@@ -106,13 +119,13 @@ def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = No
                 if v.text != base and (styles is None or v.style in styles)]
     if max_variants is not None and len(variants) > max_variants:
         variants = random.Random(seed).sample(variants, max_variants)
-    negatives = [v.text for v in hard_negatives(report, seed, part=part)]
+    negatives = _negatives(report, seed, part, negative_seeds)
     sections = {}
     findings, impression = report.findings.strip(), report.impression.strip()
     if findings and impression:
         for text in (findings, impression):   # errors of the section alone, read as a one-section report
-            sections[text] = [v.text for v in hard_negatives(
-                Report(study_id=report.study_id, source=report.source, findings=text), seed, part=part)]
+            sections[text] = _negatives(Report(study_id=report.study_id, source=report.source, findings=text),
+                                        seed, part, negative_seeds)
     return ReportTexts(base, variants, negatives, sections, phrase_pairs(base, seed, part) if phrases else [])
 
 

@@ -121,6 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--reports-split", default="test", help="split to use ('all': every report)")
     t.add_argument("--reports-limit", type=int, default=None, help="at most this many reports")
     t.add_argument("--seed", type=int, default=0, help="variant and gallery sampling seed")
+    t.add_argument("--styles", choices=("train", "heldout", "both"), default="train",
+                   help="rewrite rules of the variants: the training part of the style split, the held-out "
+                        "part and unseen rewrites (the style-held-out protocol), or both tables")
 
 
 def _urls(patterns):
@@ -292,9 +295,12 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
             raise SystemExit(f"unknown baseline {b!r}; use bow, minilm")
     if not encoders:
         raise SystemExit("--task text-robustness needs --model or --baselines")
-    results = {name: R.run_robustness(reports, fn, seed=args.seed) for name, fn in encoders.items()}
-    print(R.format_table(results))
-    return {"by_model": results, "reports": spec["source"], "reports_split": args.reports_split}
+    suites = R.run_suites(reports, encoders, seed=args.seed, styles=args.styles)
+    for st, results in suites.items():
+        print(f"== {st} styles\n" + R.format_table(results))
+    # by_model: the first protocol's results (train, unless --styles heldout); by_protocol: each
+    return {"by_model": next(iter(suites.values())), "by_protocol": suites, "styles": args.styles,
+            "reports": spec["source"], "reports_split": args.reports_split}
 
 
 def run(args) -> int:

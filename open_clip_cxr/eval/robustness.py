@@ -150,6 +150,17 @@ def run_heldout(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0, *
     return run_robustness(reports, encode_fn, seed=seed, styles="heldout", **kw)
 
 
+def run_suites(reports: Sequence[Report], encoders: Dict[str, EncodeFn], seed: int = 0,
+               styles: str = "train") -> Dict[str, Dict[str, dict]]:
+    """{protocol: {encoder name: suite result}} (`open-clip-cxr eval --styles`): "train" or
+    "heldout" runs that protocol, "both" the training-part suite and then the held-out one."""
+    if styles not in ("train", "heldout", "both"):
+        raise ValueError(f"styles must be train, heldout or both, got {styles!r}")
+    protocols = ("train", "heldout") if styles == "both" else (styles,)
+    return {st: {name: run_robustness(reports, fn, seed=seed, styles=st) for name, fn in encoders.items()}
+            for st in protocols}
+
+
 def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0,
                    variants_fn: Optional[Callable[[Report], List[Variant]]] = None,
                    negatives_fn: Optional[Callable[[Report], List[Variant]]] = None,

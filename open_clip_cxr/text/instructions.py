@@ -92,6 +92,8 @@ class LLM2VecTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         ctx = context_length or self.context_length
+        fold = getattr(self.base, "fold", None)    # `text_cfg.tokenizer_kwargs.fold_capitals` (openclip_hooks)
+        texts = fold(texts) if fold is not None else texts
         out = torch.full((len(texts), ctx), self.pad_id, dtype=torch.long)
         for i, text in enumerate(texts):
             ids = self.encode_one(text, ctx - 1)
