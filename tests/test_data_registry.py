@@ -69,3 +69,13 @@ def test_unknown_source_names_the_registered_ones():
         list(registry.iter_reports({"source": "nope"}))
     with pytest.raises(ValueError, match="holds no images"):
         registry.iter_source("shards")
+
+
+def test_a_stage1_recipe_may_name_any_registered_source(toy_source):
+    """The typed recipe reads its `data.source` choices from the registry: a new reader is a
+    valid stage-1 source at once; an unknown name is refused naming the registered ones."""
+    from open_clip_cxr.errors import UsageError
+    from open_clip_cxr_train.recipe_check import resolve_recipe
+    assert resolve_recipe({"data": {"source": "toy"}}, "text")["data"]["source"] == "toy"
+    with pytest.raises(UsageError, match=r"data.source.*'toyz'.*openi.*toy"):
+        resolve_recipe({"data": {"source": "toyz"}}, "text")

@@ -150,11 +150,20 @@ def resolve_recipe(recipe: dict, stage: str) -> dict:
     if run_keys.get("resolved") is not None and not isinstance(run_keys["resolved"], dict):
         _fail("resolved", f"expected a section (key: value lines), got {run_keys['resolved']!r}")
     out = _section(user, table, "", stage)
+    if stage == "text" and out["data"]["source"] not in _source_names():
+        _fail("data.source", f"{out['data']['source']!r} is not a registered report source; use one of "
+                             f"{', '.join(_source_names())} (or register a reader: open_clip_cxr.data.registry)")
     if stage == "text" and out["supcon"]["head_lr"] is None:
         out["supcon"]["head_lr"] = 10 * out["supcon"]["lr"]       # the pooler starts random: a faster rate
     if run_keys.get("resolved") is not None:
         out["resolved"] = run_keys["resolved"]
     return out
+
+
+def _source_names() -> List[str]:
+    """The report sources stage 1 can read: every registered one (a new dataset's reader counts)."""
+    from open_clip_cxr.data.registry import sources
+    return list(sources())
 
 
 def check_recipe(recipe: dict, stage: str) -> dict:

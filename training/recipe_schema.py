@@ -130,7 +130,8 @@ TEXT: Dict[str, Any] = {
                                 "cxr-text:cxr-llm-small{\"llm\": {\"num_hidden_layers\": 3}}"),
     "max_length": F("int", 128, "tokens per text (longer texts are cut)", GE1),
     "data": Section({
-        "source": F("str", "openi", "reports read when data.shards is unset", choices=("openi", "table")),
+        "source": F("str", "openi", "reports read when data.shards is unset: a registered source "
+                    "(open_clip_cxr.data.registry: openi, table, ...)"),
         "split": F("str", "train", "the split trained on (hash split of the study id); never a test split"),
         "shards": F("str|list", None, "WebDataset shards of reports (or their txt/json list); several joined "
                                       "with ::"),
