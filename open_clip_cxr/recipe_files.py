@@ -60,9 +60,18 @@ def get_by_path(d: dict, dotted: str, default: Any = None) -> Any:
 
 
 def read_yaml(path: str) -> Any:
-    """One YAML file as written (no `base:`), `1e-4` read as a float."""
-    with open(path) as f:
-        return yaml.load(f, Loader=_Loader)
+    """One YAML file as written (no `base:`), `1e-4` read as a float. A missing file or broken
+    YAML is a `UsageError` naming the file (one line at the command line, not a traceback)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"recipe {path} does not exist: give the path of a YAML recipe "
+                         "(the shipped ones are in training/recipes/)")
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_Loader)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise UsageError(f"recipe {path} is not valid YAML{line}: {getattr(e, 'problem', None) or e}") from None
 
 
 def load_recipe(path: Optional[str], overrides: Iterable[str] = ()) -> dict:

@@ -331,3 +331,20 @@ def test_readme_holds_the_generated_recipe_tables(stage):
     when a key changes."""
     from open_clip_cxr_train.recipe_check import help_text
     assert help_text(stage, markdown=True) in (ROOT / "README.md").read_text()
+
+
+def test_a_missing_or_broken_recipe_file_is_one_line_naming_it(tmp_path):
+    """`--recipe` naming no file, a `base:` naming no file, and YAML that does not parse: each a
+    UsageError naming the file, not an OSError/YAMLError traceback."""
+    from open_clip_cxr.errors import UsageError
+    from open_clip_cxr.recipe_files import load_recipe
+    with pytest.raises(UsageError, match=r"recipe .*nope\.yaml does not exist"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+    child = tmp_path / "child.yaml"
+    child.write_text("base: missing-base.yaml\ntrain: {epochs: 1}\n")
+    with pytest.raises(UsageError, match=r"missing-base\.yaml does not exist"):
+        load_recipe(str(child))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1, 2\n")
+    with pytest.raises(UsageError, match=r"bad\.yaml is not valid YAML \(line"):
+        load_recipe(str(bad))
