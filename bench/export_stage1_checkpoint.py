@@ -57,8 +57,8 @@ def main(argv=None) -> int:
     m_steps = int(mcfg.get("steps", 0))
     if m_steps:
         set_lora(tower, {**mcfg.get("lora", {}), "target_modules": mcfg.get("lora", {}).get("target_modules", LORA_TARGETS)})
-        load_adapter_state_dict(tower.llm, torch.load(run / "work" / "mntp" / "adapter.pt", map_location="cpu",
-                                                      weights_only=True))
+        adapter = torch.load(run / "work" / "mntp" / "adapter.pt", map_location="cpu", weights_only=True)
+        load_adapter_state_dict(tower.llm, adapter)
         set_lora(tower, None)
     state = {k[len("tower."):]: v for k, v in load_file(str(ckpt / "model.safetensors")).items()}
     missing = set(state) - set(tower.state_dict())

@@ -456,7 +456,7 @@ def test_demo_step_indexes_held_out_films_and_prints_both_queries(tmp_path, caps
 
 
 def test_local_dir_names_are_stored_absolute(tmp_path, monkeypatch):
-    from open_clip_cxr.search.build import norm_model_name
+    from open_clip_cxr.search.model_record import norm_model_name
     monkeypatch.chdir(tmp_path)
     assert norm_model_name("local-dir:runs/export") == f"local-dir:{tmp_path.resolve() / 'runs' / 'export'}"
     assert norm_model_name("cxr-llm-tiny") == "cxr-llm-tiny"

@@ -84,7 +84,7 @@ class Index:
         `model_name`/`pretrained` default to the manifest's; naming another model is refused, as is
         a model whose architecture, preprocessing or probe embeddings differ from the index's.
         """
-        from open_clip_cxr.search.build import norm_model_name
+        from open_clip_cxr.search.model_record import norm_model_name
         manifest = store.read_manifest(folder)
         built = manifest["model"]
         model_name = norm_model_name(model_name) if model_name is not None else None
@@ -94,7 +94,7 @@ class Index:
         return cls(folder, manifest, model, model_name, pretrained, device, precision)
 
     def _check(self, model_tuple) -> None:
-        from open_clip_cxr.search.build import check_model, model_record
+        from open_clip_cxr.search.model_record import check_model, model_record
         model, preprocess, tokenizer = model_tuple
         rec = model_record(model, preprocess, tokenizer, self._model_name, self._pretrained,
                            self._precision, self.device)
