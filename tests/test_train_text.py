@@ -309,6 +309,21 @@ def test_cached_lower_layers_embed_like_the_whole_tower(tiny_tower, k):
     assert cos.min() > 0.999
 
 
+def test_pooler_only_step_embeds_the_same_in_one_call_or_many(tiny_tower, monkeypatch):
+    """k=0: the pooler runs the whole step in one packed call; chunking must not change a vector."""
+    from open_clip_cxr_train import text_embed
+    tower, tok = tiny_tower
+    tower.eval()
+    texts = [f for f, _ in REPORTS] + [im for _, im in REPORTS]
+    cache = text_embed.TextStateCache(tower, tok, texts, 0, max_length=96, max_tokens=200)
+    rows = cache.rows(texts)
+    with torch.no_grad():
+        one = text_embed.CachedEmbedder(tower, cache, max_tokens=50)(rows)
+        monkeypatch.setattr(text_embed, "POOLER_TOKENS_PER_CALL", 40)
+        many = text_embed.CachedEmbedder(tower, cache, max_tokens=50)(rows)
+    assert torch.allclose(one, many, atol=1e-5)
+
+
 def test_supcon_overfits_one_batch(tiny_tower):
     from open_clip_cxr_train.text_stage import set_lora
     tower, tok = tiny_tower

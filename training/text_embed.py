@@ -117,6 +117,9 @@ class TextStateCache:
         return torch.tensor([self.index[t] for t in texts], dtype=torch.long)
 
 
+POOLER_TOKENS_PER_CALL = 32768   # padded tokens per pooler-only call (~0.5 GB of fp32 activations)
+
+
 class CachedEmbedder(nn.Module):
     """Embeds cached texts by row: top k decoder layers (with their LoRA) + pooler + norm."""
 
@@ -129,7 +132,10 @@ class CachedEmbedder(nn.Module):
         device = rows.device
         lengths = [cache.states[i].shape[0] for i in rows.tolist()]
         out = [None] * len(lengths)
-        for idx in length_chunks(lengths, self.max_tokens):
+        # Pooler alone (k=0): it packs the real tokens, so padding costs nothing and one big
+        # call beats many small ones (bf16 step 1.5x faster); the budget only caps memory.
+        budget = self.max_tokens if k else POOLER_TOKENS_PER_CALL
+        for idx in length_chunks(lengths, budget):
             n = max(lengths[i] for i in idx)
             # float: autocast (when on) picks the matmul precision, as for the uncached tower
             states = torch.stack([F.pad(cache.states[int(rows[i])], (0, 0, 0, n - lengths[i])) for i in idx]).to(device).float()
