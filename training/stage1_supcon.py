@@ -3,16 +3,17 @@
 - the model: the tower with a fresh LoRA (`supcon.lora`; null: the pooler and norm alone),
   embedding texts whole (`Embedder`) or from cached lower layers (`supcon.cache`:
   `TextStateCache` + `CachedEmbedder`) - `supcon_module`;
-- the batch maker: (anchor, positive, hard negatives) examples, a pure function of the
-  micro-batch index - `SupconBatches`;
-- the loss: InfoNCE over in-batch and hard negatives - `supcon_step`;
+- the batch maker: (anchor, positive, hard negatives) examples, or (`supcon.views` > 2) V texts
+  of each report and its hard negatives, a pure function of the micro-batch index - `SupconBatches`;
+- the loss: InfoNCE over in-batch and hard negatives - `supcon_step`; SupCon over every text of
+  the step, several positives per query - `multiview_step`;
 - `supcon_phase`: optionally `supcon.head_steps` of the pooler alone, then everything, both
   through the shared loop (`stage1_run.run_stage`), then the LoRA merged.
 """
 import random
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import torch
 
@@ -21,8 +22,9 @@ from open_clip_cxr_train.speedups import FrozenCast
 from open_clip_cxr_train.stage1_data import StepData
 from open_clip_cxr_train.stage1_run import run_stage
 from open_clip_cxr_train.stage1_model import cache_rate, matmul_params, set_lora, trainable
-from open_clip_cxr_train.supcon import INSTRUCTIONS, Example, report_texts, sample_example, text_key
-from open_clip_cxr_train.supcon_loss import supcon_loss
+from open_clip_cxr_train.supcon import (INSTRUCTIONS, Example, Views, report_texts, sample_example, sample_views,
+                                        text_key)
+from open_clip_cxr_train.supcon_loss import multiview_supcon_loss, supcon_loss
 from open_clip_cxr_train.text_embed import CachedEmbedder, Embedder, TextStateCache
 
 
@@ -68,7 +70,8 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
 
 
 class SupconBatches:
-    """`batches(micro)` -> (inputs, negative slots, anchor keys, positive keys, token count)."""
+    """`batches(micro)` -> (inputs, negative slots, anchor keys, positive keys, token count), or with
+    `views` > 2 (inputs, view slots, negative slots, text keys of views + negatives, token count)."""
 
     def __init__(self, run, scfg: dict, data: SupconData):
         self.seed, self.tokenizer, self.max_length, self.pad = run.seed, run.tokenizer, run.max_length, run.pad
@@ -76,37 +79,63 @@ class SupconBatches:
         self.n_neg = int(scfg.get("n_negatives", 2))
         self.p_sections, self.p_instr = float(scfg.get("p_sections", 0.3)), float(scfg.get("instruction_prob", 0.0))
         self.p_phrases = float(scfg.get("p_phrases", 0.0))
+        self.views = int(scfg.get("views", 2))
         self.data = StepData(data.n_items, int(scfg["batch_size"]), run.seed + 1, run.world, run.rank)
 
-    def examples(self, micro: int) -> List[Example]:
+    def _sample(self, texts, rng) -> Union[Example, Views, None]:
+        if self.views > 2:
+            return sample_views(texts, rng, self.views, self.p_sections, self.n_neg, self.p_phrases)
+        return sample_example(texts, rng, self.p_sections, self.n_neg, self.p_phrases)
+
+    def examples(self, micro: int) -> List[Union[Example, Views]]:
         examples = []
         for epoch, i in self.data(micro):
             rng = random.Random(hash((self.seed, epoch, i, micro)) & 0xFFFFFFFF)
             ex = None
             while ex is None:      # a report with nothing to pair: draw another
                 texts = self.texts_of(i, epoch)
-                ex = sample_example(texts, rng, self.p_sections, self.n_neg, self.p_phrases) if texts else None
+                ex = self._sample(texts, rng) if texts else None
                 i = rng.randrange(self.n_items)
-            if self.p_instr and rng.random() < self.p_instr:
+            if self.views == 2 and self.p_instr and rng.random() < self.p_instr:
                 ex.anchor = with_instruction(ex.anchor, INSTRUCTIONS[ex.task], self.tokenizer)[0]
             examples.append(ex)
         return examples
 
+    def _encode(self, texts: List[str]):
+        """(token ids or cache rows of `texts`, their token count)."""
+        cache = self.cache
+        inputs = cache.rows(texts) if cache is not None else self.tokenizer(texts, context_length=self.max_length)
+        n_tokens = sum(cache.ids[r].numel() for r in inputs.tolist()) if cache is not None \
+            else int((inputs != self.pad).sum())
+        return inputs, torch.tensor(n_tokens)
+
+    def _views_batch(self, groups: List[Views]):
+        # report j's views go to slots j*V.., its negatives to j*H..: fixed-size padded tensors
+        # after the forward, so every process gathers the same shapes
+        texts, vslots, negs, nslots = [], [], [], []
+        for j, g in enumerate(groups):
+            vslots += [j * self.views + k for k in range(len(g.texts))]
+            nslots += [j * self.n_neg + k for k in range(len(g.negatives))]
+            texts += g.texts
+            negs += g.negatives
+        inputs, n_tokens = self._encode(texts + negs)
+        keys = torch.tensor([text_key(t) for t in texts + negs])
+        return inputs, torch.tensor(vslots), torch.tensor(nslots, dtype=torch.long), keys, n_tokens
+
     def __call__(self, micro: int):
         examples = self.examples(micro)
+        if self.views > 2:
+            return self._views_batch(examples)
         negs, slots = [], []
         for j, ex in enumerate(examples):
             for k, t in enumerate(ex.negatives):
                 negs.append(t)
                 slots.append(j * self.n_neg + k)
         texts = [e.anchor for e in examples] + [e.positive for e in examples] + negs
-        cache = self.cache
-        inputs = cache.rows(texts) if cache is not None else self.tokenizer(texts, context_length=self.max_length)
+        inputs, n_tokens = self._encode(texts)
         akeys = torch.tensor([text_key(e.anchor) for e in examples])
         pkeys = torch.tensor([text_key(e.positive) for e in examples])
-        n_tokens = sum(cache.ids[r].numel() for r in inputs.tolist()) if cache is not None \
-            else int((inputs != self.pad).sum())
-        return inputs, torch.tensor(slots, dtype=torch.long), akeys, pkeys, torch.tensor(n_tokens)
+        return inputs, torch.tensor(slots, dtype=torch.long), akeys, pkeys, n_tokens
 
 
 def supcon_step(module, batch, device, bs: int, n_neg: int, temperature: float, symmetric: bool):
@@ -121,12 +150,34 @@ def supcon_step(module, batch, device, bs: int, n_neg: int, temperature: float, 
     return loss, bs, int(n_tokens)
 
 
+def _padded(rows, slots, per: int, size: int):
+    """`rows` placed at `slots` of `size` zero rows, and each row's report (slot // per; -1: padding)."""
+    out = torch.zeros(size, *rows.shape[1:], dtype=rows.dtype, device=rows.device).index_copy(0, slots, rows)
+    owner = torch.full((size,), -1, dtype=torch.long, device=rows.device).index_copy(0, slots, slots // max(per, 1))
+    return out, owner
+
+
+def multiview_step(module, batch, device, bs: int, views: int, n_neg: int, temperature: float):
+    """(loss, samples, tokens) of `supcon.views` > 2: every view and hard negative embedded in one
+    forward, padded to bs * views and bs * n_neg rows, scored by `multiview_supcon_loss`."""
+    inputs, vslots, nslots, keys, n_tokens = (t.to(device) for t in batch)
+    emb, nv = module(inputs), vslots.shape[0]
+    v, owner = _padded(emb[:nv], vslots, views, bs * views)
+    k, _ = _padded(keys[:nv], vslots, views, bs * views)
+    n, n_owner = _padded(emb[nv:], nslots, n_neg, bs * n_neg)
+    nk, _ = _padded(keys[nv:], nslots, n_neg, bs * n_neg)
+    loss = multiview_supcon_loss(v, owner, n, n_owner, temperature, k, nk)
+    return loss, bs, int(n_tokens)
+
+
 def supcon_phase(run, start_step: int) -> int:
     """The contrastive step after global step `start_step` (`supcon.steps`; 0: skipped)."""
     scfg = run.recipe.get("supcon") or {}
     s_steps = int(scfg.get("steps", 0))
     if s_steps <= 0:
         return 0
+    if int(scfg.get("views", 2)) > 2 and float(scfg.get("instruction_prob", 0.0)):
+        raise ValueError("supcon.views > 2 has no anchor to instruct: set supcon.instruction_prob to 0")
     tower = run.tower
     torch.manual_seed(run.seed + 1)
     lora_cfg = scfg.get("lora")     # None: the pooler and norm alone
@@ -138,8 +189,12 @@ def supcon_phase(run, start_step: int) -> int:
     top = min(int(lora_cfg.get("layers") or n_layers), n_layers) if lora_cfg else 0   # adapted layers
     data = supcon_module(run, scfg, top)
     batches = SupconBatches(run, scfg, data)
-    step = partial(supcon_step, device=run.accelerator.device, bs=int(scfg["batch_size"]), n_neg=batches.n_neg,
-                   temperature=float(scfg.get("temperature", 0.05)), symmetric=bool(scfg.get("symmetric", True)))
+    kw = dict(device=run.accelerator.device, bs=int(scfg["batch_size"]), n_neg=batches.n_neg,
+              temperature=float(scfg.get("temperature", 0.05)))
+    if batches.views > 2:   # SupCon: every view is a query, so `symmetric` has nothing to add
+        step = partial(multiview_step, views=batches.views, **kw)
+    else:
+        step = partial(supcon_step, symmetric=bool(scfg.get("symmetric", True)), **kw)
     head = [p for m in (tower.pooler, tower.norm) for p in m.parameters()]
     head_ids = {id(p) for p in head}
     lora_params = [p for p in trainable(tower) if id(p) not in head_ids]

@@ -19,6 +19,11 @@ the same text as the target (Open-I has many identical normal reports) are maske
 than pushed away. `symmetric=True` adds the positive -> anchor direction, so both directions of
 each pair (impression -> findings and findings -> impression) are learned.
 
+`supcon.views` V > 2 draws several texts per report instead of a pair (`sample_views`: the report
+and V-1 rewrites, or the two sections) and scores them with the multi-positive SupCon loss of
+Khosla et al. 2020 (`multiview_supcon_loss`): every text is a query, the other texts of its report
+are its positives; V = 2 is the pair above, unchanged.
+
 Anchors may carry an instruction (read, not pooled; see `open_clip_cxr.text.instructions`);
 positives and negatives are documents and stay plain.
 
@@ -176,6 +181,40 @@ def sample_example(texts: ReportTexts, rng: random.Random, p_sections: float = 0
     return Example(anchor, positive, negs[:n_negatives], task)
 
 
+@dataclass
+class Views:
+    """Several texts of one study (`supcon.views` > 2: each is a query, the others its positives)."""
+    texts: List[str]
+    negatives: List[str] = field(default_factory=list)
+    task: str = "variant"
+
+
+def sample_views(texts: ReportTexts, rng: random.Random, views: int = 3, p_sections: float = 0.3,
+                 n_negatives: int = 2, p_phrases: float = 0.0) -> Optional[Views]:
+    """Up to `views` texts of one report (None when fewer than two) and its hard negatives: the
+    report and `views - 1` of its rewrites (fewer when it has fewer), or (`p_sections`) its findings
+    and impression, or (`p_phrases`) a sentence short and long. Rewrites that equal the report or
+    each other after `text_key` normalisation are one view, not two (a trivial positive)."""
+    if texts.phrases and p_phrases and rng.random() < p_phrases:
+        short, long, negs = rng.choice(texts.phrases)
+        out, negs, task = [short, long], list(negs), "phrase"
+    elif len(texts.sections) == 2 and rng.random() < p_sections:
+        out, task = list(texts.sections), "sections"
+        negs = [n for s in out for n in texts.sections[s]]    # errors of either section
+    else:
+        seen, distinct = {text_key(texts.base)}, []
+        for t in texts.variants:
+            if text_key(t) not in seen:
+                seen.add(text_key(t))
+                distinct.append(t)
+        if not distinct:
+            return None
+        out, negs, task = [texts.base, *rng.sample(distinct, min(views - 1, len(distinct)))], list(texts.negatives), "variant"
+    negs = [n for n in dict.fromkeys(negs) if n not in out]
+    rng.shuffle(negs)
+    return Views(out, negs[:n_negatives], task)
+
+
 def make_example(report: Report, rng: random.Random, seed: int = 0, p_sections: float = 0.3,
                  n_negatives: int = 2) -> Optional[Example]:
     """One example from a report (None if nothing applies). `seed` picks the variants."""
@@ -192,4 +231,5 @@ def text_key(text: str) -> int:
 # the embedding and the loss live in their own modules; their names stay importable from here
 from open_clip_cxr_train.text_embed import (CachedEmbedder, Embedder, TextStateCache, _run_layers, layer_range,  # noqa: E402,F401
                                  length_chunks)
-from open_clip_cxr_train.supcon_loss import _info_nce, gather_keys, gather_with_grad, supcon_loss  # noqa: E402,F401
+from open_clip_cxr_train.supcon_loss import (_info_nce, gather_keys, gather_with_grad, multiview_supcon_loss,  # noqa: E402,F401
+                                             supcon_loss)
