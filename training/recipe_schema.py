@@ -157,6 +157,8 @@ TEXT: Dict[str, Any] = {
         "head_lr": F("float", None, "learning rate of the pooler and norm (null: 10 x supcon.lr)", GT0),
         "head_steps": F("int", 0, "steps that train the pooler alone before the LoRA joins", GE0),
         "n_negatives": F("int", 2, "single-error rewrites per anchor (hard negatives)", GE0),
+        "views": F("int", 2, "texts per report per step: 2 = a pair (InfoNCE); V > 2 = the report and V-1 rewrites "
+                             "(SupCon; a step embeds batch_size * V texts + negatives)", (2, True, None, False)),
         "p_sections": F("float", 0.3, "share of impression <-> findings pairs (the rest: rewrite <-> report)", PROB),
         "p_phrases": F("float", 0.0, "share of sentence-level abbreviation <-> expansion pairs", PROB),
         "temperature": F("float", 0.05, "contrastive softmax temperature", GT0),
