@@ -65,6 +65,7 @@ def test_train_clip_refuses_bad_recipes(bad, needles, tmp_path, capsys):
     ("mntp.batch_size=0", ["`mntp.batch_size`", "out of range"]),
     ("supcon.batch_size=eight", ["`supcon.batch_size`"]),
     ("supcon.temperature=0", ["`supcon.temperature`", "out of range"]),
+    ("supcon.views=1", ["`supcon.views`", "out of range"]),
     ("supcon.stepz=10", ["did you mean `supcon.steps`?"]),
     ("train.log_evry=5", ["did you mean `train.log_every`?"]),
     ("eval.enabled=maybe", ["`eval.enabled`", "true/false"]),
