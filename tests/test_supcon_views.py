@@ -81,6 +81,58 @@ def test_multiview_loss_equals_the_double_loop_reference():
     assert multiview_supcon_loss(views, owner, negs, neg_owner, 0.1).item() != pytest.approx(ref.item(), abs=1e-3)
 
 
+def _two_rank_case():
+    """Each of 2 ranks: 2 reports x 3 views and a padding row, 3 hard negatives (one padding);
+    rank 1's view 0 is the text of rank 0's view 1, and rank 1's negative 0 that of rank 0's view 4."""
+    g = torch.Generator().manual_seed(1)
+    views, negs = torch.randn(14, 8, generator=g), torch.randn(6, 8, generator=g)
+    owner = torch.tensor([0, 0, 0, 1, 1, 1, -1, 0, 0, 0, -1, 1, 1, 1])      # local ids, per rank
+    neg_owner = torch.tensor([0, 1, -1, 1, 0, -1])
+    keys, neg_keys = torch.arange(100, 114), torch.arange(200, 206)
+    keys[7], views[7] = keys[1], views[1]
+    neg_keys[3], negs[3] = keys[4], views[4]
+    return views, owner, negs, neg_owner, keys, neg_keys
+
+
+def _rank_loss(rank, world, port, out):
+    import os
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    views, owner, negs, neg_owner, keys, neg_keys = _two_rank_case()
+    rv, rn = slice(7 * rank, 7 * rank + 7), slice(3 * rank, 3 * rank + 3)
+    v, n = views[rv].clone().requires_grad_(True), negs[rn].clone().requires_grad_(True)
+    loss = multiview_supcon_loss(v, owner[rv], n, neg_owner[rn], 0.1, keys[rv], neg_keys[rn])
+    loss.backward()
+    torch.save({"loss": loss.item(), "grads": [v.grad, n.grad]}, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def test_multiview_loss_across_two_processes_equals_one_process(tmp_path):
+    """Two gloo processes with half of the reports each (6 queries each): the mean of their losses
+    is the one-process loss (report ids made global), and each one's gradients are twice the
+    one-process gradients of its rows (the all-gather sums both losses' gradients)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_rank_loss, args=(2, port, str(tmp_path / "rank")), nprocs=2)
+    views, owner, negs, neg_owner, keys, neg_keys = _two_rank_case()
+    owner = torch.where(owner >= 0, owner + 2 * (torch.arange(14) >= 7), owner)     # global report ids
+    views.requires_grad_(True)
+    negs.requires_grad_(True)
+    loss = multiview_supcon_loss(views, owner, negs, neg_owner, 0.1, keys, neg_keys)
+    loss.backward()
+    ranks = [torch.load(tmp_path / f"rank.{r}", weights_only=True) for r in range(2)]
+    assert sum(r["loss"] for r in ranks) / 2 == pytest.approx(loss.item(), abs=1e-5)
+    for i, full in enumerate((views.grad, negs.grad)):
+        torch.testing.assert_close(torch.cat([r["grads"][i] for r in ranks]) / 2, full, atol=1e-6, rtol=1e-4)
+    ref = reference_loss(views.detach(), owner.tolist(), negs.detach(), neg_owner.tolist(), keys.tolist(),
+                         neg_keys.tolist(), 0.1)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-5)
+
+
 def test_multiview_loss_lower_when_views_agree():
     torch.manual_seed(0)
     centre = torch.randn(4, 16).repeat_interleave(3, 0)
