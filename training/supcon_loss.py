@@ -95,12 +95,12 @@ def multiview_supcon_loss(views: torch.Tensor, report_ids: torch.Tensor, negativ
     not_me = torch.arange(owner.shape[0], device=v.device)[None] != me[:, None]
     positive = same & not_me
     blocked = ~valid[None] | ~not_me    # padding and the query itself are never in the denominator
-    my_keys = None
     if keys is not None:
         all_k = gather_keys(keys)
-        # [N, W*N]: does candidate j repeat the text of any view of query i's report?
-        my_keys = (same.float() @ (all_k[:, None] == all_k[None]).float()) > 0
-        blocked = blocked | (my_keys & ~same)
+        # [N, W*N]: does candidate j repeat the text of any view of query i's report? Then it is
+        # the same text as one of my positives and must not be pushed away (nor pulled: masked)
+        repeats = (same.float() @ (all_k[:, None] == all_k[None]).float()) > 0
+        blocked = blocked | (repeats & ~same)
     candidates = all_v
     if negatives is not None and negatives.shape[0]:
         all_n = gather_with_grad(F.normalize(negatives.float(), dim=-1))
