@@ -186,6 +186,13 @@ def test_train_text_refuses_a_bad_split_before_the_run_folder(bad, needle, tmp_p
     assert not (tmp_path / "run").exists()
 
 
+def test_train_text_refuses_instructions_with_several_views(tmp_path, capsys):
+    rc = run_text(tmp_path, "supcon.views=3", "supcon.instruction_prob=0.5")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "supcon.instruction_prob" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("command", ["train-text", "train-clip"])
 def test_a_set_without_a_value_is_a_usage_error(command, capsys):
     assert main([command, "--set", "train.epochs"]) == 2

@@ -194,6 +194,9 @@ def check_before_work(recipe: dict, stage: str) -> dict:
             training_split(resolved)
         except ValueError as e:
             raise RecipeError(str(e)) from None
+        scfg = resolved.get("supcon") or {}
+        if scfg.get("views", 2) > 2 and scfg.get("instruction_prob"):   # every view is a query: no anchor
+            raise RecipeError("`supcon.views` > 2 has no anchor to instruct: set supcon.instruction_prob to 0")
     check_training_data(resolved, stage)
     return resolved
 
