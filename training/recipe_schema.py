@@ -162,7 +162,7 @@ TEXT: Dict[str, Any] = {
         "p_sections": F("float", 0.3, "share of impression <-> findings pairs (the rest: rewrite <-> report)", PROB),
         "p_phrases": F("float", 0.0, "share of sentence-level abbreviation <-> expansion pairs", PROB),
         "temperature": F("float", 0.05, "contrastive softmax temperature", GT0),
-        "symmetric": F("bool", True, "the loss in both directions (anchor -> positive and back)"),
+        "symmetric": F("bool", True, "the loss in both directions (anchor -> positive and back; views: 2)"),
         "instruction_prob": F("float", 0.0, "share of anchors given a task instruction (0 in cached mode)", PROB),
         "cache": F("bool", False, "encode each text below the adapted layers once; steps run the top only"),
         "cache_reports": F("int", None, "reports whose texts are cached (null: all)", GE1),

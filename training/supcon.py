@@ -209,7 +209,8 @@ def sample_views(texts: ReportTexts, rng: random.Random, views: int = 3, p_secti
                 distinct.append(t)
         if not distinct:
             return None
-        out, negs, task = [texts.base, *rng.sample(distinct, min(views - 1, len(distinct)))], list(texts.negatives), "variant"
+        out = [texts.base, *rng.sample(distinct, min(views - 1, len(distinct)))]
+        negs, task = list(texts.negatives), "variant"
     negs = [n for n in dict.fromkeys(negs) if n not in out]
     rng.shuffle(negs)
     return Views(out, negs[:n_negatives], task)
@@ -231,5 +232,5 @@ def text_key(text: str) -> int:
 # the embedding and the loss live in their own modules; their names stay importable from here
 from open_clip_cxr_train.text_embed import (CachedEmbedder, Embedder, TextStateCache, _run_layers, layer_range,  # noqa: E402,F401
                                  length_chunks)
-from open_clip_cxr_train.supcon_loss import (_info_nce, gather_keys, gather_with_grad, multiview_supcon_loss,  # noqa: E402,F401
-                                             supcon_loss)
+from open_clip_cxr_train.supcon_loss import (_info_nce, gather_keys, gather_with_grad,  # noqa: E402,F401
+                                             multiview_supcon_loss, supcon_loss)
