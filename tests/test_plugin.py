@@ -9,7 +9,7 @@ from PIL import Image
 import open_clip_cxr
 from open_clip_cxr.text import CXRTextModel
 
-OURS = ["cxr-llm", "cxr-llm-small", "cxr-llm-small-l4", "cxr-llm-tiny"]
+OURS = ["cxr-llm", "cxr-llm-small", "cxr-llm-small-l2", "cxr-llm-small-l4", "cxr-llm-tiny"]
 
 
 def test_models_registered_with_openclip():

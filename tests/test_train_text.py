@@ -459,13 +459,13 @@ def test_cli_parses_recipe_and_overrides(tmp_path, monkeypatch):
     monkeypatch.setattr(ts, "train", lambda recipe: seen.update(recipe) or {"output_dir": recipe["output_dir"]})
     assert main(["train-text", "--out", str(tmp_path / "o"), "--set", "supcon.steps=7"]) == 0
     assert seen["output_dir"] == str(tmp_path / "o") and seen["supcon"]["steps"] == 7
-    assert seen["model"] == "cxr-llm-small-l4"
+    assert seen["model"] == "cxr-llm-small-l2"
 
 
 def test_demo_schedules_are_recipes_of_the_same_model():
     from open_clip_cxr_train.demo import SCHEDULES
     full, short = (common.load_recipe(str(SCHEDULES[k])) for k in ("recipe", "short"))
-    assert full["model"] == short["model"] == "cxr-llm-small-l4"
+    assert full["model"] == short["model"] == "cxr-llm-small-l2"
     assert short["supcon"]["steps"] < full["supcon"]["steps"]
     assert short["supcon"]["cache_reports"] and full["supcon"]["cache_reports"] is None
 

@@ -3,7 +3,7 @@
     open-clip-cxr demo --out runs/demo            (what `make demo` runs)
 
 1. parse the real Open-I reports (read at run time from the installed torchxrayvision wheel);
-2. stage 1: adapt the `cxr-llm-small-l4` text tower (MNTP, then supervised contrastive) on the
+2. stage 1: adapt the `cxr-llm-small-l2` text tower (MNTP, then supervised contrastive) on the
    train split -> OUT/stage1/, an OpenCLIP folder (`local-dir:OUT/stage1` loads it);
 3. the text-robustness suite on the test split: adapted tower, unadapted tower,
    all-MiniLM-L6-v2 and a bag-of-words cosine, side by side;
@@ -218,7 +218,7 @@ def export(out: Path, clip_metrics: dict, robustness_results: dict) -> dict:
     eval_results = {"package-images": {
         "image_to_text": {k.split("_", 1)[1]: v for k, v in clip_metrics.items() if k.startswith("val/i2t_")},
         "text_to_image": {k.split("_", 1)[1]: v for k, v in clip_metrics.items() if k.startswith("val/t2i_")}}}
-    card = render_card(repo_id="open-clip-cxr/cxr-llm-small-l4-demo", model_cfg=model_cfg["model_cfg"],
+    card = render_card(repo_id="open-clip-cxr/cxr-llm-small-l2-demo", model_cfg=model_cfg["model_cfg"],
                        preprocess_cfg=model_cfg.get("preprocess_cfg"), eval_results=eval_results,
                        recipe=common.load_recipe(str(CLIP_RECIPE)), license="apache-2.0")
     dest = out / "export"

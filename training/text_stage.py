@@ -22,7 +22,7 @@ length-sorted chunks (padding is paid for in full), and the contrastive LoRA sit
 reports go through the layers below it once (`supcon.TextStateCache`), and each step runs
 just those top layers and the pooler: the randomly initialised pooler needs hundreds of
 steps, which a 135M decoder cannot give end to end on two CPU cores in an hour. The CPU
-recipe goes further: `cxr-llm-small-l4` (SmolLM2's lowest 4 layers), every training report
+recipe goes further: `cxr-llm-small-l2` (SmolLM2's lowest 2 layers), every training report
 cached, and the pooler alone trained on the cached states (see the recipe for the measurements).
 """
 import argparse
