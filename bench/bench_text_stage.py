@@ -7,7 +7,7 @@ rewrite), via `open_clip_cxr.eval.robustness`. Columns:
 
 - bow:    bag-of-words cosine (no model)
 - minilm: all-MiniLM-L6-v2, mean pooling
-- a model name (default `cxr-llm-small-l4`): that model as built, unadapted (SmolLM2 made
+- a model name (default `cxr-llm-small-l2`): that model as built, unadapted (SmolLM2 made
   bidirectional, random latent-attention pooler)
 - after:  the stage-1 output folder(s) given with --after (one column each)
 
@@ -116,7 +116,7 @@ def main():
     ap.add_argument("--split", default="validate")
     ap.add_argument("--limit", type=int, default=None, help="first N reports of the split (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="variant seed (the suite's) and model init seed")
-    ap.add_argument("--columns", default="bow,minilm,cxr-llm-small-l4",
+    ap.add_argument("--columns", default="bow,minilm,cxr-llm-small-l2",
                     help="reference columns: bow, minilm and/or built-in model names (unadapted)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded CPU)")
     ap.add_argument("--max-tokens", type=int, default=4096)

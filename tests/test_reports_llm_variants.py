@@ -144,3 +144,14 @@ def test_stage1_trains_with_llm_variants(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     counts = json.load(open(Path(recipe["output_dir"]) / "work" / "llm_variants" / "counts.json"))
     assert calls == ["fake-dir"] and counts["kept"]["positive"] > 0 and counts["dropped"]["negative"]["identical"] > 0
+
+
+@pytest.mark.parametrize("precision, dtype, suffix", [("fp32", "float32", ""), ("bf16", "bfloat16", "@bf16")])
+def test_the_paraphraser_computes_in_the_chosen_precision(tiny, tmp_path, precision, dtype, suffix):  # noqa: F811
+    """bf16 outputs are cached apart from fp32 ones: the precision is part of the model id (and the key)."""
+    model, tok = tiny
+    model.save_pretrained(tmp_path / "llm")
+    tok.save_pretrained(tmp_path / "llm")
+    maker = P.load_llm_variants(str(tmp_path / "llm"), tmp_path / "cache", device="cpu", precision=precision)
+    assert str(next(maker.positive.model.parameters()).dtype) == f"torch.{dtype}"
+    assert maker.positive.model_id == "llm" + suffix

@@ -239,14 +239,21 @@ class LLMVariants:
 
 def load_llm_variants(model_id: str, cache_dir, device: Optional[str] = None, batch_size: int = 8,
                       max_new_tokens: int = 160, gguf_file: Optional[str] = None,
-                      negatives: bool = True) -> LLMVariants:
-    """LLMVariants from a local (or cached) causal LM; caches in `cache_dir` (resumable)."""
+                      negatives: bool = True, precision: str = "auto") -> LLMVariants:
+    """LLMVariants from a local (or cached) causal LM; caches in `cache_dir` (resumable).
+    `precision` auto: bf16 where `open_clip_cxr.precision` measures it faster (a GPU, or a CPU
+    with AMX / AVX512-BF16), else fp32; `OPEN_CLIP_CXR_PRECISION` overrides it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from open_clip_cxr.precision import choose
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    choice = choose(precision, device)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
     tok = AutoTokenizer.from_pretrained(model_id, trust_remote_code=False, **kw)
-    model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=False, **kw).to(device).eval()
-    name = Path(model_id).name + (f"/{gguf_file}" if gguf_file else "")
+    model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=False, **kw)
+    model = model.to(device=device, dtype=choice.dtype or torch.float32).eval()
+    # the precision is part of the name, so the cache keys (and records) tell bf16 outputs from fp32 ones
+    name = Path(model_id).name + (f"/{gguf_file}" if gguf_file else "") + \
+        ("" if choice.precision == "fp32" else f"@{choice.precision}")
     cache_dir = Path(cache_dir)
     make = lambda prompt, f: LLMParaphraser(model, tok, cache_dir / f, batch_size=batch_size,  # noqa: E731
                                             max_new_tokens=max_new_tokens, prompt=prompt, model_id=name)
