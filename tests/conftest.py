@@ -20,3 +20,16 @@ def tiny():
     torch.manual_seed(0)
     model, _, preprocess = open_clip_cxr.create_model_and_transforms("cxr-llm-tiny")
     return model.eval(), preprocess, open_clip.get_tokenizer("cxr-llm-tiny")
+
+
+@pytest.fixture()
+def one_thread_fresh_accelerate():
+    """For tests that train: one torch thread (2 shared cores: threading only adds contention) and
+    accelerate's global state reset before and after, so runs in one process do not leak into each other."""
+    from open_clip_cxr_train import common
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common.reset_accelerator_state()
+    yield
+    common.reset_accelerator_state()
+    torch.set_num_threads(threads)

@@ -12,21 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from open_clip_cxr_train import common
 from open_clip_cxr_train.supcon import ReportTexts, text_key
 from open_clip_cxr_train.supcon_loss import multiview_supcon_loss
 from open_clip_cxr_train.stage1_supcon import SupconBatches, SupconData, multiview_step, supcon_step
 from test_train_text import tiny_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    common.reset_accelerator_state()
-    yield
-    common.reset_accelerator_state()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")   # conftest.py
 
 
 # ---------------------------------------------------------------- the loss

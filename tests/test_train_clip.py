@@ -53,14 +53,7 @@ def shards(tmp_path_factory):
     return {"train": write_shards(d, "train", 32), "val": write_shards(d, "val", 8, seed=1)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # 2 shared cores: threading only adds contention
-    common.reset_accelerator_state()
-    yield
-    common.reset_accelerator_state()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")   # conftest.py
 
 
 def recipe(shards, out, **over):

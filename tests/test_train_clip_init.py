@@ -18,14 +18,7 @@ from open_clip_cxr_train import common
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    common.reset_accelerator_state()
-    yield
-    common.reset_accelerator_state()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")   # conftest.py
 
 
 @pytest.fixture(scope="module")

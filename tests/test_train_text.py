@@ -34,14 +34,7 @@ def reports(split="train"):
             for i, (f, im) in enumerate(REPORTS)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    common.reset_accelerator_state()
-    yield
-    common.reset_accelerator_state()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_fresh_accelerate")   # conftest.py
 
 
 @pytest.fixture()

@@ -176,8 +176,6 @@ def supcon_phase(run, start_step: int) -> int:
     s_steps = int(scfg.get("steps", 0))
     if s_steps <= 0:
         return 0
-    if int(scfg.get("views", 2)) > 2 and float(scfg.get("instruction_prob", 0.0)):   # recipe_check refuses it
-        raise ValueError("supcon.views > 2 has no anchor to instruct: set supcon.instruction_prob to 0")
     tower = run.tower
     torch.manual_seed(run.seed + 1)
     lora_cfg = scfg.get("lora")     # None: the pooler and norm alone
