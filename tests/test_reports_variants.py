@@ -284,6 +284,23 @@ def test_negated_list_affirms_one_item():
     assert len(texts) >= 2
 
 
+# ---------------------------------------------------------------- layout families
+
+def test_separators_and_bullets_keep_the_words_and_leave_the_held_out_marks_alone():
+    from open_clip_cxr.reports import variants as V
+    secs = ["The heart is normal in size. No pleural effusion. Lungs are clear.", "No acute disease."]
+    words = sorted(re.findall(r"[a-z]+", " ".join(secs).lower()))
+    for seed in range(30):
+        sep = V._separators(secs, random.Random(seed))
+        bul = V._bullets(secs, random.Random(seed))
+        for text in (sep, bul):
+            assert sorted(re.findall(r"[a-z]+", text.lower())) == words    # nothing clinical added or lost
+        assert ", " not in sep and "." not in sep         # the held-out telegraphic join is ", "
+        assert not re.search(r"\d", bul) and bul.count(bul[0]) >= 4  # one mark a sentence, never numbers
+    assert V._separators(["No acute disease."], random.Random(0)) is None
+    assert V._bullets(["No acute disease."], random.Random(0)) is None
+
+
 # ---------------------------------------------------------------- determinism and API
 
 def test_deterministic_under_seed():
@@ -298,5 +315,5 @@ def test_make_variants_is_equivalents_then_negatives():
     assert make_variants(r, seed=2) == equivalent_variants(r, seed=2) + hard_negatives(r, seed=2)
     assert VARIANT_STYLES == ("abbreviate", "expand", "impression_only", "findings_only", "reorder",
                               "rephrase", "terse", "lowercase", "line_list", "section_headers",
-                              "compose")
+                              "compose", "separators", "bullets")
     assert ERROR_TYPES == ("laterality", "negation", "severity", "insertion")

@@ -22,11 +22,12 @@ from .types import Report, Variant
 __all__ = ["VARIANT_STYLES", "ERROR_TYPES", "equivalent_variants", "hard_negatives", "make_variants", "base_text"]
 
 VARIANT_STYLES = ("abbreviate", "expand", "impression_only", "findings_only", "reorder", "rephrase", "terse",
-                  "lowercase", "line_list", "section_headers", "compose")
+                  "lowercase", "line_list", "section_headers", "compose", "separators", "bullets")
 # Layout and composition families (training side only; the held-out protocol has its own, in `noise`):
 # lower case (held out: capitals), a sentence a line (held out: numbered lists), our own section headers
 # (held out: another institution's) and train rules composed
-# (abbreviate + rephrase + terse at once; held out: `hospital_mix`).
+# (abbreviate + rephrase + terse at once; held out: `hospital_mix`), sentences joined by other marks
+# (held out: ", ", as in `noise.telegraphic`) and bulleted items (held out: numbered items).
 
 
 # ---------------------------------------------------------------- equivalent styles
@@ -228,6 +229,32 @@ def _line_list(sections: List[str], rng: random.Random) -> Optional[str]:
     return text if "\n" in text else None
 
 
+# Sentence joins the training side writes. ", " is left out on purpose: the held-out telegraphic
+# style joins with it, so the protocol asks whether separator-invariance transfers to a new mark.
+_TRAIN_SEPARATORS = ("; ", " - ", " / ", " | ", "\n", " ")
+_BULLETS = ("- ", "* ", "\u2022 ", "> ")     # held out: "1. ", "2. " (`noise.numbered_list`)
+
+
+def _separators(sections: List[str], rng: random.Random) -> Optional[str]:
+    """Each section's sentences joined by another mark, final periods dropped, a sentence's first
+    letter lower-cased half the time; None for one-sentence reports."""
+    out, changed = [], False
+    for sec in sections:
+        sents = [s.rstrip(".") for s in split_sentences(sec)]
+        changed |= len(sents) > 1
+        sep = rng.choice(_TRAIN_SEPARATORS)
+        lower = rng.random() < 0.5
+        out.append(sep.join([sents[0]] + [decap(s) if lower else s for s in sents[1:]]))
+    return "\n".join(out) if changed else None
+
+
+def _bullets(sections: List[str], rng: random.Random) -> Optional[str]:
+    """Each sentence a bulleted item (one mark a report), on its own line or inline."""
+    mark, sep = rng.choice(_BULLETS), rng.choice(("\n", " "))
+    items = [mark + s for sec in sections for s in split_sentences(sec)]
+    return sep.join(items) if len(items) > 1 else None
+
+
 def _section_headers(sections: List[str], rng: random.Random) -> str:
     if len(sections) == 2:
         f, i = rng.choice((("Findings:", "Impression:"), ("FINDINGS:", "IMPRESSION:"), ("Findings -", "Impression -")))
@@ -270,6 +297,8 @@ def equivalent_variants(report: Report, seed: int = 0, verify: bool = True,
         "line_list": lambda r: _line_list(sections, r),
         "section_headers": lambda r: _section_headers(sections, r),
         "compose": lambda r: _compose(sections, r, part),
+        "separators": lambda r: _separators(sections, r),
+        "bullets": lambda r: _bullets(sections, r),
     }
     out = []
     for style in VARIANT_STYLES:
