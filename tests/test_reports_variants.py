@@ -167,6 +167,17 @@ def test_classify_edit():
     assert classify_edit(base, "Large right pleural effusion. No pneumothorax.") is None
 
 
+def test_line_breaks_list_marks_and_dashes_end_a_negation():
+    # Without these boundaries "No pneumothorax" would negate the effusion on the next item.
+    base = "No pneumothorax. Small left pleural effusion."
+    for text in ("No pneumothorax\nSmall left pleural effusion", "- No pneumothorax.\n- Small left pleural effusion.",
+                 "* No pneumothorax. * Small left pleural effusion.", "No pneumothorax - small left pleural effusion",
+                 "No pneumothorax | small left pleural effusion", "\u2022 No pneumothorax \u2022 Small left pleural effusion"):
+        assert classify_edit(base, text) == "equal", text
+    assert classify_edit(base, "No pneumothorax or small left pleural effusion") == "negation"
+    assert classify_edit("Mild to moderate cardiomegaly.", "Mild - moderate cardiomegaly.") == "equal"
+
+
 # ---------------------------------------------------------------- equivalent variants
 
 def _assert_equivalent(report, v):

@@ -86,7 +86,11 @@ _POST_SIDE_RE = re.compile(
 _POST_SEVERITY_RE = re.compile(
     r"^\s*(?:(?:in|on|at) (?:left|right)(?: \w+)?\s+)?(?:(?:is|are|appears?|remains?|now|again|which is)\s+)+$"
 )
-_CLAUSE_RE = re.compile(r";|,?\s+\b(?:but|however|although|though|whereas)\b,?")
+# " - " ends a clause unless it joins a severity range ("mild - moderate").
+_CLAUSE_RE = re.compile(r";|\s[|/]\s|(?<!mild)(?<!small)(?<!moderate)(?<!trace)\s-\s|,?\s+\b(?:but|however|although|though|whereas)\b,?")
+# A line break or a list mark ends a sentence even without a period ("- No effusion\n- Heart normal").
+# ("*" and bullets anywhere; "-" and ">" only where a sentence may start: "mild - moderate" is a range).
+_ITEM_BREAK_RE = re.compile(r"\s*\n\s*|(?:^|(?<=\s))[*\u2022]\s+|(?:^|(?<=[.!?])\s)\s*[->]\s+")
 _COORDINATED_RE = re.compile(r"^[\s,/]*(?:(?:and|or|nor|and/or)\s+)?(?:[a-z-]+\s+){0,2}$")
 
 
@@ -189,7 +193,8 @@ def _sentence_mentions(sentence: str) -> Tuple[Mention, ...]:
 def extract_mentions(text: str) -> List[Mention]:
     """All finding mentions in `text`, in reading order (spans refer to each expanded sentence)."""
     out: List[Mention] = []
-    for k, sentence in enumerate(split_sentences(text)):
+    sents = [s for piece in _ITEM_BREAK_RE.split(text) for s in split_sentences(piece)]
+    for k, sentence in enumerate(sents):
         out.extend(replace(m, sentence=k) if k else m for m in _sentence_mentions(sentence))
     return out
 

@@ -231,7 +231,8 @@ def _line_list(sections: List[str], rng: random.Random) -> Optional[str]:
 
 # Sentence joins the training side writes. ", " is left out on purpose: the held-out telegraphic
 # style joins with it, so the protocol asks whether separator-invariance transfers to a new mark.
-_TRAIN_SEPARATORS = ("; ", " - ", " / ", " | ", "\n", " ")
+# No bare space either: "No effusion heart normal" is ambiguous to a reader too.
+_TRAIN_SEPARATORS = ("; ", " - ", " / ", " | ", "\n")
 _BULLETS = ("- ", "* ", "\u2022 ", "> ")     # held out: "1. ", "2. " (`noise.numbered_list`)
 
 
