@@ -317,6 +317,32 @@ def test_pooler_only_step_embeds_the_same_in_one_call_or_many(tiny_tower, monkey
     assert torch.allclose(one, many, atol=1e-5)
 
 
+def test_token_dropout_hides_tokens_in_training_only(tiny_tower):
+    from open_clip_cxr_train import text_embed
+    keep = torch.tensor([[True] * 40 + [False] * 10, [True] + [False] * 49])
+    torch.manual_seed(0)
+    dropped = text_embed.drop_tokens(keep, 0.5)
+    assert not (dropped & ~keep).any()                     # a pad token is never brought back
+    assert 8 < int(dropped[0].sum()) < 32                  # about half of the 40 real tokens
+    assert dropped.any(1).all()                            # no text loses every token
+    tower, tok = tiny_tower
+    texts = [f for f, _ in REPORTS]
+    cache = text_embed.TextStateCache(tower, tok, texts, 0, max_length=96, max_tokens=200)
+    emb = text_embed.CachedEmbedder(tower, cache, max_tokens=50, token_dropout=0.5)
+    rows = cache.rows(texts)
+    with torch.no_grad():
+        a, b = emb.eval()(rows), emb(rows)
+        assert torch.equal(a, b)                           # evaluation sees every token
+        c, d = emb.train()(rows), emb(rows)
+    assert not torch.allclose(c, d)                        # training draws a new subset each call
+
+
+def test_token_dropout_needs_cached_texts(tmp_path):
+    from open_clip_cxr_train.recipe_check import RecipeError, check_before_work
+    with pytest.raises(RecipeError, match="token_dropout. works on cached texts"):
+        check_before_work(tiny_recipe(tmp_path, **{"supcon.token_dropout": 0.1, "supcon.cache": False}), "text")
+
+
 def test_supcon_overfits_one_batch(tiny_tower):
     from open_clip_cxr_train.text_stage import set_lora
     tower, tok = tiny_tower

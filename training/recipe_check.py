@@ -197,6 +197,8 @@ def check_before_work(recipe: dict, stage: str) -> dict:
         scfg = resolved.get("supcon") or {}
         if scfg.get("views", 2) > 2 and scfg.get("instruction_prob"):   # every view is a query: no anchor
             raise RecipeError("`supcon.views` > 2 has no anchor to instruct: set supcon.instruction_prob to 0")
+        if scfg.get("token_dropout") and not scfg.get("cache"):   # the uncached tower has no token mask to drop
+            raise RecipeError("`supcon.token_dropout` works on cached texts: set supcon.cache to true or token_dropout to 0")
     check_training_data(resolved, stage)
     return resolved
 

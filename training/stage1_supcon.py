@@ -66,7 +66,8 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
     run.summary["cache"] = rate     # summary.json
     if float(scfg.get("instruction_prob", 0.0)):
         raise ValueError("supcon.cache reads fixed texts: set supcon.instruction_prob to 0")
-    return SupconData(CachedEmbedder(run.tower, cache, max_tokens), lambda i, epoch: pool[i], len(pool), cache)
+    embedder = CachedEmbedder(run.tower, cache, max_tokens, float(scfg.get("token_dropout", 0.0)))
+    return SupconData(embedder, lambda i, epoch: pool[i], len(pool), cache)
 
 
 class SupconBatches:

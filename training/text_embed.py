@@ -120,12 +120,22 @@ class TextStateCache:
 POOLER_TOKENS_PER_CALL = 32768   # padded tokens per pooler-only call (~0.5 GB of fp32 activations)
 
 
+def drop_tokens(keep: torch.Tensor, p: float) -> torch.Tensor:
+    """`keep` (bool, texts x tokens) with each kept token hidden with probability `p`; a text that
+    would lose every token keeps them all. The states were computed on the whole text, so a hidden
+    token's context is still in its neighbours: this teaches the pooler to read the whole text
+    rather than a few positions (such as the sentence-final periods it otherwise leans on)."""
+    dropped = keep & (torch.rand(keep.shape, device=keep.device) >= p)
+    return torch.where(dropped.any(1, keepdim=True), dropped, keep)
+
+
 class CachedEmbedder(nn.Module):
     """Embeds cached texts by row: top k decoder layers (with their LoRA) + pooler + norm."""
 
-    def __init__(self, tower: nn.Module, cache: TextStateCache, max_tokens: int = 4096):
+    def __init__(self, tower: nn.Module, cache: TextStateCache, max_tokens: int = 4096, token_dropout: float = 0.0):
         super().__init__()
         self.tower, self.cache, self.max_tokens = tower, cache, max_tokens
+        self.token_dropout = token_dropout   # training only: see `drop_tokens`
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         tower, cache, k = self.tower, self.cache, self.cache.k
@@ -146,7 +156,10 @@ class CachedEmbedder(nn.Module):
                 llm = tower.base_llm()
                 n_layers = len(llm.layers)
                 states = _run_layers(llm, states, mask, n_layers - k, n_layers, final_norm=True)
-            pooled = tower.norm(tower.pooler(states, tower.pool_mask(ids, mask)))
+            keep = tower.pool_mask(ids, mask)
+            if self.training and self.token_dropout:
+                keep = drop_tokens(keep, self.token_dropout)
+            pooled = tower.norm(tower.pooler(states, keep))
             for j, i in enumerate(idx):
                 out[i] = pooled[j]
         return torch.stack(out)
