@@ -325,6 +325,9 @@ def test_token_dropout_hides_tokens_in_training_only(tiny_tower):
     assert not (dropped & ~keep).any()                     # a pad token is never brought back
     assert 8 < int(dropped[0].sum()) < 32                  # about half of the 40 real tokens
     assert dropped.any(1).all()                            # no text loses every token
+    cue = torch.zeros_like(keep)
+    cue[0, :5] = True
+    assert text_embed.drop_tokens(keep, 0.99, cue)[0, :5].all()   # cue tokens are never hidden
     tower, tok = tiny_tower
     texts = [f for f, _ in REPORTS]
     cache = text_embed.TextStateCache(tower, tok, texts, 0, max_length=96, max_tokens=200)
@@ -335,6 +338,17 @@ def test_token_dropout_hides_tokens_in_training_only(tiny_tower):
         assert torch.equal(a, b)                           # evaluation sees every token
         c, d = emb.train()(rows), emb(rows)
     assert not torch.allclose(c, d)                        # training draws a new subset each call
+
+
+def test_cue_tokens_are_the_negation_side_and_severity_words():
+    import open_clip
+    from open_clip_cxr_train.text_embed import cue_token_mask
+    tok = open_clip.get_tokenizer("cxr-llm-small")
+    mask = cue_token_mask(tok)
+    hf = tok.tokenizer
+    ids = hf("No left effusion, not seen without mild edema. heart lungs")["input_ids"]
+    cue = {w.lstrip("\u0120") for w, i in zip(hf.convert_ids_to_tokens(ids), ids) if mask[i]}
+    assert cue == {"No", "left", "not", "without", "mild"}
 
 
 def test_token_dropout_needs_cached_texts(tmp_path):

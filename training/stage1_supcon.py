@@ -25,7 +25,7 @@ from open_clip_cxr_train.stage1_model import cache_rate, matmul_params, set_lora
 from open_clip_cxr_train.supcon import (INSTRUCTIONS, Example, Views, report_texts, sample_example, sample_views,
                                         text_key)
 from open_clip_cxr_train.supcon_loss import multiview_supcon_loss, supcon_loss
-from open_clip_cxr_train.text_embed import CachedEmbedder, Embedder, TextStateCache
+from open_clip_cxr_train.text_embed import CachedEmbedder, Embedder, TextStateCache, cue_token_mask
 
 
 @dataclass
@@ -66,7 +66,8 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
     run.summary["cache"] = rate     # summary.json
     if float(scfg.get("instruction_prob", 0.0)):
         raise ValueError("supcon.cache reads fixed texts: set supcon.instruction_prob to 0")
-    embedder = CachedEmbedder(run.tower, cache, max_tokens, float(scfg.get("token_dropout", 0.0)))
+    p_drop = float(scfg.get("token_dropout", 0.0))
+    embedder = CachedEmbedder(run.tower, cache, max_tokens, p_drop, cue_token_mask(run.tokenizer) if p_drop else None)
     return SupconData(embedder, lambda i, epoch: pool[i], len(pool), cache)
 
 

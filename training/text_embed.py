@@ -7,7 +7,7 @@
 """
 import contextlib
 import time
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -120,22 +120,38 @@ class TextStateCache:
 POOLER_TOKENS_PER_CALL = 32768   # padded tokens per pooler-only call (~0.5 GB of fp32 activations)
 
 
-def drop_tokens(keep: torch.Tensor, p: float) -> torch.Tensor:
-    """`keep` (bool, texts x tokens) with each kept token hidden with probability `p`; a text that
-    would lose every token keeps them all. The states were computed on the whole text, so a hidden
-    token's context is still in its neighbours: this teaches the pooler to read the whole text
-    rather than a few positions (such as the sentence-final periods it otherwise leans on)."""
-    dropped = keep & (torch.rand(keep.shape, device=keep.device) >= p)
+def drop_tokens(keep: torch.Tensor, p: float, protected: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`keep` (bool, texts x tokens) with each kept token hidden with probability `p`, except the
+    `protected` ones; a text that would lose every token keeps them all. The states were computed
+    on the whole text, so a hidden token's context is still in its neighbours: this teaches the
+    pooler to read the whole text rather than a few positions (such as the sentence-final periods
+    it otherwise leans on)."""
+    survive = torch.rand(keep.shape, device=keep.device) >= p
+    if protected is not None:
+        survive |= protected
+    dropped = keep & survive
     return torch.where(dropped.any(1, keepdim=True), dropped, keep)
+
+
+def cue_token_mask(tokenizer) -> torch.Tensor:
+    """Bool over the vocabulary: tokens that spell a negation, side, severity or change word
+    ("no", "left", "mild" of "mildly"). Hiding one of them would make a positive pair of texts
+    that differ in exactly what the hard negatives teach, so token dropout never hides them."""
+    from open_clip_cxr.reports.noise import CUE_WORD_RE
+    hf = getattr(tokenizer, "tokenizer", tokenizer)
+    words = [t.lstrip("\u0120\u2581 ").lower() for t in hf.convert_ids_to_tokens(list(range(len(hf))))]
+    return torch.tensor([bool(w) and CUE_WORD_RE.match(w) is not None for w in words])
 
 
 class CachedEmbedder(nn.Module):
     """Embeds cached texts by row: top k decoder layers (with their LoRA) + pooler + norm."""
 
-    def __init__(self, tower: nn.Module, cache: TextStateCache, max_tokens: int = 4096, token_dropout: float = 0.0):
+    def __init__(self, tower: nn.Module, cache: TextStateCache, max_tokens: int = 4096, token_dropout: float = 0.0,
+                 cue_tokens: Optional[torch.Tensor] = None):
         super().__init__()
         self.tower, self.cache, self.max_tokens = tower, cache, max_tokens
-        self.token_dropout = token_dropout   # training only: see `drop_tokens`
+        # training only: see `drop_tokens`; `cue_tokens` (`cue_token_mask`) are never hidden
+        self.token_dropout, self.cue_tokens = token_dropout, cue_tokens
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         tower, cache, k = self.tower, self.cache, self.cache.k
@@ -158,7 +174,8 @@ class CachedEmbedder(nn.Module):
                 states = _run_layers(llm, states, mask, n_layers - k, n_layers, final_norm=True)
             keep = tower.pool_mask(ids, mask)
             if self.training and self.token_dropout:
-                keep = drop_tokens(keep, self.token_dropout)
+                cue = None if self.cue_tokens is None else self.cue_tokens.to(device)[ids]
+                keep = drop_tokens(keep, self.token_dropout, cue)
             pooled = tower.norm(tower.pooler(states, keep))
             for j, i in enumerate(idx):
                 out[i] = pooled[j]

@@ -58,7 +58,9 @@ def acronym_forms(text: str, rng: random.Random, p: float = 0.8) -> str:
 
 # ---------------------------------------------------------------- typos
 
-_PROTECTED = re.compile(r"^(?:no|not|without|negative|free|absent|left|right|bilateral|mild|mildly|moderate|"
+# Words that carry negation, side, severity or change: typos never touch them, and stage 1's token
+# dropout never hides them (`open_clip_cxr_train.text_embed.cue_token_mask`).
+CUE_WORD_RE = re.compile(r"^(?:no|not|without|negative|free|absent|left|right|bilateral|mild|mildly|moderate|"
                         r"moderately|severe|severely|small|large|tiny|trace|minimal|massive|marked|markedly|"
                         r"new|old|stable|unchanged|increased|decreased|upper|lower|middle)$", re.I)
 _KEYS = ["qwertyuiop", "asdfghjkl", "zxcvbnm"]
@@ -84,7 +86,7 @@ def typo(word: str, rng: random.Random) -> str:
 
 def typos(text: str, rng: random.Random, n: Optional[int] = None) -> Optional[str]:
     """`text` with `n` (default 1 to 3) words of five or more letters misspelt."""
-    words = [m for m in re.finditer(r"[A-Za-z]{5,}", text) if not _PROTECTED.match(m.group(0))]
+    words = [m for m in re.finditer(r"[A-Za-z]{5,}", text) if not CUE_WORD_RE.match(m.group(0))]
     if not words:
         return None
     n = n or rng.randint(1, 3)
