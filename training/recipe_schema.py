@@ -169,7 +169,7 @@ TEXT: Dict[str, Any] = {
         "max_variants": F("int", None, "rewrites kept per report (null: all)", GE1),
         "variant_styles": F("list", None, "rewrite styles trained on (null: every style)"),
         "token_dropout": F("float", 0.0, "share of tokens hidden from the pooler in each training text (cached "
-                                          "mode; the pooler must not lean on any one token, e.g. a period)", DROPOUT),
+                                          "mode; never negation, side or severity words)", DROPOUT),
         "negative_seeds": F("int", 1, "draw each report's one-error copies this many times (more error sentences)", GE1),
         "variants": F("str", "rules", "where rewrites come from", choices=("rules", "llm", "both")),
         "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both)"),
