@@ -62,11 +62,10 @@ def tower_column(name: str, seed: int):
     return tower, tokenizer
 
 
-def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",), unshout=False,
-                    dtype=torch.bfloat16, fold=None) -> dict:
-    """{protocol: suite result} for one column, each protocol of `styles` ("train", "heldout").
-    Tower columns compute in `dtype` (None: fp32); `fold` (True/False) overrides the tokenizer's
-    `fold_capitals` setting (None: the model config's)."""
+def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dtype=torch.bfloat16, fold=None):
+    """texts -> embeddings for one column: "bow", "minilm", a built-in model name (unadapted) or a
+    model folder. Tower columns compute in `dtype` (None: fp32); `fold` (True/False) overrides the
+    tokenizer's `fold_capitals` setting (None: the model config's)."""
     from open_clip_cxr_train.speedups import FrozenCast
     from open_clip_cxr_train.text_stage import tower_encode_fn
     if column == "bow":
@@ -84,6 +83,14 @@ def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("t
             from open_clip_cxr.reports.noise import unshout as unshout_fn
             enc = fn
             fn = lambda texts: enc([unshout_fn(t) for t in texts])  # noqa: E731
+    return fn
+
+
+def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",), unshout=False,
+                    dtype=torch.bfloat16, fold=None) -> dict:
+    """{protocol: suite result} for one column (`column_encode_fn`), each protocol of `styles`
+    ("train", "heldout")."""
+    fn = column_encode_fn(column, seed, max_tokens, unshout, dtype, fold)
     return {st: run_robustness(reports, fn, seed=seed, styles=st) for st in styles}
 
 

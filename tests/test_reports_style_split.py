@@ -103,6 +103,20 @@ def test_heldout_variants_keep_the_findings():
     assert not set(noise.HELDOUT_STYLES) & {v.style for r in REPORTS for v in equivalent_variants(r, part="train")}
 
 
+def test_hospital_mix_parts_one_at_a_time():
+    r = REPORTS[1]
+    base = RB.original_text(r)
+    rng = lambda: noise.rng_for(0, "heldout", "hospital_mix", base)  # noqa: E731
+    full = [v.text for v in noise.heldout_variants(r, seed=0) if v.style == "hospital_mix"][0]
+    assert noise.hospital_mix(r, rng()) == full            # all parts: the protocol's row
+    assert noise.hospital_mix(r, rng(), ()) == base          # no part: the report itself
+    assert noise.hospital_mix(r, rng(), ("headers",)).startswith(("EXAM", "EXAMINATION", "PROCEDURE", "STUDY"))
+    tele = noise.hospital_mix(r, rng(), ("telegraphic",))
+    assert tele == tele.lower() and ", " in tele
+    assert noise.telegraphic("The lungs are clear. No effusion.", drop=False, lower=False) == "The lungs are clear, No effusion"
+    assert noise.telegraphic("The lungs are clear. No effusion.", join=False) == "lungs clear. no effusion."
+
+
 def test_suite_heldout_protocol_with_bag_of_words():
     res = RB.run_heldout(REPORTS, RB.bow_encode_fn())
     assert res["styles"] == "heldout"

@@ -135,10 +135,32 @@ def numbered_list(sections: List[str], rng: random.Random) -> Optional[str]:
 _TELEGRAPH_DROP = re.compile(r"\b(?:the|a|an|there (?:is|are)|is|are|seen|noted|identified|again)\s+", re.I)
 
 
-def telegraphic(text: str) -> str:
-    """Articles, existentials and copulas dropped, lower case, sentences joined by ", "."""
-    sents = [_TELEGRAPH_DROP.sub("", s).strip().rstrip(".") for s in split_sentences(text)]
-    return ", ".join(s for s in sents if s).lower()
+def telegraphic(text: str, drop: bool = True, join: bool = True, lower: bool = True) -> str:
+    """Articles, existentials and copulas dropped, lower case, sentences joined by ", " (each part
+    can be turned off, to measure which one a model fails on: `bench/bench_heldout_parts.py`)."""
+    sents = [_TELEGRAPH_DROP.sub("", s).strip() if drop else s for s in split_sentences(text)]
+    out = ", ".join(s.rstrip(".") for s in sents if s) if join else " ".join(s for s in sents if s)
+    return out.lower() if lower else out
+
+
+HOSPITAL_PARTS = ("shorthand", "acronyms", "telegraphic", "headers", "typo")
+
+
+def hospital_mix(report: Report, rng: random.Random, parts=HOSPITAL_PARTS, verify: bool = True) -> str:
+    """The `hospital_mix` style: held-out shorthand, typed acronyms, telegraphic sentences, capital
+    headers and one typo, in that order (`parts`: a subset, to measure each one's share)."""
+    sections = report_sections(report)
+    base = join_sections(*sections)
+    short = abbreviate(base, rng, p=1.0, part="heldout") if "shorthand" in parts else None
+    if short is not None and verify and classify_edit(base, short) != "equal":
+        short = None
+    secs = _split_like(short or base, sections)
+    if "acronyms" in parts:
+        secs = [acronym_forms(x, rng) for x in secs]
+    if "telegraphic" in parts:
+        secs = [telegraphic(x) for x in secs]
+    text = caps_headers(secs, rng) if "headers" in parts else join_sections(*secs)
+    return (typos(text, rng, n=1) or text) if "typo" in parts else text
 
 
 # ---------------------------------------------------------------- the held-out variants
@@ -166,12 +188,6 @@ def heldout_variants(report: Report, seed: int = 0, verify: bool = True) -> List
         noisy = acronym_forms(short, r)
         return noisy if noisy != base else None
 
-    def hospital_mix(r):
-        short = checked(abbreviate(base, r, p=1.0, part="heldout")) or base
-        secs = [telegraphic(acronym_forms(s, r)) for s in _split_like(short, sections)]
-        text = caps_headers(secs, r)
-        return typos(text, r, n=1) or text
-
     def telegraphic_impression(r):
         if not both:
             return None
@@ -185,7 +201,7 @@ def heldout_variants(report: Report, seed: int = 0, verify: bool = True) -> List
         "caps_headers": lambda r: caps_headers(sections, r),
         "numbered_list": lambda r: numbered_list(sections, r),
         "telegraphic_impression": telegraphic_impression,
-        "hospital_mix": hospital_mix,
+        "hospital_mix": lambda r: hospital_mix(report, r, verify=verify),
     }
     out = []
     for style in HELDOUT_STYLES:

@@ -1,0 +1,75 @@
+"""Which part of a held-out restyle a model fails on: `hospital_mix` and `telegraphic` taken apart.
+
+The held-out protocol's hardest row, `hospital_mix`, is five operations at once (held-out shorthand,
+typed acronyms, telegraphic sentences, capital headers, a typo; `reports.noise.hospital_mix`), and
+`telegraphic` itself is three (function words dropped, sentences joined by ", ", lower case). This
+prints variant -> original R@1 with each part alone and in the combinations that matter, for the
+bag of words and each model given, on the Open-I validation split:
+
+    python bench/bench_heldout_parts.py --after runs/text-small [--after runs/other] [--limit 200]
+
+It is how the sentence-mark dependence of stage 1 was found (README, "What the pooler leaned on").
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench_text_stage import _cpu_name, column_encode_fn  # noqa: E402
+from open_clip_cxr.eval.robustness import _Embedder, _r1, openi_reports, original_text  # noqa: E402
+from open_clip_cxr.reports import noise  # noqa: E402
+from open_clip_cxr.reports.clean import join_sections  # noqa: E402
+from open_clip_cxr.reports.rewrite_common import report_sections, rng_for  # noqa: E402
+
+HOSPITAL = [noise.HOSPITAL_PARTS, ("shorthand", "acronyms", "telegraphic"), ("shorthand", "acronyms"),
+            ("telegraphic",), ("headers",), ("shorthand", "acronyms", "headers", "typo")]
+TELEGRAPHIC = {"lower case": dict(drop=False, join=False), "function words dropped": dict(join=False, lower=False),
+               "joined by ', '": dict(drop=False, lower=False), "dropped + joined": dict(lower=False),
+               "all three (telegraphic)": {}}
+
+
+def rows(reports):
+    """{row name: [(query, original)]}: the hospital_mix parts, then the telegraphic parts."""
+    out = {}
+    for parts in HOSPITAL:
+        name = "hospital: " + " + ".join(parts)
+        out[name] = [(noise.hospital_mix(r, rng_for(0, "heldout", "hospital_mix", original_text(r)), parts),
+                      original_text(r)) for r in reports]
+    for name, kw in TELEGRAPHIC.items():
+        out["telegraphic: " + name] = [(join_sections(*(noise.telegraphic(s, **kw) for s in report_sections(r))),
+                                        original_text(r)) for r in reports]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--after", action="append", default=[], help="a model folder (repeatable)")
+    ap.add_argument("--columns", default="bow", help="reference columns: bow, minilm, built-in model names")
+    ap.add_argument("--limit", type=int, default=None, help="first N validation reports (default: all)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from open_clip_cxr.precision import choose
+    choice = choose("auto", "cpu", threads=args.threads)
+    reports = [r for r in openi_reports(split="validate", limit=args.limit) if original_text(r)]
+    table = rows(reports)
+    originals = [original_text(r) for r in reports]
+    columns = [c for c in args.columns.split(",") if c] + args.after
+    results = {}
+    for col in columns:
+        fn = column_encode_fn(col, 0, 4096, dtype=choice.dtype)
+        emb = _Embedder(fn, originals + [q for pairs in table.values() for q, _ in pairs])
+        results[col] = {name: _r1(emb, [q for q, _ in p], [t for _, t in p], originals) for name, p in table.items()}
+    print(f"variant -> original R@1, {len(reports)} validation reports; CPU: {_cpu_name()}; "
+          f"towers in {choice.precision}, {args.threads} thread(s)")
+    w = max(map(len, table))
+    print("part".ljust(w), *(Path(c).name[-12:].rjust(12) for c in columns))
+    for name in table:
+        print(name.ljust(w), *(f"{results[c][name]:.3f}".rjust(12) for c in columns))
+
+
+if __name__ == "__main__":
+    main()
