@@ -66,9 +66,10 @@ def main():
     print(f"variant -> original R@1, {len(reports)} validation reports; CPU: {_cpu_name()}; "
           f"towers in {choice.precision}, {args.threads} thread(s)")
     w = max(map(len, table))
-    print("part".ljust(w), *(Path(c).name[-12:].rjust(12) for c in columns))
+    names = ["/".join(Path(c).parts[-2:])[-16:] for c in columns]   # "runs/text-small", "E1/run"
+    print("part".ljust(w), *(n.rjust(16) for n in names))
     for name in table:
-        print(name.ljust(w), *(f"{results[c][name]:.3f}".rjust(12) for c in columns))
+        print(name.ljust(w), *(f"{results[c][name]:.3f}".rjust(16) for c in columns))
 
 
 if __name__ == "__main__":
