@@ -346,9 +346,9 @@ def test_cue_tokens_are_the_negation_side_and_severity_words():
     tok = open_clip.get_tokenizer("cxr-llm-small")
     mask = cue_token_mask(tok)
     hf = tok.tokenizer
-    ids = hf("No left effusion, not seen without mild edema. heart lungs noted")["input_ids"]
+    ids = hf("No left effusion, not seen without mild edema. heart lungs")["input_ids"]
     cue = {w.lstrip("\u0120") for w, i in zip(hf.convert_ids_to_tokens(ids), ids) if mask[i]}
-    assert cue == {"No", "left", "not", "seen", "without", "mild", "noted"}
+    assert cue == {"No", "left", "not", "without", "mild"}
 
 
 def test_token_dropout_needs_cached_texts(tmp_path):

@@ -135,14 +135,12 @@ def drop_tokens(keep: torch.Tensor, p: float, protected: Optional[torch.Tensor] 
 
 def cue_token_mask(tokenizer) -> torch.Tensor:
     """Bool over the vocabulary: tokens that spell a negation, side, severity or change word
-    ("no", "left", "mild" of "mildly", "noted": the words the mention checker reads). Hiding one of them would make a positive pair of texts
+    ("no", "left", "mild" of "mildly"). Hiding one of them would make a positive pair of texts
     that differ in exactly what the hard negatives teach, so token dropout never hides them."""
-    from open_clip_cxr.reports.mentions import NEGATION_CUE_WORDS
     from open_clip_cxr.reports.noise import CUE_WORD_RE
     hf = getattr(tokenizer, "tokenizer", tokenizer)
     words = [t.lstrip("\u0120\u2581 ").lower() for t in hf.convert_ids_to_tokens(list(range(len(hf))))]
-    cues = set(NEGATION_CUE_WORDS)
-    return torch.tensor([bool(w) and (w in cues or CUE_WORD_RE.match(w) is not None) for w in words])
+    return torch.tensor([bool(w) and CUE_WORD_RE.match(w) is not None for w in words])
 
 
 class CachedEmbedder(nn.Module):

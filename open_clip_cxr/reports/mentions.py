@@ -72,11 +72,6 @@ _NEG_SCOPE_END_RE = re.compile(
     r"\b(?:but|however|although|though|whereas|which|except|aside from|apart from|other than"
     r"|there (?:is|are)|(?:is|are) (?:present|seen|noted|identified))\b"
 )
-# Words the negation rules above read, besides the cue words of `noise.CUE_WORD_RE`: stage 1's
-# token dropout keeps them visible (`open_clip_cxr_train.text_embed.cue_token_mask`).
-NEGATION_CUE_WORDS = ("negative", "free", "absence", "evidence", "longer", "seen", "identified", "present",
-                      "visualized", "visible", "evident", "demonstrated", "appreciated", "detected", "noted",
-                      "absent", "resolved")
 _ARTICLE_RE = re.compile(r"\b(?:the|a|an)\s+")
 _POST_NEG_RE = re.compile(
     r"^[^;,]{0,40}?\b(?:(?:is|are|was|were|has|have|been)\s+)*"
