@@ -425,6 +425,16 @@ def test_train_cached_supcon(tmp_path, lora):
     assert [r["step"] for r in rows if r["stage"] == "supcon" and "loss_mean" not in r] == [3, 4, 5]
 
 
+def test_train_cached_supcon_with_token_dropout(tmp_path):
+    from open_clip_cxr_train.text_stage import train
+    recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.cache_reports": 6, "supcon.steps": 2,
+                                      "supcon.lora": None, "supcon.token_dropout": 0.2, "eval.enabled": False})
+    train(recipe)
+    rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["stage"] == "supcon" and "loss_mean" not in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))   # two steps through the dropout path
+
+
 def test_pooler_head_steps_come_before_lora(tmp_path):
     from open_clip_cxr_train.text_stage import train
     recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.head_steps": 2, "supcon.steps": 2,

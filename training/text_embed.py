@@ -150,8 +150,10 @@ class CachedEmbedder(nn.Module):
                  cue_tokens: Optional[torch.Tensor] = None):
         super().__init__()
         self.tower, self.cache, self.max_tokens = tower, cache, max_tokens
-        # training only: see `drop_tokens`; `cue_tokens` (`cue_token_mask`) are never hidden
-        self.token_dropout, self.cue_tokens = token_dropout, cue_tokens
+        # training only: see `drop_tokens`; `cue_tokens` (`cue_token_mask`) are never hidden. A buffer,
+        # so it moves with the module once instead of being copied to the device every step; not saved.
+        self.token_dropout = token_dropout
+        self.register_buffer("cue_tokens", cue_tokens, persistent=False)
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         tower, cache, k = self.tower, self.cache, self.cache.k
@@ -174,7 +176,7 @@ class CachedEmbedder(nn.Module):
                 states = _run_layers(llm, states, mask, n_layers - k, n_layers, final_norm=True)
             keep = tower.pool_mask(ids, mask)
             if self.training and self.token_dropout:
-                cue = None if self.cue_tokens is None else self.cue_tokens.to(device)[ids]
+                cue = None if self.cue_tokens is None else self.cue_tokens[ids]
                 keep = drop_tokens(keep, self.token_dropout, cue)
             pooled = tower.norm(tower.pooler(states, keep))
             for j, i in enumerate(idx):
