@@ -28,6 +28,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", required=True, help="cache folder (outside the repository)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=160)
+    ap.add_argument("--length-cap", type=float, default=None,
+                    help="new tokens at most CAP x the batch's longest report (+16)")
+    ap.add_argument("--no-negatives", action="store_true", help="rewrites only, no one-error copies")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="generation precision; auto: bf16 only where measured faster on this CPU")
@@ -49,7 +52,8 @@ def main(argv=None) -> int:
     texts = [base_text(r) for r in openi_reports(split=args.split, limit=args.n)]
     t = time.time()
     maker = load_llm_variants(model, args.cache, device="cpu", batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens, gguf_file=gguf, precision=args.precision)
+                              max_new_tokens=args.max_new_tokens, gguf_file=gguf, precision=args.precision,
+                              negatives=not args.no_negatives, length_cap=args.length_cap)
     load_s = time.time() - t
     t = time.time()
     made = maker.make(texts)
@@ -57,6 +61,7 @@ def main(argv=None) -> int:
     res = {**maker.summary(), "reports": len(texts), "split": args.split, "load_seconds": round(load_s, 1),
            "generate_seconds": round(gen_s, 1), "reports_with_a_kept_positive": sum(
                any(v["equivalent"] for v in vs) for vs in made.values()), "cpu": cpu_name(), "threads": args.threads,
+           "batch_size": args.batch_size, "length_cap": args.length_cap,
            "dtype": str(next(maker.positive.model.parameters()).dtype)}
     print(json.dumps(res, indent=1))
     if args.out:

@@ -143,3 +143,36 @@ def test_smollm2_paraphrases_offline(tmp_path):
     assert len(out) == 2 and all(isinstance(o, str) and o.strip() for o in out)
     again = LLMParaphraser(model, tok, cache, batch_size=2, max_new_tokens=32)
     assert again.paraphrase(texts) == out and len(cache.read_text().splitlines()) == 2
+
+
+class KwargsModel(CountingModel):
+    """Records the max_new_tokens and the prompt lengths of every generate() call."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.seen = []
+
+    def generate(self, **kw):
+        self.seen.append((kw["max_new_tokens"], kw["input_ids"].shape[0]))
+        return super().generate(**kw)
+
+
+def test_length_cap_sorts_batches_and_bounds_new_tokens(tiny, tmp_path):
+    model, tok = tiny
+    m = KwargsModel(model)
+    texts = [REPORTS[3], REPORTS[4], REPORTS[1], REPORTS[0]]
+    para = _para(m, tok, tmp_path / "c.jsonl", max_new_tokens=200, length_cap=0.5)
+    out = para.paraphrase(texts)
+    assert len(out) == 4
+    # sorted by length: the two shortest reports share the first batch, the two longest the second
+    n_tok = sorted(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    first, second = int(0.5 * n_tok[1]) + 16, int(0.5 * n_tok[3]) + 16
+    assert [s[0] for s in m.seen] == [first, second]
+    # the cap is part of the cache key: capped and uncapped outputs never mix
+    assert para.key(REPORTS[0]) != _para(model, tok, tmp_path / "c.jsonl", max_new_tokens=200).key(REPORTS[0])
+    # max_new_tokens still bounds it
+    m2 = KwargsModel(model)
+    _para(m2, tok, tmp_path / "d.jsonl", max_new_tokens=20, length_cap=4.0).paraphrase(texts[:2])
+    assert m2.seen == [(20, 2)]
+    with pytest.raises(ValueError, match="length_cap"):
+        _para(model, tok, tmp_path / "e.jsonl", length_cap=0)

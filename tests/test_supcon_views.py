@@ -230,3 +230,20 @@ def test_tiny_stage1_with_three_views_trains(tmp_path, monkeypatch):
     assert len(losses) == 8 and all(x > 0 for x in losses)
     assert views_per_report == [[3] * 8] * 8
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_negative_weight_counts_each_hard_negative_w_times():
+    """w = 3 equals the plain loss with every valid hard negative repeated three times."""
+    from open_clip_cxr_train.supcon_loss import supcon_loss
+    torch.manual_seed(0)
+    a, p, n = torch.randn(4, 8), torch.randn(4, 8), torch.randn(8, 8)
+    valid = torch.tensor([True, True, False, True, True, False, True, True])
+    weighted = supcon_loss(a, p, n, 0.1, negative_valid=valid, symmetric=True, negative_weight=3.0)
+    repeated = supcon_loss(a, p, n.repeat(3, 1), 0.1, negative_valid=valid.repeat(3), symmetric=True)
+    assert torch.allclose(weighted, repeated, atol=1e-5)
+    plain = supcon_loss(a, p, n, 0.1, negative_valid=valid, symmetric=True)
+    assert torch.allclose(plain, supcon_loss(a, p, n, 0.1, negative_valid=valid, symmetric=True,
+                                             negative_weight=1.0))
+    assert weighted > plain      # the negatives weigh more in the denominator
+    with pytest.raises(ValueError, match="negative_weight"):
+        supcon_loss(a, p, n, 0.1, negative_weight=0.0)

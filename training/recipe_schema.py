@@ -157,6 +157,8 @@ TEXT: Dict[str, Any] = {
         "head_lr": F("float", None, "learning rate of the pooler and norm (null: 10 x supcon.lr)", GT0),
         "head_steps": F("int", 0, "steps that train the pooler alone before the LoRA joins", GE0),
         "n_negatives": F("int", 2, "single-error rewrites per anchor (hard negatives)", GE0),
+        "negative_weight": F("float", 1.0, "each hard negative counts this many times in the softmax "
+                                           "(views: 2; > 1 leans on the one-error copies)", GT0),
         "views": F("int", 2, "texts per report per step: 2 = a pair (InfoNCE); V > 2 = the report and V-1 rewrites "
                              "(SupCon; a step embeds batch_size * V texts + negatives)", (2, True, None, False)),
         "p_sections": F("float", 0.3, "share of impression <-> findings pairs (the rest: rewrite <-> report)", PROB),
@@ -175,6 +177,10 @@ TEXT: Dict[str, Any] = {
         "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both)"),
         "paraphraser_batch_size": F("int", 8, "reports per paraphraser call", GE1),
         "paraphraser_gguf": F("str", None, "GGUF file of the paraphraser, if it is one"),
+        "paraphraser_negatives": F("bool", True, "the paraphraser also writes one-error copies (about 2 % "
+                                                 "pass the check; off halves the generation)"),
+        "paraphraser_length_cap": F("float", None, "new tokens at most this x the batch's longest report "
+                                                   "(+16; null: 160)", GT0),
         "lora": _lora(LLM_LINEARS, "the contrastive adapter (null: the pooler and norm learn alone)",
                       layers=True, null=True, default_null=True),
     }, "step 2: supervised contrastive training of the tower and its pooler", empty_null=True),

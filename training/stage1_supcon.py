@@ -140,7 +140,8 @@ class SupconBatches:
         return inputs, torch.tensor(slots, dtype=torch.long), akeys, pkeys, n_tokens
 
 
-def supcon_step(module, batch, device, bs: int, n_neg: int, temperature: float, symmetric: bool):
+def supcon_step(module, batch, device, bs: int, n_neg: int, temperature: float, symmetric: bool,
+                negative_weight: float = 1.0):
     """(loss, samples, tokens): anchors, positives and the padded hard negatives embedded in one forward."""
     inputs, slots, akeys, pkeys, n_tokens = (t.to(device) for t in batch)
     emb = module(inputs)
@@ -148,7 +149,8 @@ def supcon_step(module, batch, device, bs: int, n_neg: int, temperature: float, 
     neg = torch.zeros(bs * n_neg, emb.shape[1], dtype=emb.dtype, device=emb.device).index_copy(0, slots, n)
     valid = torch.zeros(bs * n_neg, dtype=torch.bool, device=emb.device)
     valid[slots] = True
-    loss = supcon_loss(a, p, neg, temperature, akeys, pkeys, valid, symmetric=symmetric)
+    loss = supcon_loss(a, p, neg, temperature, akeys, pkeys, valid, symmetric=symmetric,
+                       negative_weight=negative_weight)
     return loss, bs, int(n_tokens)
 
 
@@ -194,7 +196,8 @@ def supcon_phase(run, start_step: int) -> int:
     if batches.views > 2:   # SupCon: every view is a query, so `symmetric` has nothing to add
         step = partial(multiview_step, views=batches.views, **kw)
     else:
-        step = partial(supcon_step, symmetric=bool(scfg.get("symmetric", True)), **kw)
+        step = partial(supcon_step, symmetric=bool(scfg.get("symmetric", True)),
+                       negative_weight=float(scfg.get("negative_weight", 1.0)), **kw)
     head = [p for m in (tower.pooler, tower.norm) for p in m.parameters()]
     head_ids = {id(p) for p in head}
     lora_params = [p for p in trainable(tower) if id(p) not in head_ids]

@@ -4,6 +4,8 @@ See `training/supcon.py` for what the examples are; this module only scores them
 """
 from typing import Optional
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -26,8 +28,10 @@ def gather_keys(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _info_nce(queries, candidates, targets, blocked, temperature):
+def _info_nce(queries, candidates, targets, blocked, temperature, bias=None):
     logits = queries @ candidates.T / temperature
+    if bias is not None:    # [C] added to every query's logit of that candidate
+        logits = logits + bias
     logits = logits.masked_fill(blocked, float("-inf"))
     return F.cross_entropy(logits.float(), targets)
 
@@ -35,14 +39,18 @@ def _info_nce(queries, candidates, targets, blocked, temperature):
 def supcon_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: Optional[torch.Tensor] = None,
                 temperature: float = 0.05, anchor_keys: Optional[torch.Tensor] = None,
                 positive_keys: Optional[torch.Tensor] = None, negative_valid: Optional[torch.Tensor] = None,
-                symmetric: bool = False) -> torch.Tensor:
+                symmetric: bool = False, negative_weight: float = 1.0) -> torch.Tensor:
     """InfoNCE of local anchors [B, D] over the gathered positives [W*B, D] + hard negatives [W*H, D].
 
     Anchor i's target is positive i of this process: every process must hold B anchors and H
     negative rows (pad the negatives and pass `negative_valid` [H] bool to mask the padding).
     `anchor_keys`/`positive_keys` ([B] int64, e.g. `text_key`): another pair whose anchor or
     positive is the same text as mine is not a negative (masked), since identical texts must
-    embed identically. Embeddings are L2-normalised here."""
+    embed identically. `negative_weight` w counts each hard negative w times in the softmax's
+    denominator (log w added to its logits): w > 1 puts more of the gradient on the one-error
+    copies without more steps on the rewrites. Embeddings are L2-normalised here."""
+    if negative_weight <= 0:
+        raise ValueError(f"negative_weight must be > 0, not {negative_weight}")
     a, p = F.normalize(anchors.float(), dim=-1), F.normalize(positives.float(), dim=-1)
     b = a.shape[0]
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -54,7 +62,7 @@ def supcon_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: Optio
         ak, pk = gather_keys(anchor_keys), gather_keys(positive_keys)
         same = (anchor_keys[:, None] == ak[None]) | (positive_keys[:, None] == pk[None])
         blocked = same & (torch.arange(ak.shape[0], device=a.device)[None] != targets[:, None])
-    candidates, mask = all_p, blocked
+    candidates, mask, bias = all_p, blocked, None
     if negatives is not None and negatives.shape[0]:
         all_n = gather_with_grad(F.normalize(negatives.float(), dim=-1))
         valid = negative_valid if negative_valid is not None else torch.ones(
@@ -62,8 +70,11 @@ def supcon_loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: Optio
         invalid = gather_keys(valid.long()) == 0   # gloo cannot gather bools
         candidates = torch.cat([all_p, all_n])
         mask = torch.cat([blocked, invalid[None].expand(b, -1)], 1)
+        if negative_weight != 1.0:
+            bias = torch.zeros(candidates.shape[0], device=a.device)
+            bias[all_p.shape[0]:] = math.log(negative_weight)
 
-    loss = _info_nce(a, candidates, targets, mask, temperature)
+    loss = _info_nce(a, candidates, targets, mask, temperature, bias)
     if symmetric:   # positive -> anchor, over all anchors (no hard negatives on this side)
         loss = 0.5 * (loss + _info_nce(p, all_a, targets, blocked, temperature))
     return loss

@@ -57,7 +57,7 @@ class LLMParaphraser:
     def __init__(self, model, tokenizer, cache_path, batch_size: int = 8, max_new_tokens: int = 160,
                  prompt: str = DEFAULT_PROMPT, do_sample: bool = False, seed: int = 0,
                  temperature: float = 0.7, top_p: float = 0.9, model_id: Optional[str] = None,
-                 use_chat_template: Optional[bool] = None):
+                 use_chat_template: Optional[bool] = None, length_cap: Optional[float] = None):
         if "{text}" not in prompt:
             raise ValueError("prompt must contain '{text}'")
         self.model, self.tokenizer = model, tokenizer
@@ -68,8 +68,15 @@ class LLMParaphraser:
         if use_chat_template is None:
             use_chat_template = bool(getattr(tokenizer, "chat_template", None))
         self.use_chat_template = use_chat_template
+        # A rewrite runs about as long as its report; a small model that starts repeating itself
+        # would hold its whole batch for max_new_tokens steps. `length_cap` stops every batch at
+        # cap x its longest report's tokens (+16); None: max_new_tokens only.
+        if length_cap is not None and length_cap <= 0:
+            raise ValueError(f"length_cap must be > 0, not {length_cap}")
+        self.length_cap = length_cap
         self._settings = (f"max_new_tokens={max_new_tokens};chat={use_chat_template};" +
-                          (f"sample:seed={seed},t={temperature},p={top_p}" if do_sample else "greedy"))
+                          (f"sample:seed={seed},t={temperature},p={top_p}" if do_sample else "greedy") +
+                          (f";cap={length_cap}" if length_cap is not None else ""))
         self._cache = self._load_cache()
 
     # ------------------------------------------------------------- cache
@@ -131,7 +138,11 @@ class LLMParaphraser:
             tok.padding_side = old_side
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
-        kw = dict(max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+        new_tokens = self.max_new_tokens
+        if self.length_cap is not None:
+            longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+            new_tokens = min(new_tokens, int(self.length_cap * longest) + 16)
+        kw = dict(max_new_tokens=new_tokens, do_sample=self.do_sample,
                   pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         if self.do_sample:
             kw.update(temperature=self.temperature, top_p=self.top_p)
@@ -151,6 +162,8 @@ class LLMParaphraser:
             if k not in self._cache and k not in seen:
                 todo.append((t, k))
                 seen.add(k)
+        # similar lengths per batch: less padding, and a batch ends when its longest rewrite does
+        todo.sort(key=lambda tk: len(tk[0]))
         was_training = getattr(self.model, "training", False)
         self.model.eval()
         try:
@@ -239,7 +252,8 @@ class LLMVariants:
 
 def load_llm_variants(model_id: str, cache_dir, device: Optional[str] = None, batch_size: int = 8,
                       max_new_tokens: int = 160, gguf_file: Optional[str] = None,
-                      negatives: bool = True, precision: str = "auto") -> LLMVariants:
+                      negatives: bool = True, precision: str = "auto",
+                      length_cap: Optional[float] = None) -> LLMVariants:
     """LLMVariants from a local (or cached) causal LM; caches in `cache_dir` (resumable).
     `precision` auto: bf16 where `open_clip_cxr.precision` measures it faster (a GPU, or a CPU
     with AMX / AVX512-BF16), else fp32; `OPEN_CLIP_CXR_PRECISION` overrides it."""
@@ -256,7 +270,8 @@ def load_llm_variants(model_id: str, cache_dir, device: Optional[str] = None, ba
         ("" if choice.precision == "fp32" else f"@{choice.precision}")
     cache_dir = Path(cache_dir)
     make = lambda prompt, f: LLMParaphraser(model, tok, cache_dir / f, batch_size=batch_size,  # noqa: E731
-                                            max_new_tokens=max_new_tokens, prompt=prompt, model_id=name)
+                                            max_new_tokens=max_new_tokens, prompt=prompt, model_id=name,
+                                            length_cap=length_cap)
     return LLMVariants(make(DEFAULT_PROMPT, "positives.jsonl"),
                        make(NEGATIVE_PROMPT, "negatives.jsonl") if negatives else None)
 
@@ -284,8 +299,11 @@ def llm_report_texts(report_texts_fn, reports, scfg: dict, cache_dir, log=print)
         raise ValueError(f"supcon.variants must be rules, llm or both, not {mode!r}")
     if not scfg.get("paraphraser"):
         raise ValueError(f"supcon.variants: {mode} needs supcon.paraphraser (a local causal LM)")
+    cap = scfg.get("paraphraser_length_cap")
     maker = load_llm_variants(scfg["paraphraser"], cache_dir, batch_size=int(scfg.get("paraphraser_batch_size", 8)),
-                              gguf_file=scfg.get("paraphraser_gguf"))
+                              gguf_file=scfg.get("paraphraser_gguf"),
+                              negatives=bool(scfg.get("paraphraser_negatives", True)),
+                              length_cap=None if cap is None else float(cap))
     made = maker.make([base_text(r) for r in reports])
     summary = maker.summary()
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
