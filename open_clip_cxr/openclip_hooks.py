@@ -28,7 +28,7 @@ import open_clip.hf_model as oc_hf_model
 from open_clip.hf_configs import arch_dict
 from transformers import AutoConfig, AutoModel
 
-from .cache import cache_dir
+from .cache import cache_dir, process_tmp
 from .text.archs import config_from_spec, is_spec
 from .text.config import CXRTextConfig
 from .text.model import CXRTextModel
@@ -146,7 +146,7 @@ def _register_model_configs():
         text = json.dumps(cfg, indent=2)
         dst = out / src.name
         if not dst.exists() or dst.read_text() != text:
-            tmp = dst.with_suffix(".tmp")
+            tmp = process_tmp(dst)
             tmp.write_text(text)
             tmp.replace(dst)
     if out not in [Path(p) for p in open_clip.factory._MODEL_CONFIG_PATHS]:
@@ -207,7 +207,7 @@ def build_tag_checkpoint(model_name: str, tag: str) -> Path:
     finally:
         logging.getLogger().removeFilter(quiet)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
+    tmp = process_tmp(path)
     save_file(state, str(tmp), metadata={"format": "pt", "model": model_name, "tag": tag})
     tmp.replace(path)
     return path

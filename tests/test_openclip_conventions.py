@@ -1,7 +1,9 @@
 """Plain OpenCLIP (no `open_clip_cxr.` wrapper) with our pretrained tags: the tags are listed,
 carry our CXR preprocessing through OpenCLIP's own pretrained-config mechanism, load a full
 checkpoint (no "initialized partially" warning) and resolve offline where the weights ship."""
+import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,3 +50,25 @@ def test_small_tag_resolves_offline_to_the_packaged_weights(tmp_path, monkeypatc
     key = "text.transformer.llm.base_model.model.layers.0.self_attn.q_proj.base_layer.weight"
     assert torch.equal(a[key], b[key])
     assert torch.equal(a["visual.trunk.conv_stem.weight"], b["visual.trunk.conv_stem.weight"])
+
+
+def test_two_jobs_filling_one_cache_at_once_both_succeed(tmp_path, monkeypatch):
+    """A second job that writes the same config between the first job's write and rename (two
+    seeds started together) must not make the first job's rename fail."""
+    from open_clip_cxr import openclip_hooks
+    monkeypatch.setenv("OPEN_CLIP_CXR_CACHE", str(tmp_path))
+    real_write, interleaved = Path.write_text, []
+
+    def write_then_let_another_job_run(self, *args, **kwargs):
+        out = real_write(self, *args, **kwargs)
+        if self.name.endswith(".tmp") and not interleaved:
+            interleaved.append(self)
+            openclip_hooks._register_model_configs()   # the other job, start to finish
+        return out
+
+    monkeypatch.setattr(Path, "write_text", write_then_let_another_job_run)
+    openclip_hooks._register_model_configs()
+    assert interleaved, "no temporary file was written"
+    written = sorted(p.name for p in (tmp_path / "model_configs").iterdir())
+    assert written and not [n for n in written if n.endswith(".tmp")]
+    assert all(json.loads((tmp_path / "model_configs" / n).read_text()) for n in written)

@@ -12,6 +12,7 @@ second copy of the model.
 import importlib.util
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Tuple
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..cache import cache_dir
+from ..cache import cache_dir, process_tmp
 
 # Functions mapping a source key (after prefix stripping) to our pooler's key, or None.
 # `conversion/` adds the authors' `latent_attn.*` layout here.
@@ -66,12 +67,14 @@ def _gguf_to_cache(spec: str) -> Path:
     logging.info(f"dequantising {pkg_dir / filename} into {out} (once)")
     model = AutoModel.from_pretrained(pkg_dir, gguf_file=filename, dtype=torch.float32, trust_remote_code=False)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    tmp = out / "model.safetensors.tmp"
+    tmp = process_tmp(out / "model.safetensors")
     save_file(state, str(tmp), metadata={"source": f"{package}/{filename}"})
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
-    (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    tmp.rename(out / "model.safetensors")  # whole or absent: a killed run leaves no half cache
+    cfg_tmp = process_tmp(out / "config.json")
+    cfg_tmp.write_text(json.dumps(cfg, indent=2, default=str))
+    os.replace(cfg_tmp, out / "config.json")
+    os.replace(tmp, out / "model.safetensors")  # whole or absent: a killed run leaves no half cache
     return out
 
 

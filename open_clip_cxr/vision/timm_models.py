@@ -20,6 +20,8 @@ import torch
 from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.efficientnet import tf_efficientnet_lite0
 
+from ..cache import process_tmp
+
 __all__ = ["cxr_efficientnet_lite0", "convert_efficientnet_lite0", "efficientnet_lite0_weights",
            "efficientnet_lite0_source", "cache_dir"]
 
@@ -105,7 +107,7 @@ def efficientnet_lite0_weights() -> Path:
     state = convert_efficientnet_lite0(src, target)
     path.parent.mkdir(parents=True, exist_ok=True)
     # write-then-rename so concurrent workers / ranks never read a half-written file
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = process_tmp(path)
     save_file(state, str(tmp), metadata={"source": fingerprint, "format": "pt"})
     os.replace(tmp, path)
     return path
