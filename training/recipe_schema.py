@@ -159,6 +159,9 @@ TEXT: Dict[str, Any] = {
         "n_negatives": F("int", 2, "single-error rewrites per anchor (hard negatives)", GE0),
         "negative_weight": F("float", 1.0, "each hard negative counts this many times in the softmax "
                                            "(views: 2; > 1 leans on the one-error copies)", GT0),
+        "fact_weight": F("float", 0.0, "weight of the fact head: a linear read-out of each text's findings, "
+                                       "negations, sides and severities, trained with the tower and dropped "
+                                       "(views: 2; 0: off)", GE0),
         "views": F("int", 2, "texts per report per step: 2 = a pair (InfoNCE); V > 2 = the report and V-1 rewrites "
                              "(SupCon; a step embeds batch_size * V texts + negatives)", (2, True, None, False)),
         "p_sections": F("float", 0.3, "share of impression <-> findings pairs (the rest: rewrite <-> report)", PROB),

@@ -7,6 +7,8 @@
   of each report and its hard negatives, a pure function of the micro-batch index - `SupconBatches`;
 - the loss: InfoNCE over in-batch and hard negatives - `supcon_step`; SupCon over every text of
   the step, several positives per query - `multiview_step`;
+- the fact head (`supcon.fact_weight` > 0, `training/fact_head.py`): a linear read-out of the
+  clinical facts of every text of the step, trained with the tower and dropped after;
 - `supcon_phase`: optionally `supcon.head_steps` of the pooler alone, then everything, both
   through the shared loop (`stage1_run.run_stage`), then the LoRA merged.
 """
@@ -18,6 +20,7 @@ from typing import Callable, List, Optional, Union
 import torch
 
 from open_clip_cxr.text.instructions import with_instruction
+from open_clip_cxr_train.fact_head import WithFactHead, fact_loss, fact_targets
 from open_clip_cxr_train.speedups import FrozenCast
 from open_clip_cxr_train.stage1_data import StepData
 from open_clip_cxr_train.stage1_run import run_stage
@@ -82,6 +85,7 @@ class SupconBatches:
         self.p_sections, self.p_instr = float(scfg.get("p_sections", 0.3)), float(scfg.get("instruction_prob", 0.0))
         self.p_phrases = float(scfg.get("p_phrases", 0.0))
         self.views = int(scfg.get("views", 2))
+        self.facts = float(scfg.get("fact_weight", 0.0)) > 0   # also the fact targets of every text
         self.data = StepData(data.n_items, int(scfg["batch_size"]), run.seed + 1, run.world, run.rank)
 
     def _sample(self, texts, rng) -> Union[Example, Views, None]:
@@ -137,20 +141,27 @@ class SupconBatches:
         inputs, n_tokens = self._encode(texts)
         akeys = torch.tensor([text_key(e.anchor) for e in examples])
         pkeys = torch.tensor([text_key(e.positive) for e in examples])
-        return inputs, torch.tensor(slots, dtype=torch.long), akeys, pkeys, n_tokens
+        batch = (inputs, torch.tensor(slots, dtype=torch.long), akeys, pkeys, n_tokens)
+        return batch + (fact_targets(texts),) if self.facts else batch
 
 
 def supcon_step(module, batch, device, bs: int, n_neg: int, temperature: float, symmetric: bool,
-                negative_weight: float = 1.0):
-    """(loss, samples, tokens): anchors, positives and the padded hard negatives embedded in one forward."""
-    inputs, slots, akeys, pkeys, n_tokens = (t.to(device) for t in batch)
+                negative_weight: float = 1.0, fact_weight: float = 0.0):
+    """(loss, samples, tokens): anchors, positives and the padded hard negatives embedded in one
+    forward; with `fact_weight` (a `WithFactHead` module, fact targets last in the batch) plus
+    that weight times the fact loss of every text."""
+    inputs, slots, akeys, pkeys, n_tokens, *facts = (t.to(device) for t in batch)
     emb = module(inputs)
+    if fact_weight:
+        emb, logits = emb
     a, p, n = emb[:bs], emb[bs:2 * bs], emb[2 * bs:]
     neg = torch.zeros(bs * n_neg, emb.shape[1], dtype=emb.dtype, device=emb.device).index_copy(0, slots, n)
     valid = torch.zeros(bs * n_neg, dtype=torch.bool, device=emb.device)
     valid[slots] = True
     loss = supcon_loss(a, p, neg, temperature, akeys, pkeys, valid, symmetric=symmetric,
                        negative_weight=negative_weight)
+    if fact_weight:
+        loss = loss + fact_weight * fact_loss(logits, facts[0])
     return loss, bs, int(n_tokens)
 
 
@@ -193,12 +204,18 @@ def supcon_phase(run, start_step: int) -> int:
     batches = SupconBatches(run, scfg, data)
     kw = dict(device=run.accelerator.device, bs=int(scfg["batch_size"]), n_neg=batches.n_neg,
               temperature=float(scfg.get("temperature", 0.05)))
+    fact_weight = float(scfg.get("fact_weight", 0.0))
+    module = data.module
+    if fact_weight:     # a read-out of the clinical facts, trained at the pooler's rate and dropped after
+        module = WithFactHead(module, tower.config.hidden_size).to(run.accelerator.device)
     if batches.views > 2:   # SupCon: every view is a query, so `symmetric` has nothing to add
         step = partial(multiview_step, views=batches.views, **kw)
     else:
         step = partial(supcon_step, symmetric=bool(scfg.get("symmetric", True)),
-                       negative_weight=float(scfg.get("negative_weight", 1.0)), **kw)
+                       negative_weight=float(scfg.get("negative_weight", 1.0)), fact_weight=fact_weight, **kw)
     head = [p for m in (tower.pooler, tower.norm) for p in m.parameters()]
+    if fact_weight:
+        head += list(module.head.parameters())
     head_ids = {id(p) for p in head}
     lora_params = [p for p in trainable(tower) if id(p) not in head_ids]
     lr = float(scfg.get("lr", 2e-4))
@@ -208,7 +225,7 @@ def supcon_phase(run, start_step: int) -> int:
     n_mm = matmul_params(tower)
     fwd = 2.0 * n_mm * (top / n_layers if data.cache is not None else 1.0)
     flops = fwd + 2.0 * n_mm * top / n_layers + 2.0 * sum(p.numel() for p in trainable(tower))
-    module, head_steps = data.module, int(scfg.get("head_steps", 0))
+    head_steps = int(scfg.get("head_steps", 0))
     if head_steps:
         # the random pooler first, alone: with the LoRA frozen nothing below the pooler needs
         # a backward pass, so (cached) a step costs a third; then LoRA and pooler together
