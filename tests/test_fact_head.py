@@ -51,7 +51,7 @@ def test_step_adds_the_weighted_fact_loss_to_the_contrastive_loss():
         got = supcon_step(wrapped, batch, "cpu", 4, 2, 0.05, True, fact_weight=0.5)[0]
         base = supcon_step(module, plain, "cpu", 4, 2, 0.05, True)[0]
         emb = module(batch[0])
-        logits = F.normalize(emb, dim=-1) @ wrapped.head.weight.T + wrapped.head.bias
+        logits = F.normalize(emb, dim=-1) * 4.0 @ wrapped.head.weight.T + wrapped.head.bias   # sqrt(16)
         by_hand = F.binary_cross_entropy_with_logits(logits, batch[5], reduction="sum") / emb.shape[0]
     assert torch.allclose(got, base + 0.5 * by_hand, atol=1e-5)
     # fact_weight 0 adds nothing to the batch: the batches of today
