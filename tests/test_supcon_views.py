@@ -222,7 +222,7 @@ def test_tiny_stage1_with_three_views_trains(tmp_path, monkeypatch):
     # each step (in another order), so the loss must fall
     recipe = tiny_recipe(tmp_path, **{"supcon.views": 3, "supcon.cache": True, "supcon.steps": 8,
                                       "supcon.batch_size": 8, "supcon.max_variants": 2, "supcon.p_sections": 0.0,
-                                      "supcon.lr": 3e-3, "supcon.head_lr": 1e-2, "mntp.steps": 0,
+                                      "supcon.lr": 3e-3, "supcon.head_lr": 1e-2, "mntp.steps": 0, "supcon.fact_weight": 0.0,
                                       "eval.enabled": False})
     train(recipe)
     rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]

@@ -187,7 +187,7 @@ def test_train_text_refuses_a_bad_split_before_the_run_folder(bad, needle, tmp_p
 
 
 def test_train_text_refuses_instructions_with_several_views(tmp_path, capsys):
-    rc = run_text(tmp_path, "supcon.views=3", "supcon.instruction_prob=0.5")
+    rc = run_text(tmp_path, "supcon.views=3", "supcon.instruction_prob=0.5", "supcon.fact_weight=0")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "supcon.instruction_prob" in err[0], err
     assert not (tmp_path / "run").exists()
