@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from open_clip_cxr.reports.mentions import FINDINGS, extract_mentions
 
 SIDES = ("left", "right", "bilateral")
-# Severity words and ranges in three steps: a swap inside one step is not a clinical error.
+# Severity words and ranges in three steps, one label each: coarse enough that every step has
+# examples for the common findings.
 _SEVERITY_STEP = {"trace": 0, "tiny": 0, "minimal": 0, "small": 0, "mild": 0,
                   "moderate": 1, "large": 2, "severe": 2, "massive": 2, "extensive": 2, "marked": 2}
 
