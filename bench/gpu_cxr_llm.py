@@ -18,7 +18,7 @@ MFU, two ways (both printed):
   6N:       vision 6 * N_vision * patches per image; text (4 N_frozen + 6 N_lora) per token,
             the frozen base paying forward + activation gradients but no weight gradients.
 Peak: H100/H200 dense bf16 989 TFLOP/s (`open_clip_cxr_train.common.peak_flops`).
-Writes $OUT/gpu_cxr_llm.json when OUT is set.
+Writes $OUT/gpu_cxr_llm[_compiled][_frozenbf16]_b<batch>.json when OUT is set.
 """
 import argparse
 import gc
@@ -224,7 +224,7 @@ def main():
           f"MFU {result['mfu_measured_pct']:.1f}% (measured FLOPs) / {result['mfu_6n_pct']:.1f}% (6N)", flush=True)
     if os.environ.get("OUT"):
         tag = ("_compiled" if args.compile else "") + ("_frozenbf16" if args.frozen_bf16 else "")
-        with open(os.path.join(os.environ["OUT"], f"gpu_cxr_llm{tag}.json"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], f"gpu_cxr_llm{tag}_b{result['batch']}.json"), "w") as f:
             json.dump(result, f, indent=2, default=str)
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU check as one short run (~6 min on one H100/H200): the eager CLIP step of `cxr-llm`
+# Issue 5's GPU check as one short run (~4 min on one H200): the eager CLIP step of `cxr-llm`
 # with a profile of where its time goes, then the compiled step with the frozen text base in bf16.
 # Results: printed, and JSON + the profile table under $OUT when it is set.
 #
@@ -15,3 +15,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 bench/gpu_cxr_llm.py --batch 32 --grad-ckpt off --steps 10 --budget-s 60 --profile 3
 python3 bench/gpu_cxr_llm.py --batch 32 --grad-ckpt off --compile --frozen-bf16 --budget-s 90
+python3 bench/gpu_cxr_llm.py --batch 64 --grad-ckpt off --compile --frozen-bf16 --steps 15 --budget-s 40
