@@ -73,6 +73,23 @@ def test_training_texts_come_from_the_training_part():
     assert not set(HELDOUT_STYLES) & set(VARIANT_STYLES)
 
 
+def test_context_lines_share_no_line_with_the_heldout_headers():
+    # the training side's non-finding lines must not be the held-out institution's: the held-out
+    # row then asks whether the tower skips lines it never saw, not whether it knows them
+    from open_clip_cxr.reports import noise, variants
+    heldout = [h.rstrip(":").lower() for h in noise._EXAM_HEADERS + noise._COMPARISONS
+               + noise._FINDINGS_HEADERS + noise._IMPRESSION_HEADERS]
+    train = variants._TRAIN_EXAM_LINES + variants._TRAIN_COMPARISON_LINES + variants._TRAIN_SIGNOFF_LINES
+    for line in train:
+        assert not any(h in line.lower() for h in heldout if len(h) > 12), line
+    r = Report("x", "test", findings="Small right pleural effusion. No pneumothorax.", impression="Right effusion.")
+    seen = {v.text for seed in range(20) for v in variants.equivalent_variants(r, seed) if v.style == "context_lines"}
+    assert len(seen) > 5
+    for t in seen:   # the report itself is kept whole, between added lines
+        assert "Small right pleural effusion. No pneumothorax." in t and t.count("\n") >= 1
+        assert not any(h in t.lower() for h in heldout if len(h) > 12), t
+
+
 def test_phrase_pairs_pair_a_short_form_with_its_expansion():
     import random
     from open_clip_cxr_train.supcon import phrase_pairs, sample_example

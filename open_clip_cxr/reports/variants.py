@@ -22,12 +22,15 @@ from .types import Report, Variant
 __all__ = ["VARIANT_STYLES", "ERROR_TYPES", "equivalent_variants", "hard_negatives", "make_variants", "base_text"]
 
 VARIANT_STYLES = ("abbreviate", "expand", "impression_only", "findings_only", "reorder", "rephrase", "terse",
-                  "lowercase", "line_list", "section_headers", "compose", "separators", "bullets")
+                  "lowercase", "line_list", "section_headers", "compose", "separators", "bullets",
+                  "context_lines")
 # Layout and composition families (training side only; the held-out protocol has its own, in `noise`):
 # lower case (held out: capitals), a sentence a line (held out: numbered lists), our own section headers
 # (held out: another institution's) and train rules composed
 # (abbreviate + rephrase + terse at once; held out: `hospital_mix`), sentences joined by other marks
-# (held out: ", ", as in `noise.telegraphic`) and bulleted items (held out: numbered items).
+# (held out: ", ", as in `noise.telegraphic`), bulleted items (held out: numbered items) and
+# lines that say no finding around the report: exam, comparison, sign-off (held out: another
+# institution's exam and comparison lines, `noise.caps_headers`).
 
 
 # ---------------------------------------------------------------- equivalent styles
@@ -263,6 +266,32 @@ def _section_headers(sections: List[str], rng: random.Random) -> str:
     return f"{rng.choice(('Findings:', 'Impression:', 'FINDINGS:'))} {sections[0]}"
 
 
+# Lines a report arrives with that carry no finding. None of them is a held-out line of
+# `noise` (a test checks): the tower must learn to skip such lines, not to know these ones.
+# Short forms only from the lexicon's training part (PA, AP, lat; CXR and XR are held out).
+_TRAIN_EXAM_LINES = ("Chest radiograph, frontal and lateral views.", "Chest PA/lat", "Portable AP chest.",
+                     "Technique: PA and lateral views of the chest.", "Views: frontal and lateral.",
+                     "Chest x-ray, 2 views", "Exam type: chest, PA and lateral", "Radiographs of the chest.")
+_TRAIN_COMPARISON_LINES = ("Comparison: prior radiograph.", "No prior studies for comparison.",
+                           "Compared with the previous examination.", "Prior: none", "Comparison: outside film.",
+                           "Comparison: chest x-ray from last year.")
+_TRAIN_SIGNOFF_LINES = ("Electronically signed.", "Dictated and reviewed by the attending radiologist.",
+                        "Final report.", "Report approved.")
+
+
+def _context_lines(sections: List[str], rng: random.Random) -> str:
+    """The report between lines that say no finding: an exam line and/or a comparison line
+    before it (sometimes under our section headers), sometimes a sign-off after it."""
+    head = []
+    if rng.random() < 0.8:
+        head.append(rng.choice(_TRAIN_EXAM_LINES))
+    if rng.random() < 0.7 or not head:
+        head.append(rng.choice(_TRAIN_COMPARISON_LINES))
+    body = _section_headers(sections, rng) if rng.random() < 0.5 else join_sections(*sections)
+    tail = [rng.choice(_TRAIN_SIGNOFF_LINES)] if rng.random() < 0.3 else []
+    return "\n".join(head + [body] + tail)
+
+
 def _compose(sections: List[str], rng: random.Random, part: Optional[str]) -> Optional[str]:
     """Train rules at once: rephrase, then terse, then abbreviate (each when it applies)."""
     text = _rephrase(sections, rng, part) or join_sections(*sections)
@@ -300,6 +329,7 @@ def equivalent_variants(report: Report, seed: int = 0, verify: bool = True,
         "compose": lambda r: _compose(sections, r, part),
         "separators": lambda r: _separators(sections, r),
         "bullets": lambda r: _bullets(sections, r),
+        "context_lines": lambda r: _context_lines(sections, r),
     }
     out = []
     for style in VARIANT_STYLES:
