@@ -1,4 +1,4 @@
-"""Which part of a held-out restyle a model fails on: `hospital_mix` and `telegraphic` taken apart.
+"""Which part of a held-out restyle a model fails on: `hospital_mix`, `telegraphic` and `caps_headers` taken apart.
 
 The held-out protocol's hardest row, `hospital_mix`, is five operations at once (held-out shorthand,
 typed acronyms, telegraphic sentences, capital headers, a typo; `reports.noise.hospital_mix`), and
@@ -41,6 +41,12 @@ def rows(reports):
     for name, kw in TELEGRAPHIC.items():
         out["telegraphic: " + name] = [(join_sections(*(noise.telegraphic(s, **kw) for s in report_sections(r))),
                                         original_text(r)) for r in reports]
+    # capitals or the header lines: which one costs the `caps_headers` row
+    caps = lambda r, upper: noise.caps_headers(report_sections(r), rng_for(0, "heldout", "caps_headers", original_text(r)),  # noqa: E731
+                                               upper=upper)
+    out["caps_headers: both"] = [(caps(r, True), original_text(r)) for r in reports]
+    out["caps_headers: capitals only"] = [(original_text(r).upper(), original_text(r)) for r in reports]
+    out["caps_headers: header lines only"] = [(caps(r, False), original_text(r)) for r in reports]
     return out
 
 

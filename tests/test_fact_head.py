@@ -90,3 +90,28 @@ def test_fact_weight_with_views_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "supcon.fact_weight" in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_cosine_head_reads_the_direction_and_its_weights_cannot_grow():
+    torch.manual_seed(0)
+    emb = torch.randn(3, 8)
+    wrapped = WithFactHead(torch.nn.Identity(), 8, cosine_scale=5.0)
+    _, logits = wrapped(emb)
+    w, b = wrapped.head.weight, wrapped.head.bias
+    by_hand = 5.0 * F.cosine_similarity(emb[:, None, :], w[None, :, :], dim=-1) + b
+    torch.testing.assert_close(logits, by_hand, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():   # ten times larger weights: the free linear head's logits move, the cosine head's do not
+        wrapped.head.weight.mul_(10.0)
+    torch.testing.assert_close(wrapped(emb)[1], logits)
+    free = WithFactHead(torch.nn.Identity(), 8)
+    free.head.load_state_dict(wrapped.head.state_dict())
+    assert not torch.allclose(free(emb)[1], logits, atol=1e-3)
+    assert logits.abs().sub(b.abs()).abs().max() <= 5.0 + 1e-5    # |scale x cos| is at most the scale
+
+
+def test_cosine_scale_without_the_fact_head_is_refused_in_one_line(tmp_path, capsys):
+    from test_train_recipe_check import run_text
+    rc = run_text(tmp_path, "supcon.fact_cosine_scale=10")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "supcon.fact_weight" in err[0], err
+    assert not (tmp_path / "run").exists()

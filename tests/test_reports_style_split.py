@@ -98,6 +98,12 @@ def test_heldout_variants_keep_the_findings():
             "hospital_mix"} <= seen
     caps = [v.text for v in noise.heldout_variants(REPORTS[0]) if v.style == "caps_headers"][0]
     assert caps.isupper() or caps.upper() == caps
+    # the header lines alone (upper=False, as bench/bench_heldout_parts.py measures them): the same
+    # lines, the sections in their own case
+    secs = noise.report_sections(REPORTS[0])
+    lines_only = noise.caps_headers(secs, random.Random(5), upper=False)
+    assert lines_only.upper() == noise.caps_headers(secs, random.Random(5))
+    assert all(sec in lines_only for sec in secs) and lines_only.count("\n") >= 2
     assert noise.heldout_variants(REPORTS[0], seed=3) == noise.heldout_variants(REPORTS[0], seed=3)
     # no held-out style is a training style
     assert not set(noise.HELDOUT_STYLES) & {v.style for r in REPORTS for v in equivalent_variants(r, part="train")}

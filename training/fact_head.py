@@ -68,20 +68,28 @@ class WithFactHead(torch.nn.Module):
     """`embedder` whose forward also returns the fact logits of its (normalised) embeddings, so
     one wrapped module carries both through accelerate and into the checkpoints."""
 
-    def __init__(self, embedder: torch.nn.Module, dim: int):
+    def __init__(self, embedder: torch.nn.Module, dim: int, cosine_scale: float = 0.0):
         super().__init__()
         self.embedder = embedder
         self.head = torch.nn.Linear(dim, len(LABELS))
         self.scale = math.sqrt(dim)
+        # cosine_scale > 0: each label's weight row is normalised and the logit is scale x cos + bias.
+        # Why: a free linear head can read a fact off a direction too small to move the cosine
+        # similarity that retrieval uses (its weights grow instead); with the scale fixed, a
+        # confident label needs the embedding itself to lean towards the fact's direction.
+        self.cosine_scale = float(cosine_scale)
         # Most labels are off in most texts: start the bias at a 1 % prior, or the first hundreds of
         # steps go to learning that (224 labels x log 2 = 155 nats a text) instead of the facts.
         torch.nn.init.constant_(self.head.bias, -math.log(99.0))
 
     def forward(self, inputs):
         emb = self.embedder(inputs)
+        unit = F.normalize(emb.float(), dim=-1)
+        if self.cosine_scale:
+            return emb, self.cosine_scale * unit @ F.normalize(self.head.weight, dim=-1).T + self.head.bias
         # the direction is what retrieval reads; sqrt(dim) gives it unit-variance entries, so the
         # head's logits reach the labels' range within tens of steps, not hundreds
-        return emb, self.head(F.normalize(emb.float(), dim=-1) * self.scale)
+        return emb, self.head(unit * self.scale)
 
 
 def fact_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

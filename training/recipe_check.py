@@ -198,6 +198,8 @@ def check_before_work(recipe: dict, stage: str) -> dict:
         for key, off in (("negative_weight", 1.0), ("fact_weight", 0.0)):     # keys only the pair loss reads
             if scfg.get("views", 2) > 2 and float(scfg.get(key, off)) != off:
                 raise RecipeError(f"`supcon.{key}` applies to pairs (supcon.views: 2); set it to {off:g} with views > 2")
+        if float(scfg.get("fact_cosine_scale", 0.0)) and not float(scfg.get("fact_weight", 0.0)):
+            raise RecipeError("`supcon.fact_cosine_scale` shapes the fact head, which is off: set supcon.fact_weight > 0")
         if scfg.get("views", 2) > 2 and scfg.get("instruction_prob"):   # every view is a query: no anchor
             raise RecipeError("`supcon.views` > 2 has no anchor to instruct: set supcon.instruction_prob to 0")
         if scfg.get("token_dropout") and not scfg.get("cache"):   # the uncached tower has no token mask to drop

@@ -162,6 +162,9 @@ TEXT: Dict[str, Any] = {
         "fact_weight": F("float", 0.0, "weight of the fact head: a linear read-out of each text's findings, "
                                        "negations, sides and severities, trained with the tower and dropped "
                                        "(views: 2; 0: off)", GE0),
+        "fact_cosine_scale": F("float", 0.0, "0: the fact head is a free linear layer; > 0: a cosine head "
+                                             "(unit weight rows, logit = scale x cos + bias), so the embedding "
+                                             "itself must lean towards each fact", GE0),
         "views": F("int", 2, "texts per report per step: 2 = a pair (InfoNCE); V > 2 = the report and V-1 rewrites "
                              "(SupCon; a step embeds batch_size * V texts + negatives)", (2, True, None, False)),
         "p_sections": F("float", 0.3, "share of impression <-> findings pairs (the rest: rewrite <-> report)", PROB),

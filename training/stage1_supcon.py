@@ -207,7 +207,8 @@ def supcon_phase(run, start_step: int) -> int:
     fact_weight = float(scfg.get("fact_weight", 0.0))
     module = data.module
     if fact_weight:     # a read-out of the clinical facts, trained at the pooler's rate and dropped after
-        module = WithFactHead(module, tower.config.hidden_size).to(run.accelerator.device)
+        module = WithFactHead(module, tower.config.hidden_size,
+                              float(scfg.get("fact_cosine_scale", 0.0))).to(run.accelerator.device)
     if batches.views > 2:   # SupCon: every view is a query, so `symmetric` has nothing to add
         step = partial(multiview_step, views=batches.views, **kw)
     else:

@@ -107,14 +107,16 @@ _FINDINGS_HEADERS = ("FINDINGS:", "REPORT:", "DISCUSSION:")
 _IMPRESSION_HEADERS = ("IMPRESSION:", "CONCLUSION:", "OPINION:", "SUMMARY:")
 
 
-def caps_headers(sections: List[str], rng: random.Random) -> str:
-    """The sections in capitals under another institution's headers (which carry no findings)."""
+def caps_headers(sections: List[str], rng: random.Random, upper: bool = True) -> str:
+    """The sections in capitals under another institution's headers (which carry no findings);
+    `upper=False` keeps the sections' own case (to measure the header lines alone)."""
+    case = str.upper if upper else str
     lines = [rng.choice(_EXAM_HEADERS), rng.choice(_COMPARISONS)]
     if len(sections) == 2:
-        lines += [f"{rng.choice(_FINDINGS_HEADERS)} {sections[0].upper()}",
-                  f"{rng.choice(_IMPRESSION_HEADERS)} {sections[1].upper()}"]
+        lines += [f"{rng.choice(_FINDINGS_HEADERS)} {case(sections[0])}",
+                  f"{rng.choice(_IMPRESSION_HEADERS)} {case(sections[1])}"]
     else:
-        lines.append(f"{rng.choice(_IMPRESSION_HEADERS)} {sections[0].upper()}")
+        lines.append(f"{rng.choice(_IMPRESSION_HEADERS)} {case(sections[0])}")
     return "\n".join(lines)
 
 
