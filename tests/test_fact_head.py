@@ -111,7 +111,7 @@ def test_cosine_head_reads_the_direction_and_its_weights_cannot_grow():
 
 def test_cosine_scale_without_the_fact_head_is_refused_in_one_line(tmp_path, capsys):
     from test_train_recipe_check import run_text
-    rc = run_text(tmp_path, "supcon.fact_cosine_scale=10")
+    rc = run_text(tmp_path, "supcon.fact_weight=0", "supcon.fact_cosine_scale=10")   # the recipe has the head on
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "supcon.fact_weight" in err[0], err
     assert not (tmp_path / "run").exists()
