@@ -25,7 +25,7 @@ from open_clip_cxr.reports.clean import join_sections  # noqa: E402
 from open_clip_cxr.reports.rewrite_common import report_sections, rng_for  # noqa: E402
 
 HOSPITAL = [noise.HOSPITAL_PARTS, ("shorthand", "acronyms", "telegraphic"), ("shorthand", "acronyms"),
-            ("telegraphic",), ("headers",), ("shorthand", "acronyms", "headers", "typo")]
+            ("telegraphic",), ("headers",), ("telegraphic", "headers"), ("shorthand", "acronyms", "headers", "typo")]
 TELEGRAPHIC = {"lower case": dict(drop=False, join=False), "function words dropped": dict(join=False, lower=False),
                "joined by ', '": dict(drop=False, lower=False), "dropped + joined": dict(lower=False),
                "all three (telegraphic)": {}}
