@@ -9,8 +9,13 @@ bag of words and each model given, on the Open-I validation split:
     python bench/bench_heldout_parts.py --after runs/text-small [--after runs/other] [--limit 200]
 
 It is how the sentence-mark dependence of stage 1 was found (README, "What the pooler leaned on").
+`--near-duplicates` adds, per model, R@1 that also counts a retrieved original whose content words
+(articles and a few function words aside) overlap the true one's by >= 0.8 (Jaccard): it tells
+a miss on a near-copy in the gallery ("Heart size is normal and the lungs are clear." / "... and
+lungs are clear.") from a real one.
 """
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -29,6 +34,26 @@ HOSPITAL = [noise.HOSPITAL_PARTS, ("shorthand", "acronyms", "telegraphic"), ("sh
 TELEGRAPHIC = {"lower case": dict(drop=False, join=False), "function words dropped": dict(join=False, lower=False),
                "joined by ', '": dict(drop=False, lower=False), "dropped + joined": dict(lower=False),
                "all three (telegraphic)": {}}
+
+
+_FUNCTION_WORDS = {"the", "a", "an", "is", "are", "of", "and", "or", "in", "there", "to", "with", "for"}
+
+
+def content_words(text: str) -> set:
+    return set(re.findall(r"[a-z0-9]+", text.lower())) - _FUNCTION_WORDS
+
+
+def near_duplicate(a: str, b: str, threshold: float = 0.8) -> bool:
+    """True when two reports share >= `threshold` of their content words (Jaccard)."""
+    wa, wb = content_words(a), content_words(b)
+    return len(wa & wb) >= threshold * max(1, len(wa | wb))
+
+
+def r1_near(emb, pairs, gallery) -> float:
+    """R@1 where the top original counts when it is the target or a near-duplicate of it."""
+    gallery = list(dict.fromkeys(gallery))
+    top = (emb([q for q, _ in pairs]) @ emb(gallery).T).argmax(1).tolist()
+    return sum(gallery[j] == t or near_duplicate(gallery[j], t) for j, (_, t) in zip(top, pairs)) / len(pairs)
 
 
 def rows(reports):
@@ -56,6 +81,8 @@ def main():
     ap.add_argument("--columns", default="bow", help="reference columns: bow, minilm, built-in model names")
     ap.add_argument("--limit", type=int, default=None, help="first N validation reports (default: all)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--near-duplicates", action="store_true",
+                    help="also R@1 counting a retrieved near-duplicate of the original (a column per model)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from open_clip_cxr.precision import choose
@@ -69,9 +96,12 @@ def main():
         fn = column_encode_fn(col, 0, 4096, dtype=choice.dtype)
         emb = _Embedder(fn, originals + [q for pairs in table.values() for q, _ in pairs])
         results[col] = {name: _r1(emb, [q for q, _ in p], [t for _, t in p], originals) for name, p in table.items()}
+        if args.near_duplicates:
+            results[col + " ~dup"] = {name: r1_near(emb, p, originals) for name, p in table.items()}
     print(f"variant -> original R@1, {len(reports)} validation reports; CPU: {_cpu_name()}; "
           f"towers in {choice.precision}, {args.threads} thread(s)")
     w = max(map(len, table))
+    columns = [c for col in columns for c in (col, col + " ~dup") if c in results]
     names = ["/".join(Path(c).parts[-2:])[-16:] for c in columns]   # "runs/text-small", "E1/run"
     print("part".ljust(w), *(n.rjust(16) for n in names))
     for name in table:

@@ -140,3 +140,21 @@ def test_unshout_folds_all_caps_reports_only():
     assert noise.unshout("No PTX. Small right effusion.") == "No PTX. Small right effusion."
     caps = [v.text for v in noise.heldout_variants(REPORTS[0]) if v.style == "caps_headers"][0]
     assert noise.unshout(caps).lower() == caps.lower() and not noise.unshout(caps).isupper()
+
+
+def test_near_duplicate_r1_counts_a_near_copy_and_not_a_different_report(monkeypatch):
+    import importlib.util as iu
+
+    import torch
+    monkeypatch.syspath_prepend("bench")     # the script imports bench_text_stage
+    spec = iu.spec_from_file_location("bench_heldout_parts", "bench/bench_heldout_parts.py")
+    parts = iu.module_from_spec(spec)
+    spec.loader.exec_module(parts)
+    a = "Heart size is normal and the lungs are clear."
+    b = "Heart size is normal and lungs are clear."
+    c = "Large right pleural effusion. Heart size is normal."
+    assert parts.near_duplicate(a, b) and not parts.near_duplicate(a, c)
+    # an embedder whose every query lands on b: a hit for a's query (near copy), a miss for c's
+    emb = lambda texts: torch.stack([torch.tensor([1.0, 0.0]) if t in ("q", b) else torch.tensor([0.0, 1.0])
+                                     for t in texts])  # noqa: E731
+    assert parts.r1_near(emb, [("q", a), ("q", c)], [a, b, c]) == 0.5
