@@ -326,5 +326,5 @@ def test_make_variants_is_equivalents_then_negatives():
     assert make_variants(r, seed=2) == equivalent_variants(r, seed=2) + hard_negatives(r, seed=2)
     assert VARIANT_STYLES == ("abbreviate", "expand", "impression_only", "findings_only", "reorder",
                               "rephrase", "terse", "lowercase", "line_list", "section_headers",
-                              "compose", "separators", "bullets", "context_lines")
+                              "compose", "separators", "bullets", "context_lines", "truncate")
     assert ERROR_TYPES == ("laterality", "negation", "severity", "insertion")

@@ -17,20 +17,22 @@ from .mentions import classify_edit
 from .negatives import ERROR_TYPES, hard_negatives
 from .rewrite_common import LIST_RE, base_text, cap, decap, is_np, plural, report_sections, rng_for, sentences
 from .style_split import in_part
+from .truncate import truncate_words
 from .types import Report, Variant
 
 __all__ = ["VARIANT_STYLES", "ERROR_TYPES", "equivalent_variants", "hard_negatives", "make_variants", "base_text"]
 
 VARIANT_STYLES = ("abbreviate", "expand", "impression_only", "findings_only", "reorder", "rephrase", "terse",
                   "lowercase", "line_list", "section_headers", "compose", "separators", "bullets",
-                  "context_lines")
+                  "context_lines", "truncate")
 # Layout and composition families (training side only; the held-out protocol has its own, in `noise`):
 # lower case (held out: capitals), a sentence a line (held out: numbered lists), our own section headers
 # (held out: another institution's) and train rules composed
 # (abbreviate + rephrase + terse at once; held out: `hospital_mix`), sentences joined by other marks
 # (held out: ", ", as in `noise.telegraphic`), bulleted items (held out: numbered items) and
 # lines that say no finding around the report: exam, comparison, sign-off (held out: another
-# institution's exam and comparison lines, `noise.caps_headers`).
+# institution's exam and comparison lines, `noise.caps_headers`); long words cut to their first
+# letters, never a held-out entry's word (held out: that entry's shorthand, `reports.truncate`).
 
 
 # ---------------------------------------------------------------- equivalent styles
@@ -330,6 +332,7 @@ def equivalent_variants(report: Report, seed: int = 0, verify: bool = True,
         "separators": lambda r: _separators(sections, r),
         "bullets": lambda r: _bullets(sections, r),
         "context_lines": lambda r: _context_lines(sections, r),
+        "truncate": lambda r: truncate_words(base, r, part=part),
     }
     out = []
     for style in VARIANT_STYLES:
