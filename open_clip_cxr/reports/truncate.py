@@ -16,7 +16,8 @@ from typing import FrozenSet, Optional
 from .lexicon import entries
 from . import mentions
 
-# Words whose first letters could read as another fact, or that the mention reader keys on.
+# Change words the reader does not key on, whose first letters could still read as another fact
+# (the reader's own words are added from its patterns, below).
 _KEEP = frozenset("""bilateral bilaterally moderate moderately minimal minimally massive extensive
 severe severely marked markedly increased decreased increasing decreasing unchanged interval
 improved improving worsened worsening resolved resolving without negative""".split())
@@ -25,7 +26,8 @@ _WORD_RE = re.compile(r"\b[A-Za-z]{7,}\b")
 
 @lru_cache(maxsize=4)
 def protected_words(part: Optional[str]) -> FrozenSet[str]:
-    """Words never cut: those of every lexicon entry outside `part`, and the fact words above."""
+    """Words never cut: those of every lexicon entry outside `part`, every word of the mention
+    reader's patterns, and the change words above."""
     # every word of every pattern the reader uses ("opacit" of "opacit(?:y|ies)" covers both forms)
     patterns = [rx for _, rx in mentions.FINDINGS] + [v.pattern for v in vars(mentions).values()
                                                       if isinstance(v, re.Pattern)]
@@ -34,22 +36,27 @@ def protected_words(part: Optional[str]) -> FrozenSet[str]:
     return _KEEP | reader | {w for e in held for w in re.findall(r"[a-z]+", e.long.lower())}
 
 
+@lru_cache(maxsize=4)
+def _protected_prefixes(part: Optional[str]) -> tuple:
+    """`protected_words` as a tuple for str.startswith ("effusions" starts with "effusion")."""
+    return tuple(w for w in protected_words(part) if len(w) >= 4)
+
+
 def truncate_words(text: str, rng: random.Random, part: Optional[str] = "train", p: float = 0.5) -> Optional[str]:
     """Each word of 7+ letters, not protected, cut with probability `p` to its first 3-6 letters
     (at least 3 letters left off), a period after it a third of the time; None if none was cut."""
-    keep = tuple(w for w in protected_words(part) if len(w) >= 4)
+    keep = _protected_prefixes(part)
     changed = False
 
     def cut(m: "re.Match") -> str:
         nonlocal changed
         w = m.group(0)
-        if w.lower().startswith(keep) or rng.random() >= p:   # "effusions" is "effusion"'s
+        if w.lower().startswith(keep) or rng.random() >= p:
             return w
         changed = True
         short = w[:rng.randint(3, min(6, len(w) - 3))]
-        return short + ("." if rng.random() < 1 / 3 else "")
+        period = rng.random() < 1 / 3 and not m.string.startswith(".", m.end())   # no "consol.." at a sentence end
+        return short + ("." if period else "")
 
     out = _WORD_RE.sub(cut, text)
-    # "consol.." where a cut word ended a sentence: one period
-    out = re.sub(r"\.\.(?=\s|$)", ".", out)
     return out if changed else None
