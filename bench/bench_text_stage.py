@@ -62,10 +62,11 @@ def tower_column(name: str, seed: int):
     return tower, tokenizer
 
 
-def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dtype=torch.bfloat16, fold=None):
+def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dtype=torch.bfloat16, fold=None,
+                     device="cpu"):
     """texts -> embeddings for one column: "bow", "minilm", a built-in model name (unadapted) or a
-    model folder. Tower columns compute in `dtype` (None: fp32); `fold` (True/False) overrides the
-    tokenizer's `fold_capitals` setting (None: the model config's)."""
+    model folder. Tower columns compute in `dtype` (None: fp32) on `device`; `fold` (True/False)
+    overrides the tokenizer's `fold_capitals` setting (None: the model config's)."""
     from open_clip_cxr_train.speedups import FrozenCast
     from open_clip_cxr_train.text_stage import tower_encode_fn
     if column == "bow":
@@ -75,10 +76,11 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
     else:
         name = column if column in open_clip_cxr.list_models() else f"local-dir:{column}"
         tower, tokenizer = tower_column(name, seed)
+        tower.to(device)
         if fold is not None:
             tokenizer.fold_capitals = fold
         FrozenCast(tower, dtype)   # bf16: weights stored in bf16 for speed; nothing is merged afterwards
-        fn = tower_encode_fn(tower, tokenizer, max_tokens=max_tokens, dtype=dtype)
+        fn = tower_encode_fn(tower, tokenizer, max_tokens=max_tokens, dtype=dtype, device=device)
         if unshout:     # an input normaliser in front of the tower (measured, not part of the model)
             from open_clip_cxr.reports.noise import unshout as unshout_fn
             enc = fn
@@ -87,10 +89,10 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
 
 
 def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",), unshout=False,
-                    dtype=torch.bfloat16, fold=None) -> dict:
+                    dtype=torch.bfloat16, fold=None, device="cpu") -> dict:
     """{protocol: suite result} for one column (`column_encode_fn`), each protocol of `styles`
     ("train", "heldout")."""
-    fn = column_encode_fn(column, seed, max_tokens, unshout, dtype, fold)
+    fn = column_encode_fn(column, seed, max_tokens, unshout, dtype, fold, device)
     return {st: run_robustness(reports, fn, seed=seed, styles=st) for st in styles}
 
 
@@ -141,12 +143,16 @@ def main():
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="the tower columns' compute precision; auto: bf16 only where open_clip_cxr.precision "
                          "measures it faster on this CPU (OPEN_CLIP_CXR_PRECISION overrides)")
+    ap.add_argument("--device", default="cpu", help="where the tower columns run: cpu, cuda, cuda:1, ...")
     args = ap.parse_args()
+    if args.device != "cpu" and not torch.cuda.is_available():
+        sys.exit(f"error: --device {args.device}: this machine has no GPU that torch can use (use --device cpu)")
     protocols = (["train"] if args.both or not args.heldout_styles else []) + (["heldout"] if args.heldout_styles else [])
     torch.set_num_threads(args.threads)
     from open_clip_cxr.precision import choose
-    choice = choose(args.precision, "cpu", threads=args.threads)
-    print(f"CPU: {_cpu_name()}; {args.threads} thread(s); tower columns: {choice.line()}", flush=True)
+    choice = choose(args.precision, args.device, threads=args.threads)
+    where = f"CPU: {_cpu_name()}" + ("" if args.device == "cpu" else f"; GPU: {torch.cuda.get_device_name(args.device)}")
+    print(f"{where}; {args.threads} thread(s); tower columns on {args.device}: {choice.line()}", flush=True)
 
     timings = {}
     if args.train:
@@ -183,10 +189,12 @@ def main():
                 continue
             t = time.time()
             res = evaluate_column(_folder(col), reports, args.seed, args.max_tokens, (st,),
-                                  unshout="+unshout" in col, dtype=choice.dtype, fold=fold)[st]
+                                  unshout="+unshout" in col, dtype=choice.dtype, fold=fold,
+                                  device=args.device)[st]
             res["eval_wall_s"] = round(time.time() - t, 1)
             if col not in ("bow", "minilm"):
                 res["precision"] = choice.precision
+                res["device"] = args.device
             if col in timings:
                 res["train"] = timings[col]
             if col in args.after:
@@ -197,7 +205,7 @@ def main():
             path.write_text(json.dumps(cache, indent=2))
         title = ("style-held-out protocol (held-out rules + unseen rewrites)" if st == "heldout"
                  else "in-distribution suite (training part of the rule tables)")
-        print(f"\n== {title}; {len(reports)} {args.split} reports; CPU: {_cpu_name()}; "
+        print(f"\n== {title}; {len(reports)} {args.split} reports; {where}; "
               f"tower columns in {choice.precision} ({choice.requested}), {args.threads} thread(s)")
         print(format_table(results))
         _summary(results, args.after, st)

