@@ -146,7 +146,9 @@ def main():
     ap.add_argument("--device", default="cpu", help="where the tower columns run: cpu, cuda, cuda:1, ...")
     args = ap.parse_args()
     if args.device != "cpu" and not torch.cuda.is_available():
-        sys.exit(f"error: --device {args.device}: this machine has no GPU that torch can use (use --device cpu)")
+        print(f"error: --device {args.device}: this machine has no GPU that torch can use (use --device cpu)",
+              file=sys.stderr)
+        sys.exit(2)
     protocols = (["train"] if args.both or not args.heldout_styles else []) + (["heldout"] if args.heldout_styles else [])
     torch.set_num_threads(args.threads)
     from open_clip_cxr.precision import choose

@@ -22,7 +22,12 @@ DEVICE=$($PY -c "import torch; print('cuda' if torch.cuda.is_available() else 'c
 
 work=$(mktemp -d)
 # the archive is written however the sweep ends (also when a `timeout` around it fires)
-finish() { [ -d "$work/res" ] && tar -czf "$OUT/stage1_sweep.tar.gz" -C "$work/res" . ; rm -rf "$work"; }
+finish() {
+  for f in "$work"/res/*.train.log; do   # where each run got to, also in the output when files fail
+    [ -f "$f" ] && echo "$(basename "$f"): $(grep -ao 'cached [0-9]* texts.* s:' "$f" | tail -1) $(grep -a '^iter' "$f" | tail -1)"
+  done
+  [ -d "$work/res" ] && tar -czf "$OUT/stage1_sweep.tar.gz" -C "$work/res" . ; rm -rf "$work"
+}
 trap finish EXIT
 trap 'exit 143' TERM
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .gpu/wheels/*.whl || exit 1
