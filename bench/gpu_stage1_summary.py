@@ -1,6 +1,6 @@
 """One row per run of a `bench/gpu_stage1.sh` folder: the held-out protocol's headline rows.
 
-    python bench/gpu_stage1_summary.py RESULTS_DIR      (NAME.bench.json + NAME.wall per run)
+    python bench/gpu_stage1_summary.py RESULTS_DIR [NAME ...]   (NAME.bench.json + NAME.wall per run)
 """
 import json
 import sys
@@ -30,12 +30,13 @@ def row(bench: Path) -> list:
 
 
 def main():
-    folder = Path(sys.argv[1])
+    folder, names = Path(sys.argv[1]), sys.argv[2:]
     print("\t".join(COLUMNS))
-    for bench in sorted(folder.glob("*.bench.json")):
+    benches = [folder / f"{n}.bench.json" for n in names] if names else sorted(folder.glob("*.bench.json"))
+    for bench in benches:
         try:
             print("\t".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row(bench)))
-        except (KeyError, StopIteration, ValueError) as e:
+        except (OSError, KeyError, StopIteration, ValueError) as e:
             print(f"{bench.name}: unreadable ({e!r})")
 
 
