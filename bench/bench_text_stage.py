@@ -25,7 +25,8 @@ of issue 19 (held-out abbreviation >= 0.90, paraphrase >= 0.93, error discrimina
 `--heldout-styles --both` prints the in-distribution table first.
 
 Tower columns compute in `--precision` (default auto: bf16 only where `open_clip_cxr.precision`
-measures it faster on this CPU; printed with the CPU model). `--fold-capitals on|off` forces the
+measures it faster on this CPU; printed with the CPU model), on `--device` (default cpu; `cuda` on a
+GPU, where auto means bf16: `bench/gpu_stage1.sh` uses it). `--fold-capitals on|off` forces the
 tokenizer's case folding of mostly-capital texts (default: what the model's config says).
 """
 import argparse
