@@ -8,7 +8,7 @@ from open_clip_cxr.eval import robustness as RB
 from open_clip_cxr.reports import noise
 from open_clip_cxr.reports.lexicon import LEXICON, abbreviate, entries, expand
 from open_clip_cxr.reports.mentions import mention_keys
-from open_clip_cxr.reports.negatives import _AFFIRM_TEMPLATES, _INSERTIONS, _NEGATE_TEMPLATES, hard_negatives
+from open_clip_cxr.reports.negatives import ERROR_TYPES, _AFFIRM_TEMPLATES, _INSERTIONS, _NEGATE_TEMPLATES, hard_negatives
 from open_clip_cxr.reports.style_split import part_of
 from open_clip_cxr.reports.types import Report
 from open_clip_cxr.reports.variants import equivalent_variants, synonym_names
@@ -158,3 +158,23 @@ def test_near_duplicate_r1_counts_a_near_copy_and_not_a_different_report(monkeyp
     emb = lambda texts: torch.stack([torch.tensor([1.0, 0.0]) if t in ("q", b) else torch.tensor([0.0, 1.0])
                                      for t in texts])  # noqa: E731
     assert parts.r1_near(emb, [("q", a), ("q", c)], [a, b, c]) == 0.5
+
+
+def test_discrimination_failures_agree_with_the_suite(monkeypatch):
+    """bench_discrimination_failures counts exactly the reports the suite's held-out probe fails."""
+    import importlib.util as iu
+    monkeypatch.syspath_prepend("bench")
+    spec = iu.spec_from_file_location("bench_discrimination_failures", "bench/bench_discrimination_failures.py")
+    bdf = iu.module_from_spec(spec)
+    spec.loader.exec_module(bdf)
+    n_failed = []
+    for fn in (RB.bow_encode_fn(), RB.bow_encode_fn(dim=8)):    # dim 8: collisions, so some reports fail
+        res = RB.run_heldout(REPORTS, fn)["error_discrimination"]
+        items = bdf.probe_items(REPORTS)
+        assert len(items) == res["n"]
+        texts = [o for o, _, _ in items] + [t.text for _, p, ns in items for t in [p] + ns]
+        failed = bdf.failures(RB._Embedder(fn, texts), items)
+        assert 1 - len(failed) / len(items) == pytest.approx(res["accuracy"])
+        assert {t for _, beat in failed.values() for t in beat} <= set(ERROR_TYPES)
+        n_failed.append(len(failed))
+    assert max(n_failed) > 0     # the comparison saw failures, not only passes
