@@ -3,8 +3,8 @@
 The held-out protocol's error discrimination (`eval.robustness`) passes a report when its held-out
 rewrite (`paraphrase_heldout` first) is nearer to it than every one-error copy made from the
 held-out error templates. This prints, per model, the reports it fails, by the error type of each
-copy that came nearer and by the style of the positive, and then how many failures all models share:
-a failure every recipe shares is a property of the probe's reports, not of one recipe.
+copy that came nearer and by the style of the positive, and then how many failures the `--after`
+models share: a failure every recipe shares points at the probe's hardest reports, not at one recipe.
 
     python bench/bench_discrimination_failures.py --after runs/a --after runs/b [--columns bow] [--limit 200]
 
@@ -75,9 +75,9 @@ def main():
         print(f"{col}: accuracy {1 - len(failed[col]) / len(items):.3f}, {len(failed[col])} failed; "
               f"copies nearer than the positive by error type {dict(types.most_common())}; "
               f"failed reports by positive style {dict(styles.most_common())}")
-    if len(columns) > 1:
-        sets = [set(f) for f in failed.values()]
-        print(f"failed by every model: {len(set.intersection(*sets))}; by any: {len(set.union(*sets))}")
+    if len(args.after) > 1:     # the trained models only: a reference column fails most reports
+        sets = [set(failed[col]) for col in args.after]
+        print(f"failed by every --after model: {len(set.intersection(*sets))}; by any: {len(set.union(*sets))}")
 
 
 if __name__ == "__main__":
