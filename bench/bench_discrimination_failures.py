@@ -20,34 +20,26 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_text_stage import _cpu_name, column_encode_fn  # noqa: E402
-from open_clip_cxr.eval.robustness import HELDOUT_POSITIVE_STYLES, _Embedder, openi_reports, original_text  # noqa: E402
+from open_clip_cxr.eval.robustness import (HELDOUT_POSITIVE_STYLES, _Embedder, discrimination_scores,  # noqa: E402
+                                           openi_reports, original_text)
 from open_clip_cxr.reports import noise  # noqa: E402
 
 
-def probe_items(reports, seed=0):
-    """[(original, positive Variant, [negative Variant])] for the reports the probe scores."""
-    items = []
-    for r in reports:
-        equiv = [v for v in noise.heldout_variants(r, seed=seed) if v.equivalent]
-        negs = [v for v in noise.heldout_negatives(r, seed=seed) if not v.equivalent]
-        pos = next((v for s in HELDOUT_POSITIVE_STYLES for v in equiv if v.style == s), None)
-        if pos is not None and negs:
-            items.append((original_text(r), pos, negs))
-    return items
+def probe_inputs(reports, seed=0):
+    """(originals, equivalent rewrites, one-error copies) per report, as the held-out suite makes them."""
+    originals = [original_text(r) for r in reports]
+    equiv = [[v for v in noise.heldout_variants(r, seed=seed) if v.equivalent] for r in reports]
+    negs = [[v for v in noise.heldout_negatives(r, seed=seed) if not v.equivalent] for r in reports]
+    return originals, equiv, negs
 
 
-def failures(emb, items):
-    """{item index: (positive style, [error types of the copies at least as near as the positive])};
-    1 - len(failures) / len(items) is the suite's discrimination accuracy (ties fail, as there)."""
-    out = {}
-    for i, (orig, pos, negs) in enumerate(items):
-        a = emb([orig])[0]
-        s_pos = float(emb([pos.text])[0] @ a)
-        s_neg = (emb([n.text for n in negs]) @ a).tolist()
-        beat = [n.error_type or n.style for n, s in zip(negs, s_neg) if s >= s_pos]
-        if beat:
-            out[i] = (pos.style, beat)
-    return out
+def failures(emb, inputs):
+    """({report index: (positive style, [error types of the copies at least as near as the positive])},
+    number of reports scored), over the reports the suite's probe scores
+    (`eval.robustness.discrimination_scores`); ties fail, as there."""
+    scored = list(discrimination_scores(emb, *inputs, HELDOUT_POSITIVE_STYLES))
+    beaten = {i: (pos.style, [n.error_type or n.style for n, s in negs if s >= s_pos]) for i, pos, s_pos, negs in scored}
+    return {i: v for i, v in beaten.items() if v[1]}, len(scored)
 
 
 def main():
@@ -63,16 +55,18 @@ def main():
     torch.set_num_threads(args.threads)
     from open_clip_cxr.precision import choose
     choice = choose("auto", "cpu", threads=args.threads)
-    items = probe_items([r for r in openi_reports(split="validate", limit=args.limit) if original_text(r)])
-    texts = [o for o, _, _ in items] + [t.text for _, p, ns in items for t in [p] + ns]
-    print(f"held-out error discrimination, {len(items)} validation reports; CPU: {_cpu_name()}; "
+    inputs = probe_inputs([r for r in openi_reports(split="validate", limit=args.limit) if original_text(r)])
+    originals, equiv, negs = inputs
+    texts = originals + [v.text for vs in equiv + negs for v in vs]
+    print(f"held-out error discrimination, {len(originals)} validation reports; CPU: {_cpu_name()}; "
           f"towers in {choice.precision}, {args.threads} thread(s)")
     failed = {}
     for col in columns:
-        failed[col] = failures(_Embedder(column_encode_fn(col, 0, 4096, dtype=choice.dtype), texts), items)
+        emb = _Embedder(column_encode_fn(col, 0, 4096, dtype=choice.dtype), texts)
+        failed[col], n = failures(emb, inputs)
         types = Counter(t for _, beat in failed[col].values() for t in beat)
         styles = Counter(style for style, _ in failed[col].values())
-        print(f"{col}: accuracy {1 - len(failed[col]) / len(items):.3f}, {len(failed[col])} failed; "
+        print(f"{col}: accuracy {1 - len(failed[col]) / n:.3f} of {n}, {len(failed[col])} failed; "
               f"copies nearer than the positive by error type {dict(types.most_common())}; "
               f"failed reports by positive style {dict(styles.most_common())}")
     if len(args.after) > 1:     # the trained models only: a reference column fails most reports

@@ -170,11 +170,10 @@ def test_discrimination_failures_agree_with_the_suite(monkeypatch):
     n_failed = []
     for fn in (RB.bow_encode_fn(), RB.bow_encode_fn(dim=8)):    # dim 8: collisions, so some reports fail
         res = RB.run_heldout(REPORTS, fn)["error_discrimination"]
-        items = bdf.probe_items(REPORTS)
-        assert len(items) == res["n"]
-        texts = [o for o, _, _ in items] + [t.text for _, p, ns in items for t in [p] + ns]
-        failed = bdf.failures(RB._Embedder(fn, texts), items)
-        assert 1 - len(failed) / len(items) == pytest.approx(res["accuracy"])
+        inputs = bdf.probe_inputs(REPORTS)
+        texts = inputs[0] + [v.text for vs in inputs[1] + inputs[2] for v in vs]
+        failed, n = bdf.failures(RB._Embedder(fn, texts), inputs)
+        assert n == res["n"] and 1 - len(failed) / n == pytest.approx(res["accuracy"])
         assert {t for _, beat in failed.values() for t in beat} <= set(ERROR_TYPES)
         n_failed.append(len(failed))
     assert max(n_failed) > 0     # the comparison saw failures, not only passes

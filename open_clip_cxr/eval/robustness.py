@@ -220,20 +220,26 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     return out
 
 
-def _discrimination(emb, originals, equiv, negs, positive_styles) -> dict:
-    passed, margins = [], []
-    per_type: Dict[str, List[bool]] = {}
-    for orig, vs, ns in zip(originals, equiv, negs):
+def discrimination_scores(emb, originals, equiv, negs, positive_styles):
+    """Per report the probe scores: (index, positive Variant, its similarity to the original,
+    [(one-error Variant, its similarity)]). The positive is the first of `positive_styles` present;
+    reports without one, or without one-error copies, are skipped."""
+    for i, (orig, vs, ns) in enumerate(zip(originals, equiv, negs)):
         pos = next((v for s in positive_styles for v in vs if v.style == s), None)
         if pos is None or not ns:
             continue
         a = emb([orig])[0]
-        s_pos = float(emb([pos.text])[0] @ a)
-        s_neg = (emb([n.text for n in ns]) @ a).tolist()
-        passed.append(all(s_pos > s for s in s_neg))
-        margins.append(s_pos - max(s_neg))
+        yield i, pos, float(emb([pos.text])[0] @ a), list(zip(ns, (emb([n.text for n in ns]) @ a).tolist()))
+
+
+def _discrimination(emb, originals, equiv, negs, positive_styles) -> dict:
+    passed, margins = [], []
+    per_type: Dict[str, List[bool]] = {}
+    for _, _, s_pos, scored in discrimination_scores(emb, originals, equiv, negs, positive_styles):
+        passed.append(all(s_pos > s for _, s in scored))
+        margins.append(s_pos - max(s for _, s in scored))
         beats: Dict[str, bool] = {}
-        for n, s in zip(ns, s_neg):
+        for n, s in scored:
             t = n.error_type or n.style
             beats[t] = beats.get(t, True) and s_pos > s
         for t, ok in beats.items():
