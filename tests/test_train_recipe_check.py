@@ -172,6 +172,7 @@ def test_train_clip_refuses_more_bad_recipes(bad, needles, tmp_path, capsys):
     ("max_length=0", ["`max_length`", "out of range"]),
     ("train.num_threads=many", ["`train.num_threads`", "auto"]),
     ("eval.bf16=true", ["`eval.bf16`", "unknown"]),          # accepted once, read nowhere
+    ("supcon.borrowed_insertions=-1", ["`supcon.borrowed_insertions`", "out of range"]),
 ])
 def test_train_text_refuses_more_bad_recipes(bad, needles, tmp_path, capsys):
     refused(capsys, tmp_path, run_text(tmp_path, bad), "train-text", *needles)

