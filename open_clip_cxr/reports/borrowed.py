@@ -1,0 +1,151 @@
+"""One-error copies borrowed from other reports: a real sentence of another training report
+added (insertion) or put in place of one that states the same finding the other way (negation).
+
+The rule-based errors (`negatives.py`) use a few template sentences split between the style
+parts (16 inserted findings, six ways to say a finding is absent, three to say it is present), so
+a tower can learn to spot those templates rather than "one more finding" or "the finding is now
+absent". Real reports state each finding in hundreds of ways; copies that borrow such sentences
+from other training reports carry the same errors in wordings no table of ours lists.
+
+Only sentences the mention reader reads as exactly one finding are borrowed, never one equal to
+an insertion template, nor one written like a negation / affirmation template of the held-out
+part (the held-out protocol's errors stay unseen), and a copy is kept only when the checker
+reads it as exactly that one error (`mentions.classify_edit`).
+"""
+import re
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from .clean import join_sections
+from .mentions import classify_edit, extract_mentions
+from .negatives import _AFFIRM_TEMPLATES, _INSERTIONS, _NEGATE_TEMPLATES
+from .rewrite_common import report_sections, rng_for, sentences
+from .style_split import in_part
+from .types import Report, Variant
+
+MIN_WORDS, MAX_WORDS = 2, 20
+_TRIES = 12            # candidates tried per copy before giving up on a report
+
+
+def _norm(sentence: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", sentence.lower()).strip()
+
+
+def _template_re(template: str) -> "re.Pattern":
+    body = re.escape(template).replace(r"\{x\}", ".+").replace(r"\{X\}", ".+").replace(r"\{be\}", "(?:is|are)")
+    return re.compile(rf"^{body}$", re.I)
+
+
+_INSERTED = {_norm(s) for _, s, _ in _INSERTIONS}
+_HELDOUT_FORMS = [_template_re(t) for table, templates in (("negate_template", _NEGATE_TEMPLATES),
+                                                           ("affirm_template", _AFFIRM_TEMPLATES))
+                  for key, t in templates.items() if in_part(table, key, "heldout")]
+
+
+# Sentences whose polarity the mention reader can misread: a change over time ("no change in the
+# known nodule": present), for a present finding any negation word ("lungs clear of consolidation":
+# absent), for an absent one a negation anywhere but in front or a second clause ("no acute
+# abnormality, findings compatible with emphysema": present). Borrowing them would make copies that are not errors at all.
+_CHANGE_RE = re.compile(r"\b(?:change[sd]?|unchanged|stable|known|interval|again|previous(?:ly)?|prior|"
+                        r"increas\w*|decreas\w*|resolv\w*|improv\w*|worsen\w*|persist\w*|suggest\w*)\b", re.I)
+_NEGATION_WORD_RE = re.compile(r"\b(?:no|not|without|negative|clear|free|absent|removed|normal)\b", re.I)
+_NEGATION_FIRST_RE = re.compile(r"^(?:no|there (?:is|are) no|negative for|without)\b", re.I)
+
+
+def borrowable(sentence: str, negated: bool = False) -> bool:
+    """A sentence of usable length that is no error template of ours and whose polarity (the
+    finding stated absent: `negated`) is plain (see the module docstring and `_CHANGE_RE`)."""
+    return (MIN_WORDS <= len(sentence.split()) <= MAX_WORDS and _norm(sentence) not in _INSERTED
+            and not any(rx.match(sentence.strip()) for rx in _HELDOUT_FORMS)
+            and not _CHANGE_RE.search(sentence)
+            and (bool(_NEGATION_FIRST_RE.match(sentence.strip())) and "," not in sentence if negated
+                 else not _NEGATION_WORD_RE.search(sentence)))
+
+
+class SentencePool:
+    """One-finding sentences of `reports`, by (finding, side, negated)."""
+
+    def __init__(self, reports: Iterable[Report]):
+        found: Dict[Tuple[str, Optional[str], bool], Dict[str, None]] = {}
+        for report in reports:
+            for section in report_sections(report):
+                for s in sentences(section):
+                    ms = extract_mentions(s)
+                    if len(ms) == 1 and borrowable(s, ms[0].negated):
+                        found.setdefault((ms[0].finding, ms[0].side, ms[0].negated), {})[s] = None
+        self.by_key = {k: sorted(ss) for k, ss in sorted(found.items(), key=lambda kv: str(kv[0]))}
+        present: Dict[str, List[str]] = {}
+        for (finding, _, negated), ss in self.by_key.items():
+            if not negated:
+                present.setdefault(finding, []).extend(ss)
+        self.by_finding = {f: sorted(set(ss)) for f, ss in sorted(present.items())}   # insertion donors
+
+    def __len__(self) -> int:
+        return sum(len(ss) for ss in self.by_key.values())
+
+    def insertion_copies(self, report: Report, seed: int = 0, k: int = 1) -> List[Variant]:
+        """Up to `k` copies of `report`, each with one borrowed sentence of a finding the report does
+        not mention (present or absent) inserted in its first section; seeded by (seed, report)."""
+        secs = report_sections(report)
+        base = join_sections(*secs)
+        if not base or k <= 0:
+            return []
+        present = {m.finding for m in extract_mentions(base)}
+        findings = [f for f in self.by_finding if f not in present]
+        rng = rng_for(seed, "borrowed_insertion", base)
+        split = [sentences(s) for s in secs]
+        out: List[Variant] = []
+        for _ in range(_TRIES):
+            if len(out) >= k or not findings:
+                break
+            finding = rng.choice(findings)      # by finding first: common findings do not crowd out rare ones
+            parts = [list(s) for s in split]
+            parts[0].insert(rng.randint(0, len(parts[0])), rng.choice(self.by_finding[finding]))
+            text = join_sections(*(" ".join(s) for s in parts))
+            if classify_edit(base, text) == "insertion" and text not in (v.text for v in out):
+                out.append(Variant(text=text, style="insert_borrowed", equivalent=False, error_type="insertion"))
+                findings.remove(finding)        # k copies: k different findings
+        return out
+
+    def negation_copies(self, report: Report, seed: int = 0, k: int = 1) -> List[Variant]:
+        """Up to `k` copies of `report`, each with one of its one-finding sentences replaced by a
+        borrowed sentence of the same finding and side, stated the other way (present <-> absent)."""
+        secs = report_sections(report)
+        base = join_sections(*secs)
+        if not base or k <= 0:
+            return []
+        split = [sentences(s) for s in secs]
+        sites = []
+        for i, sents in enumerate(split):
+            for j, s in enumerate(sents):
+                ms = extract_mentions(s)
+                key = (ms[0].finding, ms[0].side, not ms[0].negated) if len(ms) == 1 else None
+                if key in self.by_key and len(s.split()) <= MAX_WORDS and not _CHANGE_RE.search(s):
+                    sites.append((i, j, key))    # a short sentence that states one finding plainly
+        rng = rng_for(seed, "borrowed_negation", base)
+        rng.shuffle(sites)
+        out: List[Variant] = []
+        for i, j, key in sites:
+            for _ in range(3):
+                parts = [list(s) for s in split]
+                parts[i][j] = rng.choice(self.by_key[key])
+                text = join_sections(*(" ".join(s) for s in parts))
+                if classify_edit(base, text) == "negation" and text not in (v.text for v in out):
+                    out.append(Variant(text=text, style="negate_borrowed", equivalent=False, error_type="negation"))
+                    break
+            if len(out) >= k:
+                break
+        return out
+
+    def copies(self, report: Report, seed: int, insertions: int, negations: int) -> List[Variant]:
+        return self.insertion_copies(report, seed, insertions) + self.negation_copies(report, seed, negations)
+
+
+def pool_or_none(reports: List[Report], insertions: int, negations: int = 0, log=print):
+    """A `SentencePool` of `reports` when any copies are asked for (recipe keys
+    `supcon.borrowed_insertions`, `supcon.borrowed_negations`), else None."""
+    if insertions <= 0 and negations <= 0:
+        return None
+    pool = SentencePool(reports)
+    log(f"supcon: borrowed errors: {len(pool)} one-finding sentences of {len(pool.by_finding)} findings "
+        f"from {len(reports)} training reports; per report {insertions} insertion, {negations} negation copies")
+    return pool
