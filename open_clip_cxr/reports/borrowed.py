@@ -44,7 +44,8 @@ _HELDOUT_FORMS = [_template_re(t) for table, templates in (("negate_template", _
 # Sentences whose polarity the mention reader can misread: a change over time ("no change in the
 # known nodule": present), for a present finding any negation word ("lungs clear of consolidation":
 # absent), for an absent one a negation anywhere but in front or a second clause ("no acute
-# abnormality, findings compatible with emphysema": present). Borrowing them would make copies that are not errors at all.
+# abnormality, findings compatible with emphysema": present). Borrowed, they would make copies
+# that are not errors at all.
 _CHANGE_RE = re.compile(r"\b(?:change[sd]?|unchanged|stable|known|interval|again|previous(?:ly)?|prior|"
                         r"increas\w*|decreas\w*|resolv\w*|improv\w*|worsen\w*|persist\w*|suggest\w*)\b", re.I)
 _NEGATION_WORD_RE = re.compile(r"\b(?:no|not|without|negative|clear|free|absent|removed|normal)\b", re.I)
