@@ -62,13 +62,12 @@ def test_copies_add_exactly_one_finding_the_report_does_not_mention():
 def test_report_texts_add_borrowed_copies_to_the_negatives_only():
     pool = SentencePool(DONORS)
     r = Report("x", "t", findings="The lungs are clear. Small left pleural effusion.", impression="Small left effusion.")
-    plain, more = report_texts(r, 0), report_texts(r, 0, borrowed=pool, n_borrowed=(1, 0))
+    plain, more = report_texts(r, 0), report_texts(r, 0, borrowed=pool)
     assert more.variants == plain.variants and more.sections == plain.sections
     added = [n for n in more.negatives if n not in plain.negatives]
     assert more.negatives[:len(plain.negatives)] == plain.negatives and len(added) == 1
     assert any(s in added[0] for ss in pool.by_finding.values() for s in ss)
     assert pool_or_none(DONORS, 0, 0) is None and isinstance(pool_or_none(DONORS, 0, 1, log=lambda m: None), SentencePool)
-
 
 
 def test_negation_copies_swap_one_sentence_for_a_borrowed_one_stated_the_other_way():
@@ -87,5 +86,5 @@ def test_negation_copies_swap_one_sentence_for_a_borrowed_one_stated_the_other_w
     assert pool.negation_copies(Report("y", "t", findings="Right pneumothorax is seen."), seed=0, k=1) == []
     assert [c.text for c in pool.negation_copies(Report("z", "t", findings="Right pleural effusion is seen."), 0, 1)] \
         == ["No right pleural effusion."]
-    more = report_texts(r, 0, borrowed=pool, n_borrowed=(0, 1))
+    more = report_texts(r, 0, borrowed=SentencePool(donors, insertions=0, negations=1))
     assert copies[0].text in more.negatives

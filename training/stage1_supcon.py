@@ -50,11 +50,10 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
     if scfg.get("variants", "rules") != "rules":
         from open_clip_cxr.reports.paraphrase import llm_report_texts
         texts_fn = llm_report_texts(report_texts, reports, scfg, run.out / "work" / "llm_variants", acc.print)
-    borrowed = (int(scfg.get("borrowed_insertions", 0)), int(scfg.get("borrowed_negations", 0)))
     text_kw = {"phrases": float(scfg.get("p_phrases", 0.0)) > 0, "styles": scfg.get("variant_styles"),  # null: every style
                "negative_seeds": int(scfg.get("negative_seeds", 1)),      # one-error copies drawn k times
-               "n_borrowed": borrowed,                                    # + errors borrowed from other reports
-               "borrowed": pool_or_none(reports, *borrowed, log=acc.print)}
+               "borrowed": pool_or_none(reports, int(scfg.get("borrowed_insertions", 0)),   # + errors borrowed
+                                        int(scfg.get("borrowed_negations", 0)), acc.print)}     # from other reports
     max_tokens = int(run.recipe["train"].get("max_tokens", 4096))
     if not scfg.get("cache"):
         return SupconData(Embedder(run.tower, run.pad, max_tokens),

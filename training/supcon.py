@@ -110,15 +110,15 @@ def _negatives(report: Report, seed: int, part: Optional[str], negative_seeds: i
 def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = None,
                  part: Optional[str] = "train", phrases: bool = False,
                  styles: Optional[Sequence[str]] = None, negative_seeds: int = 1,
-                 borrowed=None, n_borrowed: Tuple[int, int] = (1, 0)) -> Optional[ReportTexts]:
+                 borrowed=None) -> Optional[ReportTexts]:
     """The texts of one report (None without text); `seed` picks the rewrites, `max_variants`
     keeps a random subset of the rewrite styles (fewer texts per report, more reports per budget),
     `phrases` adds sentence-level abbreviation pairs (`phrase_pairs`), `styles` keeps only those
     rewrite styles (None: every style of `VARIANT_STYLES`), `negative_seeds` draws the one-error
     copies that many times (more error sentences and templates per report; recipe key
-    `supcon.negative_seeds`), `borrowed` (a `reports.borrowed.SentencePool`) adds (insertion,
-    negation) copies, `n_borrowed` of each, with a sentence of another training report (recipe keys
-    `supcon.borrowed_insertions` / `supcon.borrowed_negations`). Rewrites come from the `part` of the style split ("train": never the
+    `supcon.negative_seeds`), `borrowed` (a `reports.borrowed.SentencePool`) adds its one-error
+    copies made with sentences of other training reports (recipe keys `supcon.borrowed_insertions` /
+    `supcon.borrowed_negations`). Rewrites come from the `part` of the style split ("train": never the
     held-out entries the held-out protocol measures with; None: both parts, for ablations only)."""
     base = base_text(report)
     if not base:
@@ -129,7 +129,7 @@ def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = No
         variants = random.Random(seed).sample(variants, max_variants)
     negatives = _negatives(report, seed, part, negative_seeds)
     if borrowed is not None:
-        negatives += [v.text for v in borrowed.copies(report, seed, *n_borrowed) if v.text not in negatives]
+        negatives += [v.text for v in borrowed.copies(report, seed) if v.text not in negatives]
     sections = {}
     findings, impression = report.findings.strip(), report.impression.strip()
     if findings and impression:

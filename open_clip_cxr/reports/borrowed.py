@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from .clean import join_sections
 from .mentions import classify_edit, extract_mentions
-from .negatives import _AFFIRM_TEMPLATES, _INSERTIONS, _NEGATE_TEMPLATES
+from .negatives import _AFFIRM_TEMPLATES, _INSERTIONS, _NEGATE_TEMPLATES, _apply, _insert
 from .rewrite_common import report_sections, rng_for, sentences
 from .style_split import in_part
 from .types import Report, Variant
@@ -63,9 +63,11 @@ def borrowable(sentence: str, negated: bool = False) -> bool:
 
 
 class SentencePool:
-    """One-finding sentences of `reports`, by (finding, side, negated)."""
+    """One-finding sentences of `reports`, by (finding, side, negated); `copies` gives each report
+    `insertions` insertion and `negations` negation copies (recipe keys `supcon.borrowed_*`)."""
 
-    def __init__(self, reports: Iterable[Report]):
+    def __init__(self, reports: Iterable[Report], insertions: int = 1, negations: int = 0):
+        self.insertions, self.negations = insertions, negations
         found: Dict[Tuple[str, Optional[str], bool], Dict[str, None]] = {}
         for report in reports:
             for section in report_sections(report):
@@ -99,9 +101,8 @@ class SentencePool:
             if len(out) >= k or not findings:
                 break
             finding = rng.choice(findings)      # by finding first: common findings do not crowd out rare ones
-            parts = [list(s) for s in split]
-            parts[0].insert(rng.randint(0, len(parts[0])), rng.choice(self.by_finding[finding]))
-            text = join_sections(*(" ".join(s) for s in parts))
+            j = rng.randint(0, len(split[0]))
+            text = _insert(split, 0, j, rng.choice(self.by_finding[finding]))
             if classify_edit(base, text) == "insertion" and text not in (v.text for v in out):
                 out.append(Variant(text=text, style="insert_borrowed", equivalent=False, error_type="insertion"))
                 findings.remove(finding)        # k copies: k different findings
@@ -127,9 +128,7 @@ class SentencePool:
         out: List[Variant] = []
         for i, j, key in sites:
             for _ in range(3):
-                parts = [list(s) for s in split]
-                parts[i][j] = rng.choice(self.by_key[key])
-                text = join_sections(*(" ".join(s) for s in parts))
+                text = _apply(split, i, j, rng.choice(self.by_key[key]))
                 if classify_edit(base, text) == "negation" and text not in (v.text for v in out):
                     out.append(Variant(text=text, style="negate_borrowed", equivalent=False, error_type="negation"))
                     break
@@ -137,8 +136,8 @@ class SentencePool:
                 break
         return out
 
-    def copies(self, report: Report, seed: int, insertions: int, negations: int) -> List[Variant]:
-        return self.insertion_copies(report, seed, insertions) + self.negation_copies(report, seed, negations)
+    def copies(self, report: Report, seed: int) -> List[Variant]:
+        return self.insertion_copies(report, seed, self.insertions) + self.negation_copies(report, seed, self.negations)
 
 
 def pool_or_none(reports: List[Report], insertions: int, negations: int = 0, log=print):
@@ -146,7 +145,7 @@ def pool_or_none(reports: List[Report], insertions: int, negations: int = 0, log
     `supcon.borrowed_insertions`, `supcon.borrowed_negations`), else None."""
     if insertions <= 0 and negations <= 0:
         return None
-    pool = SentencePool(reports)
+    pool = SentencePool(reports, insertions, negations)
     log(f"supcon: borrowed errors: {len(pool)} one-finding sentences of {len(pool.by_finding)} findings "
         f"from {len(reports)} training reports; per report {insertions} insertion, {negations} negation copies")
     return pool

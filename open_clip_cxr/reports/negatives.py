@@ -219,6 +219,13 @@ def _apply(split: List[List[str]], i: int, j: int, new: str) -> str:
     return join_sections(*(" ".join(s) for s in parts))
 
 
+def _insert(split: List[List[str]], i: int, j: int, sentence: str) -> str:
+    """The report of `split` with `sentence` put before sentence j of section i (j = len: at its end)."""
+    parts = [list(s) for s in split]
+    parts[i].insert(j, sentence)
+    return join_sections(*(" ".join(s) for s in parts))
+
+
 def _sentence_edit_negative(split, base, error_type, make, rng, verify, part=None) -> Optional[Variant]:
     sites = [(i, j) for i, sents in enumerate(split) for j in range(len(sents))]
     rng.shuffle(sites)
@@ -240,9 +247,7 @@ def _insertion(split, base, rng, verify, part=None) -> Optional[Variant]:
     rng.shuffle(pool)
     sec = 0 if len(split) > 1 else len(split) - 1     # findings when there is one
     for _, sentence, style in pool:
-        parts = [list(s) for s in split]
-        parts[sec].insert(rng.randint(0, len(parts[sec])), sentence)
-        text = join_sections(*(" ".join(s) for s in parts))
+        text = _insert(split, sec, rng.randint(0, len(split[sec])), sentence)
         if not verify or classify_edit(base, text) == "insertion":
             return Variant(text=text, style=style, equivalent=False, error_type="insertion")
     return None
