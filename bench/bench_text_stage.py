@@ -15,8 +15,8 @@ rewrite), via `open_clip_cxr.eval.robustness`. Columns:
     python bench/bench_text_stage.py --train training/recipes/text-cxr-llm-small-cpu.yaml \\
         --out runs/text-small --json runs/bench/text_stage.json        # train, then measure
 
-Results are cached per column in the JSON (same split, limit, seed and protocol): rerunning with
-another --after only encodes that one. The target: every "after" column above both baselines.
+Results are cached per column in the JSON (same split, limit, seed, protocol and a hash of the
+protocol's texts): rerunning with another --after only encodes that one. The target: every "after" column above both baselines.
 
 `--heldout-styles` prints the style-held-out protocol instead (the model-selection metric of stage 1):
 variants built only from the held-out part of the rule tables and from rewrites no training rule
@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import open_clip_cxr  # noqa: E402  (registers the models)
 from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn,  # noqa: E402
-                                           openi_reports, run_robustness)
+                                           openi_reports, protocol_fingerprint, run_robustness)
 
 # the tasks the target is judged on (rows of the table; higher is better for each)
 HEADLINE = ("variant->original R@1 (mean)", "impression->findings R@1", "findings->impression R@1",
@@ -170,9 +170,11 @@ def main():
 
     path = Path(args.json)
     cache = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
-    stores = {st: cache.setdefault(f"{args.split}:{args.limit}:{args.seed}:{st}", {}) for st in protocols}
     reports = openi_reports(split=args.split, limit=args.limit)
     print(f"{len(reports)} {args.split} reports", flush=True)
+    # the key holds a hash of the protocol's texts: a changed rewriter never reuses stale results
+    stores = {st: cache.setdefault(f"{args.split}:{args.limit}:{args.seed}:{st}:"
+                                   f"{protocol_fingerprint(reports, args.seed, st)}", {}) for st in protocols}
 
     if args.unshout:
         args.after = [a + "+unshout" for a in args.after]

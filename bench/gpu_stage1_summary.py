@@ -16,7 +16,8 @@ def row(bench: Path) -> list:
     wall = bench.with_name(f"{name}.wall")
     out = [name]
     for protocol in ("heldout", "train"):
-        store = next(v for k, v in data.items() if k.endswith(f":{protocol}"))
+        # keys: split:limit:seed:protocol:texts-hash (`bench_text_stage.py`); the latest written wins
+        store = [v for k, v in data.items() if k.split(":")[3:4] == [protocol]][-1]
         res = next(iter(store.values()))          # the one --after column
         discr = res["error_discrimination"]
         if protocol == "heldout":
@@ -36,7 +37,7 @@ def main():
     for bench in benches:
         try:
             print("\t".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row(bench)))
-        except (OSError, KeyError, StopIteration, ValueError) as e:
+        except (OSError, KeyError, IndexError, StopIteration, ValueError) as e:
             print(f"{bench.name}: unreadable ({e!r})")
 
 

@@ -57,7 +57,8 @@ def _bench_json(path, mean, hosp, discr):
                                                   for k in ("negation", "laterality", "insertion")}}
     styles = {s: {"R@1": hosp} for s in ("hospital_mix", "caps_headers", "numbered_list", "telegraphic_impression")}
     res = {"variant_to_original_mean_R@1": mean, "variant_to_original": styles, "error_discrimination": err}
-    path.write_text(json.dumps({"validate:None:0:heldout": {"runs/x": res}, "validate:None:0:train": {"runs/x": res}}))
+    path.write_text(json.dumps({"validate:None:0:heldout:0123456789ab": {"runs/x": res},
+                                "validate:None:0:train:ba9876543210": {"runs/x": res}}))
 
 
 def test_summary_has_one_row_per_run(tmp_path, capsys, monkeypatch):

@@ -135,6 +135,24 @@ def test_suite_heldout_protocol_with_bag_of_words():
         RB.run_robustness(REPORTS, RB.bow_encode_fn(), styles="nope")
 
 
+def test_protocol_fingerprint_follows_the_rewriters(monkeypatch):
+    """The bench caches results under this hash: any change to a rewriter's output must change it."""
+    import dataclasses
+    fp = RB.protocol_fingerprint(REPORTS, styles="heldout")
+    assert fp == RB.protocol_fingerprint(REPORTS, styles="heldout")
+    assert fp != RB.protocol_fingerprint(REPORTS, styles="train")
+    assert fp != RB.protocol_fingerprint(REPORTS, seed=1, styles="heldout")
+    real = noise.heldout_variants
+
+    def one_text_changed(r, seed=0):
+        out = real(r, seed=seed)
+        if r is REPORTS[-1]:
+            out[0] = dataclasses.replace(out[0], text=out[0].text + " ")
+        return out
+    monkeypatch.setattr(noise, "heldout_variants", one_text_changed)
+    assert RB.protocol_fingerprint(REPORTS, styles="heldout") != fp
+
+
 def test_unshout_folds_all_caps_reports_only():
     assert noise.unshout("FINDINGS: NO PTX. SMALL RIGHT EFFUSION.") == "findings: no PTX. small right effusion."
     assert noise.unshout("No PTX. Small right effusion.") == "No PTX. Small right effusion."

@@ -161,16 +161,8 @@ def run_suites(reports: Sequence[Report], encoders: Dict[str, EncodeFn], seed: i
             for st in protocols}
 
 
-def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0,
-                   variants_fn: Optional[Callable[[Report], List[Variant]]] = None,
-                   negatives_fn: Optional[Callable[[Report], List[Variant]]] = None,
-                   positive_styles: Optional[Sequence[str]] = None, progress: Optional[str] = None,
-                   styles: str = "train", **search_kw) -> dict:
-    """All three probes on `reports`; a JSON-able dict. `variants_fn`/`negatives_fn` default to
-    the rewriters of the `styles` protocol ("train": `reports.variants.equivalent_variants`/
-    `hard_negatives` on the training part of the style split; "heldout": `reports.noise`;
-    "all": both parts of the rule tables) with `seed`; `progress` names a progress bar over the
-    encoding (none by default)."""
+def _rewriters(styles: str, seed: int, variants_fn, negatives_fn):
+    """(variants_fn, negatives_fn) of a protocol, the given ones kept."""
     if styles not in STYLE_PROTOCOLS:
         raise ValueError(f"styles must be one of {STYLE_PROTOCOLS}, got {styles!r}")
     if variants_fn is None or negatives_fn is None:
@@ -183,8 +175,12 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
             part = None if styles == "all" else styles
             variants_fn = variants_fn or (lambda r: V.equivalent_variants(r, seed=seed, part=part))
             negatives_fn = negatives_fn or (lambda r: V.hard_negatives(r, seed=seed, part=part))
-    if positive_styles is None:
-        positive_styles = HELDOUT_POSITIVE_STYLES if styles == "heldout" else POSITIVE_STYLES
+    return variants_fn, negatives_fn
+
+
+def _suite(reports: Sequence[Report], variants_fn, negatives_fn):
+    """(reports with text, originals, equivalent rewrites, one-error rewrites, reports with both
+    sections)."""
     reports = [r for r in reports if original_text(r)]
     if not reports:
         raise ValueError("no reports with text to evaluate")
@@ -192,9 +188,38 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     equiv = [[v for v in variants_fn(r) if v.equivalent] for r in reports]
     negs = [[v for v in negatives_fn(r) if not v.equivalent] for r in reports]
     both = [r for r in reports if r.findings.strip() and r.impression.strip()]
-    texts = originals + [v.text for vs in equiv + negs for v in vs]
-    texts += [r.findings.strip() for r in both] + [r.impression.strip() for r in both]
-    emb = _Embedder(encode_fn, texts, progress)
+    return reports, originals, equiv, negs, both
+
+
+def _suite_texts(originals, equiv, negs, both, tag_style=False) -> List[str]:
+    """Every text the suite encodes (`tag_style`: each rewrite prefixed with its style)."""
+    texts = originals + [f"{v.style}\t{v.text}" if tag_style else v.text for vs in equiv + negs for v in vs]
+    return texts + [r.findings.strip() for r in both] + [r.impression.strip() for r in both]
+
+
+def protocol_fingerprint(reports: Sequence[Report], seed: int = 0, styles: str = "train") -> str:
+    """A short hash of every text (and rewrite style) the suite of `styles` would encode: cached
+    results are reused only while the rewriters produce these exact texts."""
+    import hashlib
+    texts = _suite_texts(*_suite(reports, *_rewriters(styles, seed, None, None))[1:], tag_style=True)
+    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
+
+
+def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0,
+                   variants_fn: Optional[Callable[[Report], List[Variant]]] = None,
+                   negatives_fn: Optional[Callable[[Report], List[Variant]]] = None,
+                   positive_styles: Optional[Sequence[str]] = None, progress: Optional[str] = None,
+                   styles: str = "train", **search_kw) -> dict:
+    """All three probes on `reports`; a JSON-able dict. `variants_fn`/`negatives_fn` default to
+    the rewriters of the `styles` protocol ("train": `reports.variants.equivalent_variants`/
+    `hard_negatives` on the training part of the style split; "heldout": `reports.noise`;
+    "all": both parts of the rule tables) with `seed`; `progress` names a progress bar over the
+    encoding (none by default)."""
+    variants_fn, negatives_fn = _rewriters(styles, seed, variants_fn, negatives_fn)
+    if positive_styles is None:
+        positive_styles = HELDOUT_POSITIVE_STYLES if styles == "heldout" else POSITIVE_STYLES
+    reports, originals, equiv, negs, both = _suite(reports, variants_fn, negatives_fn)
+    emb = _Embedder(encode_fn, _suite_texts(originals, equiv, negs, both), progress)
 
     out: dict = {"n_reports": len(reports), "styles": styles}
     # 1. variant -> original, per style

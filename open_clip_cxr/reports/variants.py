@@ -72,12 +72,13 @@ def _reorder(sections: List[str], rng: random.Random) -> Optional[str]:
 def _negation_rephrasings(sentence: str, part: Optional[str] = None) -> List[str]:
     """Other ways to write a purely negative sentence, with the same negated findings
     (output templates of the style split's `part`; None: all)."""
+    # "\.+$": a report typed "No acute findings.." must not become "Acute findings. is absent."
     forms = [
-        (r"^No (?P<x>.+)\.$", "no"),
-        (r"^There (?:is|are) no evidence of (?P<x>.+)\.$", "there_no_evidence"),
-        (r"^No evidence of (?P<x>.+)\.$", "no_evidence"),
-        (r"^There (?:is|are) no (?P<x>.+)\.$", "there_no"),
-        (r"^(?P<x>.+?) (?:is|are) (?:absent|not seen|not identified)\.$", "absent"),
+        (r"^No (?P<x>.+?)\.+$", "no"),
+        (r"^There (?:is|are) no evidence of (?P<x>.+?)\.+$", "there_no_evidence"),
+        (r"^No evidence of (?P<x>.+?)\.+$", "no_evidence"),
+        (r"^There (?:is|are) no (?P<x>.+?)\.+$", "there_no"),
+        (r"^(?P<x>.+?) (?:is|are) (?:absent|not seen|not identified)\.+$", "absent"),
     ]
     for rx, kind in forms:
         m = re.match(rx, sentence, re.I)
