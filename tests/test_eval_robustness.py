@@ -162,3 +162,24 @@ def test_embedder_in_length_chunks_keeps_each_text_its_own_row():
     emb = RB._Embedder(enc, texts, progress="test", chunk=2)
     assert calls == [2, 2, 1]   # 5 distinct texts in chunks of 2
     assert torch.allclose(emb(texts), RB.bow_encode_fn(64)(texts))
+
+
+def test_originals_typed_alike_up_to_doubled_periods_are_one_gallery_item():
+    """Open-I holds "No acute findings.." beside "No acute findings.": a rewrite of either may
+    retrieve either; reports that differ in a word stay two items."""
+    twins = [Report("a", "test", findings="Heart normal. Lungs clear.", impression="No acute findings.."),
+             Report("b", "test", findings="Heart normal. Lungs clear.", impression="No acute findings."),
+             Report("c", "test", findings="Heart normal. Lungs clear.", impression="No acute disease.")]
+    q = {"a": "Heart is normal. Lungs are clear.\nNo acute findings.", "b": "Heart is normal. Lungs are clear.\n"
+         "There are no acute findings.", "c": "Heart is normal. Lungs are clear.\nNo acute disease."}
+    variants = lambda r: [Variant(q[r.study_id], "rephrase", True)]  # noqa: E731
+    # every text lands on b's original except c's query and original: a's query still scores
+    b_text, c_text = RB.original_text(twins[1]), RB.original_text(twins[2])
+
+    def enc(texts):
+        return torch.stack([torch.tensor([0.0, 1.0]) if t in (q["c"], c_text) else torch.tensor([1.0, 0.0])
+                            if t in (q["a"], q["b"], b_text) else torch.tensor([0.7, 0.7]) for t in texts])
+    res = RB.run_robustness(twins, enc, variants_fn=variants, negatives_fn=lambda r: [])
+    assert res["variant_to_original"]["rephrase"]["R@1"] == 1.0
+    assert RB.same_report_key("No acute findings..  ") == RB.same_report_key("No acute findings.")
+    assert RB.same_report_key("No acute findings.") != RB.same_report_key("No acute disease.")

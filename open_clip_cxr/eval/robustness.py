@@ -4,8 +4,8 @@ Three probes, on any list of `Report`s (Open-I's, read at run time, by default):
 
 - variant -> original R@1, per rewrite style: the query is a clinically equivalent rewrite
   (abbreviated, reordered, ...), the gallery every original report; correct when the rewrite's
-  own original ranks first (identical originals count as one item; ties count against the
-  encoder, see `retrieval`).
+  own original ranks first (originals identical up to doubled punctuation or spacing count as
+  one item; ties count against the encoder, see `retrieval`).
 - impression -> findings and findings -> impression R@1, over reports that have both.
 - error discrimination: with the original as anchor, a report passes when its equivalent
   rewrite is more similar to the original than EVERY one of its single-error rewrites
@@ -34,6 +34,9 @@ POSITIVE_STYLES = ("rephrase", "reorder", "expand", "abbreviate", "terse")
 # the same for the held-out protocol: the light rewrites first, the whole-report restyles last
 HELDOUT_POSITIVE_STYLES = ("paraphrase_heldout", "abbreviate_heldout", "typos", "numbered_list", "caps_headers")
 STYLE_PROTOCOLS = ("train", "heldout", "all")
+# the scoring's version, hashed into `protocol_fingerprint`: raise it when a probe is scored differently
+# (2: originals identical up to doubled punctuation are one gallery item)
+SCORING_VERSION = 2
 
 
 # ------------------------------------------------------------------ encoders
@@ -138,9 +141,20 @@ class _Embedder:
         return self.emb[[self.row[t] for t in texts]]
 
 
+def same_report_key(text: str) -> str:
+    """Texts typed alike up to doubled punctuation or spacing ("No acute findings.." and "No acute
+    findings.") are one report: no encoder can tell which of the two a rewrite came from."""
+    return re.sub(r"\s+", " ", re.sub(r"([.,;:])\1+", r"\1", text)).strip()
+
+
 def _r1(emb: _Embedder, queries: Sequence[str], targets: Sequence[str], gallery: Sequence[str], **kw) -> float:
-    """R@1 of each query retrieving its target text among `gallery` (identical texts are one item)."""
-    gallery = list(dict.fromkeys(gallery))
+    """R@1 of each query retrieving its target text among `gallery` (texts with the same
+    `same_report_key` are one item, the first of them)."""
+    first: Dict[str, str] = {}
+    for t in gallery:
+        first.setdefault(same_report_key(t), t)
+    gallery = list(first.values())
+    targets = [first.get(same_report_key(t), t) for t in targets]
     r = rank_of_targets(emb(queries), emb(gallery), list(targets), gallery, k=1, **kw)
     return float((r.ranks == 0).float().mean())
 
@@ -198,11 +212,11 @@ def _suite_texts(originals, equiv, negs, both, tag_style=False) -> List[str]:
 
 
 def protocol_fingerprint(reports: Sequence[Report], seed: int = 0, styles: str = "train") -> str:
-    """A short hash of every text (and rewrite style) the suite of `styles` would encode: cached
-    results are reused only while the rewriters produce these exact texts."""
+    """A short hash of every text (and rewrite style) the suite of `styles` would encode and of
+    `SCORING_VERSION`: cached results are reused only while both stay the same."""
     import hashlib
     texts = _suite_texts(*_suite(reports, *_rewriters(styles, seed, None, None))[1:], tag_style=True)
-    return hashlib.sha256("\x00".join(texts).encode()).hexdigest()[:12]
+    return hashlib.sha256("\x00".join([f"scoring {SCORING_VERSION}"] + texts).encode()).hexdigest()[:12]
 
 
 def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0,
