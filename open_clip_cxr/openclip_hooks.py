@@ -70,19 +70,23 @@ class _NoRemoteCodeHFTokenizer(open_clip.tokenizer.HFTokenizer):
     `text_cfg.tokenizer_kwargs.fold_capitals` (default off; on in our model configs but
     `cxr-llm`, whose tokenization follows the authors'): mostly-capital texts are lower-cased
     before tokenising (`text/case.py`). `open_clip.get_tokenizer(name, fold_capitals=False)`
-    overrides a config."""
+    overrides a config. `tokenizer_kwargs.lowercase` (default off; a stage-1 recipe's
+    `lowercase: true`) lower-cases every text: an uncased tower."""
 
-    def __init__(self, tokenizer_name, *args, fold_capitals: bool = False, **kwargs):
+    def __init__(self, tokenizer_name, *args, fold_capitals: bool = False, lowercase: bool = False, **kwargs):
         super().__init__(tokenizer_name, *args, **{**kwargs, "trust_remote_code": False})
         self.fold_capitals = bool(fold_capitals)
+        self.lowercase = bool(lowercase)
 
     def fold(self, texts):
         if isinstance(texts, str):
             texts = [texts]
-        if not self.fold_capitals:
-            return list(texts)
-        from .text.case import fold_capitals
-        return [fold_capitals(t) for t in texts]
+        from .text.case import fold_capitals, lower_case
+        if self.lowercase:
+            return [lower_case(t) for t in texts]
+        if self.fold_capitals:
+            return [fold_capitals(t) for t in texts]
+        return list(texts)
 
     def __call__(self, texts, context_length=None):
         return super().__call__(self.fold(texts), context_length)

@@ -230,3 +230,30 @@ def test_tokenizer_folds_capitals_per_model_config(tiny, tmp_path):
     assert cfg["model_cfg"]["text_cfg"]["tokenizer_kwargs"]["fold_capitals"] is True
     again = open_clip.get_tokenizer(f"local-dir:{out}")
     assert again.fold_capitals and torch.equal(again([SHOUTED]), tok([SHOUTED.lower()]))
+
+
+def test_lower_case_keeps_instruction_separators():
+    from open_clip_cxr.text.case import lower_case
+    assert lower_case("No PTX in the RLL.") == "no ptx in the rll."
+    assert lower_case("Retrieve The Report <file_sep>No PTX") == "retrieve the report <file_sep>no ptx"
+    assert lower_case("Retrieve it !@#$%^&*()RLL") == "retrieve it !@#$%^&*()rll"
+
+
+def test_stage1_lowercase_recipe_key_reaches_the_exported_tokenizer(tmp_path):
+    """`lowercase: true` makes an uncased tower: the tokenizer trained with lower-cases every
+    text, and the exported folder's config rebuilds that tokenizer."""
+    import json
+    import open_clip
+    from open_clip_cxr_convert.export import export_folder
+    from open_clip_cxr_train.stage1_model import build_model
+    mixed = "FINDINGS: No PTX in the RLL. Mild cardiomegaly."
+    model, tok, model_cfg, _ = build_model("cxr-llm-tiny", lowercase=True)
+    assert tok.lowercase and torch.equal(tok([mixed]), tok([mixed.lower()]))
+    assert model_cfg["text_cfg"]["tokenizer_kwargs"] == {"fold_capitals": True, "lowercase": True}
+    assert "lowercase" not in open_clip.get_model_config("cxr-llm-tiny")["text_cfg"]["tokenizer_kwargs"]
+    out = export_folder(model, model_cfg, tok, tmp_path / "out", merge_lora=False)
+    again = open_clip.get_tokenizer(f"local-dir:{out}")
+    assert again.lowercase and torch.equal(again([mixed]), tok([mixed]))
+    _, cased, cased_cfg, _ = build_model("cxr-llm-tiny")   # null: as the config says (cased)
+    assert not cased.lowercase and not torch.equal(cased([mixed]), cased([mixed.lower()]))
+    assert json.dumps(cased_cfg).count("lowercase") == 0

@@ -128,6 +128,8 @@ TEXT: Dict[str, Any] = {
     "model": F("str", "cxr-llm-small", "model whose text tower is adapted: a built-in name or local-dir:DIR"),
     "text_arch": F("str", None, "another text-tower spec for an ablation, e.g. "
                                 "cxr-text:cxr-llm-small{\"llm\": {\"num_hidden_layers\": 3}}"),
+    "lowercase": F("bool", None, "read every text in lower case (an uncased tower; recorded in the export's "
+                                 "tokenizer_kwargs); null: as the model's config says"),
     "max_length": F("int", 128, "tokens per text (longer texts are cut)", GE1),
     "data": Section({
         "source": F("str", "openi", "reports read when data.shards is unset: a registered source "

@@ -17,10 +17,12 @@ from open_clip_cxr_train.text_embed import TextStateCache, length_chunks
 from open_clip_cxr_train.throughput import peak_flops
 
 
-def build_model(name: str, text_arch: Optional[str] = None):
+def build_model(name: str, text_arch: Optional[str] = None, lowercase: Optional[bool] = None):
     """(CLIP model, tokenizer, model_cfg, preprocess_cfg) for a built-in name or `local-dir:DIR`.
     `text_arch` swaps in another text tower spec, e.g. `cxr-text:cxr-llm-small{"llm": {"num_hidden_layers": 3}}`
-    (recipe key `text_arch`; same tokenizer): architecture ablations without a new model config."""
+    (recipe key `text_arch`; same tokenizer): architecture ablations without a new model config.
+    `lowercase` (recipe key; None: the config's) sets `text_cfg.tokenizer_kwargs.lowercase`, so the
+    tokenizer trained with is the one the exported config rebuilds."""
     import open_clip
     import open_clip_cxr  # noqa: F401  (registers our models)
     from open_clip_cxr.factory import PREPROCESS_CFGS
@@ -29,12 +31,17 @@ def build_model(name: str, text_arch: Optional[str] = None):
         model_cfg, preprocess_cfg = cfg["model_cfg"], cfg.get("preprocess_cfg")
     else:
         model_cfg, preprocess_cfg = open_clip.get_model_config(name), PREPROCESS_CFGS.get(name)
-    kwargs = {}
+    kwargs, tok_kwargs = {}, {}
     if text_arch:
         model_cfg = {**model_cfg, "text_cfg": {**model_cfg["text_cfg"], "hf_model_name": text_arch}}
         kwargs["text_cfg"] = model_cfg["text_cfg"]
+    if lowercase is not None:
+        tok_kwargs = {"lowercase": bool(lowercase)}
+        text_cfg = model_cfg["text_cfg"]
+        model_cfg = {**model_cfg, "text_cfg": {**text_cfg, "tokenizer_kwargs": {
+            **text_cfg.get("tokenizer_kwargs", {}), **tok_kwargs}}}
     model, _, _ = open_clip.create_model_and_transforms(name, **kwargs)
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = open_clip.get_tokenizer(name, **tok_kwargs)
     return model, tokenizer, model_cfg, preprocess_cfg
 
 

@@ -92,7 +92,7 @@ def _start(accelerator, recipe: dict, out: Path) -> Stage1Run:
         common.save_recipe(recipe, str(out / "recipe.yaml"))
     writer = MetricsWriter(str(out / "metrics.jsonl"), enabled=accelerator.is_main_process)
     model, tokenizer, model_cfg, preprocess_cfg = build_model(recipe.get("model", "cxr-llm-small"),
-                                                              recipe.get("text_arch"))
+                                                              recipe.get("text_arch"), recipe.get("lowercase"))
     tower = model.text.transformer
     tower.requires_grad_(False)
     tower.to(accelerator.device)

@@ -15,6 +15,11 @@ folded on its own, the instruction and the separator are kept.
 
 The rule is self-contained (no lexicon): an exported model tokenizes the same with any later
 version of this package's report tables.
+
+`lower_case` is the uncased alternative (`text_cfg.tokenizer_kwargs.lowercase`): every text is
+read in lower case, so a shouted report and its sentence-case original tokenize alike, and so do
+`RLL` and `rll`. Off in the shipped model configs; a stage-1 recipe turns it on (`lowercase:
+true`) and the exported folder records it.
 """
 import re
 
@@ -35,10 +40,18 @@ def is_shouted(text: str, threshold: float = FOLD_THRESHOLD) -> bool:
     return upper + lower > 0 and upper / (upper + lower) > threshold
 
 
+def _fold_parts(text: str, fold) -> str:
+    """`text` with `fold(part)` applied to each part between instruction separators."""
+    parts = _SEPARATORS.split(text)
+    # odd indices are the separators themselves
+    return "".join(p if i % 2 else fold(p) for i, p in enumerate(parts))
+
+
 def fold_capitals(text: str, threshold: float = FOLD_THRESHOLD) -> str:
     """`text` with each mostly-capital part lower-cased (parts: split at instruction separators)."""
-    parts = _SEPARATORS.split(text)
-    if len(parts) == 1:
-        return text.lower() if is_shouted(text, threshold) else text
-    # odd indices are the separators themselves
-    return "".join(p if i % 2 or not is_shouted(p, threshold) else p.lower() for i, p in enumerate(parts))
+    return _fold_parts(text, lambda p: p.lower() if is_shouted(p, threshold) else p)
+
+
+def lower_case(text: str) -> str:
+    """`text` lower-cased, its instruction separators kept as they are."""
+    return _fold_parts(text, str.lower)
