@@ -67,7 +67,8 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
                      device="cpu"):
     """texts -> embeddings for one column: "bow", "minilm", a built-in model name (unadapted) or a
     model folder. Tower columns compute in `dtype` (None: fp32) on `device`; `fold` (True/False)
-    overrides the tokenizer's `fold_capitals` setting (None: the model config's)."""
+    forces the tokenizer's `fold_capitals` rule alone, "lower" lower-cases every text (its
+    `lowercase`), None keeps the model config's."""
     from open_clip_cxr_train.speedups import FrozenCast
     from open_clip_cxr_train.text_stage import tower_encode_fn
     if column == "bow":
@@ -79,7 +80,8 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
         tower, tokenizer = tower_column(name, seed)
         tower.to(device)
         if fold is not None:
-            tokenizer.fold_capitals = fold
+            tokenizer.lowercase = fold == "lower"
+            tokenizer.fold_capitals = fold is True
         FrozenCast(tower, dtype)   # bf16: weights stored in bf16 for speed; nothing is merged afterwards
         fn = tower_encode_fn(tower, tokenizer, max_tokens=max_tokens, dtype=dtype, device=device)
         if unshout:     # an input normaliser in front of the tower (measured, not part of the model)
@@ -137,10 +139,10 @@ def main():
     ap.add_argument("--unshout", action="store_true",
                     help="lower-case all-caps inputs before the tower columns (reports.noise.unshout); "
                          "their columns are named '<folder>+unshout'")
-    ap.add_argument("--fold-capitals", choices=("config", "on", "off"), default="config",
-                    help="the tokenizer's case folding of mostly-capital texts (text_cfg.tokenizer_kwargs."
-                         "fold_capitals): as the model config says, or forced; forced columns are named "
-                         "'<folder>+fold' / '<folder>+nofold'")
+    ap.add_argument("--fold-capitals", choices=("config", "on", "off", "lower"), default="config",
+                    help="the tokenizer's case folding (text_cfg.tokenizer_kwargs): as the model config says; "
+                         "forced on / off for mostly-capital texts (fold_capitals); or every text lower-cased "
+                         "(lowercase); forced columns are named '<folder>+fold' / '+nofold' / '+lower'")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="the tower columns' compute precision; auto: bf16 only where open_clip_cxr.precision "
                          "measures it faster on this CPU (OPEN_CLIP_CXR_PRECISION overrides)")
@@ -178,9 +180,9 @@ def main():
 
     if args.unshout:
         args.after = [a + "+unshout" for a in args.after]
-    fold = {"config": None, "on": True, "off": False}[args.fold_capitals]
+    fold = {"config": None, "on": True, "off": False, "lower": "lower"}[args.fold_capitals]
     if fold is not None:
-        args.after = [a + ("+fold" if fold else "+nofold") for a in args.after]
+        args.after = [a + {True: "+fold", False: "+nofold", "lower": "+lower"}[fold] for a in args.after]
     columns = [c for c in args.columns.split(",") if c] + args.after
     for st in protocols:
         results = {}
@@ -217,8 +219,8 @@ def main():
 
 
 def _folder(col: str) -> str:
-    """The model of a column name (without its +unshout / +fold / +nofold marks)."""
-    for mark in ("+nofold", "+fold", "+unshout"):
+    """The model of a column name (without its +unshout / +fold / +nofold / +lower marks)."""
+    for mark in ("+nofold", "+fold", "+lower", "+unshout"):
         col = col.removesuffix(mark)
     return col
 

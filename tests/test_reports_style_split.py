@@ -195,3 +195,22 @@ def test_discrimination_failures_agree_with_the_suite(monkeypatch):
         assert {t for _, beat in failed.values() for t in beat} <= set(ERROR_TYPES)
         n_failed.append(len(failed))
     assert max(n_failed) > 0     # the comparison saw failures, not only passes
+
+
+def test_bench_lower_column_reads_every_text_in_lower_case(monkeypatch):
+    """`bench_text_stage.py --fold-capitals lower` (column '<model>+lower') lower-cases every text
+    for a cased tower, as a `lowercase: true` tower's tokenizer would."""
+    import importlib.util as iu
+
+    import torch
+    monkeypatch.syspath_prepend("bench")
+    spec = iu.spec_from_file_location("bench_text_stage", "bench/bench_text_stage.py")
+    B = iu.module_from_spec(spec)
+    spec.loader.exec_module(B)
+    assert B._folder("runs/x+unshout+lower") == "runs/x"
+    mixed = ["Heart size is normal. No PTX in the RLL."]
+    lower = [mixed[0].lower()]
+    fn = B.column_encode_fn("cxr-llm-tiny", 0, 512, dtype=None, fold="lower")
+    assert torch.allclose(fn(mixed), fn(lower))
+    cased = B.column_encode_fn("cxr-llm-tiny", 0, 512, dtype=None)
+    assert not torch.allclose(cased(mixed), cased(lower))
