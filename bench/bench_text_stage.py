@@ -26,8 +26,9 @@ of issue 19 (held-out abbreviation >= 0.90, paraphrase >= 0.93, error discrimina
 
 Tower columns compute in `--precision` (default auto: bf16 only where `open_clip_cxr.precision`
 measures it faster on this CPU; printed with the CPU model), on `--device` (default cpu; `cuda` on a
-GPU, where auto means bf16: `bench/gpu_stage1.sh` uses it). `--fold-capitals on|off` forces the
-tokenizer's case folding of mostly-capital texts (default: what the model's config says).
+GPU, where auto means bf16: `bench/gpu_stage1.sh` uses it). `--fold-capitals on|sentence|off` forces
+the tokenizer's case folding of mostly-capital texts, lower case / sentence case / none (default:
+what the model's config says); `lower` lower-cases every text.
 """
 import argparse
 import json
@@ -66,9 +67,9 @@ def tower_column(name: str, seed: int):
 def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dtype=torch.bfloat16, fold=None,
                      device="cpu"):
     """texts -> embeddings for one column: "bow", "minilm", a built-in model name (unadapted) or a
-    model folder. Tower columns compute in `dtype` (None: fp32) on `device`; `fold` (True/False)
-    forces the tokenizer's `fold_capitals` rule alone, "lower" lower-cases every text (its
-    `lowercase`), None keeps the model config's."""
+    model folder. Tower columns compute in `dtype` (None: fp32) on `device`; `fold` (True: lower case,
+    "sentence": sentence case, False: off) forces the tokenizer's `fold_capitals` rule alone,
+    "lower" lower-cases every text (its `lowercase`), None keeps the model config's."""
     from open_clip_cxr_train.speedups import FrozenCast
     from open_clip_cxr_train.text_stage import tower_encode_fn
     if column == "bow":
@@ -81,7 +82,7 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
         tower.to(device)
         if fold is not None:
             tokenizer.lowercase = fold == "lower"
-            tokenizer.fold_capitals = fold is True
+            tokenizer.fold_capitals = {True: "lower", "sentence": "sentence"}.get(fold)
         FrozenCast(tower, dtype)   # bf16: weights stored in bf16 for speed; nothing is merged afterwards
         fn = tower_encode_fn(tower, tokenizer, max_tokens=max_tokens, dtype=dtype, device=device)
         if unshout:     # an input normaliser in front of the tower (measured, not part of the model)
@@ -139,10 +140,11 @@ def main():
     ap.add_argument("--unshout", action="store_true",
                     help="lower-case all-caps inputs before the tower columns (reports.noise.unshout); "
                          "their columns are named '<folder>+unshout'")
-    ap.add_argument("--fold-capitals", choices=("config", "on", "off", "lower"), default="config",
+    ap.add_argument("--fold-capitals", choices=("config", "on", "sentence", "off", "lower"), default="config",
                     help="the tokenizer's case folding (text_cfg.tokenizer_kwargs): as the model config says; "
-                         "forced on / off for mostly-capital texts (fold_capitals); or every text lower-cased "
-                         "(lowercase); forced columns are named '<folder>+fold' / '+nofold' / '+lower'")
+                         "mostly-capital texts forced to lower case / sentence case / left as they are "
+                         "(fold_capitals); or every text lower-cased (lowercase); forced columns are named "
+                         "'<folder>+fold' / '+sentence' / '+nofold' / '+lower'")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="the tower columns' compute precision; auto: bf16 only where open_clip_cxr.precision "
                          "measures it faster on this CPU (OPEN_CLIP_CXR_PRECISION overrides)")
@@ -180,9 +182,10 @@ def main():
 
     if args.unshout:
         args.after = [a + "+unshout" for a in args.after]
-    fold = {"config": None, "on": True, "off": False, "lower": "lower"}[args.fold_capitals]
+    fold = {"config": None, "on": True, "sentence": "sentence", "off": False, "lower": "lower"}[args.fold_capitals]
     if fold is not None:
-        args.after = [a + {True: "+fold", False: "+nofold", "lower": "+lower"}[fold] for a in args.after]
+        mark = {True: "+fold", "sentence": "+sentence", False: "+nofold", "lower": "+lower"}[fold]
+        args.after = [a + mark for a in args.after]
     columns = [c for c in args.columns.split(",") if c] + args.after
     for st in protocols:
         results = {}
@@ -219,8 +222,8 @@ def main():
 
 
 def _folder(col: str) -> str:
-    """The model of a column name (without its +unshout / +fold / +nofold / +lower marks)."""
-    for mark in ("+nofold", "+fold", "+lower", "+unshout"):
+    """The model of a column name (without its +unshout / +fold / +sentence / +nofold / +lower marks)."""
+    for mark in ("+nofold", "+fold", "+sentence", "+lower", "+unshout"):
         col = col.removesuffix(mark)
     return col
 

@@ -67,15 +67,18 @@ class _ResolvingAutoModel:
 class _NoRemoteCodeHFTokenizer(open_clip.tokenizer.HFTokenizer):
     """OpenCLIP's `HFTokenizer` with `trust_remote_code=False` forced (a config's
     `tokenizer_kwargs` cannot turn it on), and our one tokenizer option:
-    `text_cfg.tokenizer_kwargs.fold_capitals` (default off; on in our model configs but
-    `cxr-llm`, whose tokenization follows the authors'): mostly-capital texts are lower-cased
-    before tokenising (`text/case.py`). `open_clip.get_tokenizer(name, fold_capitals=False)`
-    overrides a config. `tokenizer_kwargs.lowercase` (default off; a stage-1 recipe's
-    `lowercase: true`) lower-cases every text: an uncased tower."""
+    `text_cfg.tokenizer_kwargs.fold_capitals` (default off; "sentence" in our model configs but
+    `cxr-llm`, whose tokenization follows the authors'): mostly-capital texts are read in sentence
+    case (`true`, in earlier exports: lower case) before tokenising (`text/case.py`).
+    `open_clip.get_tokenizer(name, fold_capitals=False)` overrides a config.
+    `tokenizer_kwargs.lowercase` (default off; a stage-1 recipe's `lowercase: true`) lower-cases
+    every text: an uncased tower."""
 
-    def __init__(self, tokenizer_name, *args, fold_capitals: bool = False, lowercase: bool = False, **kwargs):
+    def __init__(self, tokenizer_name, *args, fold_capitals=False, lowercase: bool = False, **kwargs):
+        from .text.case import fold_style
+        fold = fold_style(fold_capitals)    # checked before the tokenizer loads: a typo fails at once
         super().__init__(tokenizer_name, *args, **{**kwargs, "trust_remote_code": False})
-        self.fold_capitals = bool(fold_capitals)
+        self.fold_capitals = fold           # None (off), "lower" or "sentence"
         self.lowercase = bool(lowercase)
 
     def fold(self, texts):
@@ -85,7 +88,7 @@ class _NoRemoteCodeHFTokenizer(open_clip.tokenizer.HFTokenizer):
         if self.lowercase:
             return [lower_case(t) for t in texts]
         if self.fold_capitals:
-            return [fold_capitals(t) for t in texts]
+            return [fold_capitals(t, style=self.fold_capitals) for t in texts]
         return list(texts)
 
     def __call__(self, texts, context_length=None):

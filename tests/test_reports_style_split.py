@@ -208,9 +208,17 @@ def test_bench_lower_column_reads_every_text_in_lower_case(monkeypatch):
     B = iu.module_from_spec(spec)
     spec.loader.exec_module(B)
     assert B._folder("runs/x+unshout+lower") == "runs/x"
+    assert B._folder("runs/x+sentence") == "runs/x"
     mixed = ["Heart size is normal. No PTX in the RLL."]
     lower = [mixed[0].lower()]
     fn = B.column_encode_fn("cxr-llm-tiny", 0, 512, dtype=None, fold="lower")
     assert torch.allclose(fn(mixed), fn(lower))
     cased = B.column_encode_fn("cxr-llm-tiny", 0, 512, dtype=None)
     assert not torch.allclose(cased(mixed), cased(lower))
+    # --fold-capitals on / sentence: a shouted text alone is folded, to lower / sentence case
+    shout, sent = ["FINDINGS: NO PTX. HEART NORMAL."], ["Findings: No ptx. Heart normal."]
+    off = B.column_encode_fn("cxr-llm-tiny", 0, 512, dtype=None, fold=False)
+    on = B.column_encode_fn("cxr-llm-tiny", 0, 512, dtype=None, fold=True)
+    by_sentence = B.column_encode_fn("cxr-llm-tiny", 0, 512, dtype=None, fold="sentence")
+    assert torch.allclose(on(shout), off([shout[0].lower()]))
+    assert torch.allclose(by_sentence(shout), off(sent)) and not torch.allclose(by_sentence(shout), on(shout))

@@ -204,21 +204,44 @@ SHOUTED = "FINDINGS: NO PNEUMOTHORAX. SMALL RIGHT PLEURAL EFFUSION, CHF. IMPRESS
 def test_fold_capitals_folds_shouted_text_and_leaves_mixed_case():
     from open_clip_cxr.text.case import fold_capitals
     assert fold_capitals(SHOUTED) == SHOUTED.lower()
+    assert fold_capitals(SHOUTED, style="sentence") == ("Findings: No pneumothorax. Small right pleural effusion, "
+                                                        "chf. Impression: No acute disease.")
     mixed = "FINDINGS: No PTX in the RLL. Mild cardiomegaly, CHF. IMPRESSION: Stable since the prior study."
     assert fold_capitals(mixed) == mixed
     assert fold_capitals("") == "" and fold_capitals("1. 2.") == "1. 2."
     # an instruction is judged apart from the text it introduces; the separator is kept
     assert fold_capitals("Retrieve the report <file_sep>" + SHOUTED) == "Retrieve the report <file_sep>" + SHOUTED.lower()
     assert fold_capitals("Retrieve it !@#$%^&*()NO PTX") == "Retrieve it !@#$%^&*()no ptx"
+    assert fold_capitals("Retrieve it <file_sep>NO PTX", style="sentence") == "Retrieve it <file_sep>No ptx"
+
+
+def test_sentence_case_capitalises_sentence_line_and_header_starts_only():
+    from open_clip_cxr.text.case import sentence_case
+    assert sentence_case("EXAM: CHEST 2 VIEWS\n  FINDINGS: NODULE 3.5 MM. NO PTX! R.L.L. CLEAR? YES") == \
+        "Exam: Chest 2 views\n  Findings: Nodule 3.5 mm. No ptx! R.l.l. Clear? Yes"
+    assert sentence_case("") == "" and sentence_case("1. 2.") == "1. 2."
+
+
+def test_fold_capitals_setting_is_checked():
+    import open_clip
+    from open_clip_cxr.text.case import fold_style
+    assert [fold_style(v) for v in (None, False, True, "lower", "sentence")] == [None, None, "lower", "lower", "sentence"]
+    with pytest.raises(ValueError, match="fold_capitals must be true, false or one of 'lower', 'sentence'; got 'Sentence'"):
+        open_clip.get_tokenizer("cxr-llm-tiny", fold_capitals="Sentence")
 
 
 def test_tokenizer_folds_capitals_per_model_config(tiny, tmp_path):
     import json
     import open_clip
+    from open_clip_cxr.text.case import sentence_case
     from open_clip_cxr_convert.export import export_folder
     model, _, tok = tiny
-    assert tok.fold_capitals   # on in our configs (text_cfg.tokenizer_kwargs)
-    assert torch.equal(tok([SHOUTED]), tok([SHOUTED.lower()]))
+    assert tok.fold_capitals == "sentence"   # our configs' fold (text_cfg.tokenizer_kwargs)
+    assert torch.equal(tok([SHOUTED]), tok([sentence_case(SHOUTED)]))
+    assert not torch.equal(tok([SHOUTED]), tok([SHOUTED.lower()]))
+    # `fold_capitals: true`, as exports made before the sentence fold record it, still lower-cases
+    old = open_clip.get_tokenizer("cxr-llm-tiny", fold_capitals=True)
+    assert old.fold_capitals == "lower" and torch.equal(old([SHOUTED]), old([SHOUTED.lower()]))
     mixed = "FINDINGS: No PTX in the RLL. Mild cardiomegaly, CHF. IMPRESSION: Stable."
     raw = open_clip.get_tokenizer("cxr-llm-tiny", fold_capitals=False)
     assert not raw.fold_capitals
@@ -227,9 +250,9 @@ def test_tokenizer_folds_capitals_per_model_config(tiny, tmp_path):
     # the option travels with an exported folder, and `local-dir:` reads it back
     out = export_folder(model, open_clip.get_model_config("cxr-llm-tiny"), tok, tmp_path / "out", merge_lora=False)
     cfg = json.loads((out / "open_clip_config.json").read_text())
-    assert cfg["model_cfg"]["text_cfg"]["tokenizer_kwargs"]["fold_capitals"] is True
+    assert cfg["model_cfg"]["text_cfg"]["tokenizer_kwargs"]["fold_capitals"] == "sentence"
     again = open_clip.get_tokenizer(f"local-dir:{out}")
-    assert again.fold_capitals and torch.equal(again([SHOUTED]), tok([SHOUTED.lower()]))
+    assert again.fold_capitals == "sentence" and torch.equal(again([SHOUTED]), tok([SHOUTED]))
 
 
 def test_lower_case_keeps_instruction_separators():
@@ -249,7 +272,7 @@ def test_stage1_lowercase_recipe_key_reaches_the_exported_tokenizer(tmp_path):
     mixed = "FINDINGS: No PTX in the RLL. Mild cardiomegaly."
     model, tok, model_cfg, _ = build_model("cxr-llm-tiny", lowercase=True)
     assert tok.lowercase and torch.equal(tok([mixed]), tok([mixed.lower()]))
-    assert model_cfg["text_cfg"]["tokenizer_kwargs"] == {"fold_capitals": True, "lowercase": True}
+    assert model_cfg["text_cfg"]["tokenizer_kwargs"] == {"fold_capitals": "sentence", "lowercase": True}
     assert "lowercase" not in open_clip.get_model_config("cxr-llm-tiny")["text_cfg"]["tokenizer_kwargs"]
     out = export_folder(model, model_cfg, tok, tmp_path / "out", merge_lora=False)
     again = open_clip.get_tokenizer(f"local-dir:{out}")
