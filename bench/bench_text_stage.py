@@ -70,6 +70,7 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
     model folder. Tower columns compute in `dtype` (None: fp32) on `device`; `fold` (True: lower case,
     "sentence": sentence case, False: off) forces the tokenizer's `fold_capitals` rule alone,
     "lower" lower-cases every text (its `lowercase`), None keeps the model config's."""
+    from open_clip_cxr.text.case import fold_style
     from open_clip_cxr_train.speedups import FrozenCast
     from open_clip_cxr_train.text_stage import tower_encode_fn
     if column == "bow":
@@ -82,7 +83,7 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
         tower.to(device)
         if fold is not None:
             tokenizer.lowercase = fold == "lower"
-            tokenizer.fold_capitals = {True: "lower", "sentence": "sentence"}.get(fold)
+            tokenizer.fold_capitals = None if fold == "lower" else fold_style(fold)
         FrozenCast(tower, dtype)   # bf16: weights stored in bf16 for speed; nothing is merged afterwards
         fn = tower_encode_fn(tower, tokenizer, max_tokens=max_tokens, dtype=dtype, device=device)
         if unshout:     # an input normaliser in front of the tower (measured, not part of the model)

@@ -82,10 +82,13 @@ def fold_style(setting) -> Optional[str]:
                      f"got {setting!r}")
 
 
+_FOLDS = {"lower": str.lower, "sentence": sentence_case}
+
+
 def fold_capitals(text: str, threshold: float = FOLD_THRESHOLD, style: str = "lower") -> str:
     """`text` with each mostly-capital part folded, lower-cased (`style` "lower") or in sentence
     case ("sentence"); parts are split at instruction separators."""
-    fold = {"lower": str.lower, "sentence": sentence_case}[fold_style(style)]
+    fold = _FOLDS[fold_style(style)]
     return _fold_parts(text, lambda p: fold(p) if is_shouted(p, threshold) else p)
 
 
