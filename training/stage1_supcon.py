@@ -30,6 +30,7 @@ from open_clip_cxr_train.supcon import (INSTRUCTIONS, Example, Views, report_tex
                                         text_key)
 from open_clip_cxr_train.supcon_loss import multiview_supcon_loss, supcon_loss
 from open_clip_cxr_train.text_embed import CachedEmbedder, Embedder, TextStateCache, cue_token_mask
+from open_clip_cxr_train.weight_average import WeightAverage
 
 
 @dataclass
@@ -240,9 +241,13 @@ def supcon_phase(run, start_step: int) -> int:
         for p in lora_params:
             p.requires_grad_(True)
     accum = int(run.recipe["train"].get("grad_accum_steps", 1))
+    ema = float(scfg.get("ema_decay", 0.0))
+    average = WeightAverage([p for g in groups for p in g["params"]], ema) if ema else None
     run_stage(run, "supcon", module, groups, scfg, start_step + head_steps,
               lambda micro: batches(micro + head_steps * accum),   # fresh batches after the head steps
-              step, flops)
+              step, flops, average)
+    if average is not None:     # the export reads the averaged weights (merged below with the LoRA)
+        average.swap_in()
     cast.restore()
     set_lora(tower, None)
     return s_steps
