@@ -222,3 +222,20 @@ def test_bench_lower_column_reads_every_text_in_lower_case(monkeypatch):
     by_sentence = B.column_encode_fn("cxr-llm-tiny", 0, 512, dtype=None, fold="sentence")
     assert torch.allclose(on(shout), off([shout[0].lower()]))
     assert torch.allclose(by_sentence(shout), off(sent)) and not torch.allclose(by_sentence(shout), on(shout))
+
+
+def test_target_lines_carry_a_wilson_interval_of_the_rows_count(monkeypatch):
+    import importlib.util as iu
+    monkeypatch.syspath_prepend("bench")
+    spec = iu.spec_from_file_location("bench_text_stage", "bench/bench_text_stage.py")
+    bts = iu.module_from_spec(spec)
+    spec.loader.exec_module(bts)
+    lo, hi = bts.wilson_interval(0.5, 100)
+    assert (round(lo, 4), round(hi, 4)) == (0.4038, 0.5962)      # the textbook value
+    lo, hi = bts.wilson_interval(1.0, 50)
+    assert hi == 1.0 and 0.92 < lo < 0.94                         # never past 1, unlike p +- 2 SE
+    res = RB.run_heldout(REPORTS, RB.bow_encode_fn())
+    assert bts.row_count(res, "error discrimination (all types)") == res["error_discrimination"]["n"]
+    style = next(iter(res["variant_to_original"]))
+    assert bts.row_count(res, f"variant->original R@1 [{style}]") == res["variant_to_original"][style]["n"]
+    assert bts.row_count(res, "impression->findings R@1") is None
