@@ -36,7 +36,7 @@ class WeightAverage:
             p.copy_(s.to(p.dtype))
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "decay": self.decay, **{f"shadow.{i}": s for i, s in enumerate(self.shadow)}}
+        return {"n": self.n, **{f"shadow.{i}": s for i, s in enumerate(self.shadow)}}
 
     def load_state_dict(self, sd: dict) -> None:
         if sum(k.startswith("shadow.") for k in sd) != len(self.shadow):
