@@ -88,3 +88,15 @@ def test_negation_copies_swap_one_sentence_for_a_borrowed_one_stated_the_other_w
         == ["No right pleural effusion."]
     more = report_texts(r, 0, borrowed=SentencePool(donors, insertions=0, negations=1))
     assert copies[0].text in more.negatives
+
+
+def test_report_texts_add_laterality_copies_to_the_negatives_only():
+    r = Report(study_id="s", source="t", findings="Small left pleural effusion. Right PICC tip in the SVC.",
+               impression="Left basilar atelectasis.")
+    plain, more = report_texts(r, 0), report_texts(r, 0, laterality_copies=2)
+    assert more.variants == plain.variants and more.sections == plain.sections
+    added = [t for t in more.negatives if t not in plain.negatives]
+    assert more.negatives[:len(plain.negatives)] == plain.negatives and len(added) == 2
+    base = base_text(r).split()
+    for t in added:                                                                # one word swapped
+        assert len(t.split()) == len(base) and sum(a != b for a, b in zip(t.split(), base)) == 1

@@ -339,3 +339,19 @@ def test_make_variants_is_equivalents_then_negatives():
                               "rephrase", "terse", "lowercase", "line_list", "section_headers",
                               "compose", "separators", "bullets", "context_lines", "truncate")
     assert ERROR_TYPES == ("laterality", "negation", "severity", "insertion")
+
+
+def test_laterality_copies_swap_a_different_side_word_each():
+    from open_clip_cxr.reports.negatives import laterality_copies
+    r = _report(0, "Small left pleural effusion. Right PICC tip in the SVC. No pneumothorax.",
+                "Left basilar atelectasis.")
+    copies = laterality_copies(r, 5, seed=3)
+    assert len(copies) == 3 and len({v.text for v in copies}) == 3      # three side words, three copies
+    for v in copies:
+        assert v.error_type == "laterality" and not v.equivalent
+        (old, new), = _word_diff(r.text, v.text)                          # exactly one word changed
+        assert {old.lower().strip("."), new.lower().strip(".")} == {"left", "right"}
+    assert [v.text for v in laterality_copies(r, 5, seed=3)] == [v.text for v in copies]   # seeded
+    assert len(laterality_copies(r, 2, seed=3)) == 2
+    assert laterality_copies(_report(0, "No pneumothorax.", ""), 3) == []    # no side word, no copy
+    assert laterality_copies(r, 0) == []

@@ -439,7 +439,7 @@ def test_train_cached_supcon_with_borrowed_errors(tmp_path, capsys):
     from open_clip_cxr_train.text_stage import train
     recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.cache_reports": 6, "supcon.steps": 2,
                                       "supcon.lora": None, "supcon.borrowed_insertions": 1, "supcon.borrowed_negations": 1,
-                                      "eval.enabled": False})
+                                      "supcon.laterality_copies": 2, "eval.enabled": False})
     train(recipe)
     line = next(x for x in capsys.readouterr().out.splitlines() if "borrowed errors" in x)
     assert int(line.split(": ")[2].split()[0]) > 0, line       # the pool found sentences to borrow

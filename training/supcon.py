@@ -39,6 +39,7 @@ from open_clip_cxr.reports.types import Report
 from open_clip_cxr.reports.clean import split_sentences
 from open_clip_cxr.reports.lexicon import abbreviate, expand
 from open_clip_cxr.reports.rewrite_common import rng_for
+from open_clip_cxr.reports.negatives import laterality_copies as side_swaps
 from open_clip_cxr.reports.variants import base_text, equivalent_variants, hard_negatives
 
 INSTRUCTIONS = {
@@ -110,7 +111,7 @@ def _negatives(report: Report, seed: int, part: Optional[str], negative_seeds: i
 def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = None,
                  part: Optional[str] = "train", phrases: bool = False,
                  styles: Optional[Sequence[str]] = None, negative_seeds: int = 1,
-                 borrowed=None) -> Optional[ReportTexts]:
+                 borrowed=None, laterality_copies: int = 0) -> Optional[ReportTexts]:
     """The texts of one report (None without text); `seed` picks the rewrites, `max_variants`
     keeps a random subset of the rewrite styles (fewer texts per report, more reports per budget),
     `phrases` adds sentence-level abbreviation pairs (`phrase_pairs`), `styles` keeps only those
@@ -118,7 +119,8 @@ def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = No
     copies that many times (more error sentences and templates per report; recipe key
     `supcon.negative_seeds`), `borrowed` (a `reports.borrowed.SentencePool`) adds its one-error
     copies made with sentences of other training reports (recipe keys `supcon.borrowed_insertions` /
-    `supcon.borrowed_negations`). Rewrites come from the `part` of the style split ("train": never the
+    `supcon.borrowed_negations`), `laterality_copies` adds up to that many more one-word side swaps
+    (`supcon.laterality_copies`). Rewrites come from the `part` of the style split ("train": never the
     held-out entries the held-out protocol measures with; None: both parts, for ablations only)."""
     base = base_text(report)
     if not base:
@@ -130,6 +132,8 @@ def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = No
     negatives = _negatives(report, seed, part, negative_seeds)
     if borrowed is not None:
         negatives += [v.text for v in borrowed.copies(report, seed) if v.text not in negatives]
+    if laterality_copies:
+        negatives += [v.text for v in side_swaps(report, laterality_copies + 1, seed) if v.text not in negatives][:laterality_copies]
     sections = {}
     findings, impression = report.findings.strip(), report.impression.strip()
     if findings and impression:

@@ -273,3 +273,30 @@ def hard_negatives(report: Report, seed: int = 0, verify: bool = True, part: Opt
         if v is not None:
             out.append(v)
     return out
+
+
+def laterality_copies(report: Report, k: int, seed: int = 0, verify: bool = True) -> List[Variant]:
+    """Up to `k` laterality copies of `report`, each with another side word swapped.
+
+    `hard_negatives` makes one copy per error type; a report with several side words (a left
+    effusion, a right catheter) gets more here, so a step meets one-word side swaps as often as the
+    other errors (recipe key `supcon.laterality_copies`). The swap has no template to hold out.
+    """
+    sections = report_sections(report)
+    base = join_sections(*sections)
+    if not base or k <= 0:
+        return []
+    split = [sentences(s) for s in sections]
+    rng = rng_for(seed, "laterality_copies", base)
+    edits = [(i, j, new) for i, sents in enumerate(split) for j, sent in enumerate(sents)
+             for new, _ in _laterality_candidates(sent, rng)]
+    rng.shuffle(edits)
+    out: List[Variant] = []
+    for i, j, new in edits:
+        text = _apply(split, i, j, new)
+        if any(v.text == text for v in out) or (verify and classify_edit(base, text) != "laterality"):
+            continue
+        out.append(Variant(text=text, style="laterality_swap", equivalent=False, error_type="laterality"))
+        if len(out) == k:
+            break
+    return out
