@@ -226,7 +226,8 @@ def _insert(split: List[List[str]], i: int, j: int, sentence: str) -> str:
     return join_sections(*(" ".join(s) for s in parts))
 
 
-def _sentence_edit_negative(split, base, error_type, make, rng, verify, part=None) -> Optional[Variant]:
+def _sentence_edits(split, base, error_type, make, rng, verify, part=None):
+    """One-error copies made by editing one sentence, yielded lazily in a seeded order."""
     sites = [(i, j) for i, sents in enumerate(split) for j in range(len(sents))]
     rng.shuffle(sites)
     for i, j in sites:
@@ -237,8 +238,11 @@ def _sentence_edit_negative(split, base, error_type, make, rng, verify, part=Non
                 continue
             text = _apply(split, i, j, new_sentence)
             if not verify or classify_edit(base, text) == error_type:
-                return Variant(text=text, style=style, equivalent=False, error_type=error_type)
-    return None
+                yield Variant(text=text, style=style, equivalent=False, error_type=error_type)
+
+
+def _sentence_edit_negative(split, base, error_type, make, rng, verify, part=None) -> Optional[Variant]:
+    return next(_sentence_edits(split, base, error_type, make, rng, verify, part), None)
 
 
 def _insertion(split, base, rng, verify, part=None) -> Optional[Variant]:
@@ -287,16 +291,11 @@ def laterality_copies(report: Report, k: int, seed: int = 0, verify: bool = True
     if not base or k <= 0:
         return []
     split = [sentences(s) for s in sections]
-    rng = rng_for(seed, "laterality_copies", base)
-    edits = [(i, j, new) for i, sents in enumerate(split) for j, sent in enumerate(sents)
-             for new, _ in _laterality_candidates(sent, rng)]
-    rng.shuffle(edits)
     out: List[Variant] = []
-    for i, j, new in edits:
-        text = _apply(split, i, j, new)
-        if any(v.text == text for v in out) or (verify and classify_edit(base, text) != "laterality"):
-            continue
-        out.append(Variant(text=text, style="laterality_swap", equivalent=False, error_type="laterality"))
-        if len(out) == k:
-            break
+    for v in _sentence_edits(split, base, "laterality", _laterality_candidates,
+                             rng_for(seed, "laterality_copies", base), verify):
+        if all(v.text != o.text for o in out):
+            out.append(v)
+            if len(out) == k:
+                break
     return out
