@@ -5,12 +5,17 @@ rewrite (`paraphrase_heldout` first) is nearer to it than every one-error copy m
 held-out error templates. This prints, per model, the reports it fails, by the error type of each
 copy that came nearer and by the style of the positive, and then how many failures the `--after`
 models share: a failure every recipe shares points at the probe's hardest reports, not at one recipe.
+`--pair BASE,CHANGE` (repeatable, e.g. one pair per seed) pairs two models report by report: the
+reports the change fixes and breaks, pooled over the pairs with an exact two-sided sign test
+(McNemar's): is a change of a few reports more than the seed-to-seed shuffle of which reports fail?
 
     python bench/bench_discrimination_failures.py --after runs/a --after runs/b [--columns bow] [--limit 200]
+    python bench/bench_discrimination_failures.py --pair runs/base_s0,runs/change_s0 --pair runs/base_s1,runs/change_s1
 
 Only counts are printed (the Open-I text stays out of logs one might share).
 """
 import argparse
+import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -42,16 +47,37 @@ def failures(emb, inputs):
     return {i: v for i, v in beaten.items() if v[1]}, len(scored)
 
 
+def fixed_and_broken(failed_base, failed_change):
+    """(reports the change passes that the base fails, reports it fails that the base passes)."""
+    return len(set(failed_base) - set(failed_change)), len(set(failed_change) - set(failed_base))
+
+
+def sign_test_p(fixed: int, broken: int) -> float:
+    """Exact two-sided sign test on the discordant reports: the chance of a split at least this
+    uneven if fixing and breaking were equally likely (McNemar's exact test)."""
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--after", action="append", default=[], help="a model folder (repeatable)")
+    ap.add_argument("--pair", action="append", default=[], metavar="BASE,CHANGE",
+                    help="two model folders compared report by report (repeatable; pooled)")
     ap.add_argument("--columns", default="", help="reference columns: bow, minilm, built-in model names")
     ap.add_argument("--limit", type=int, default=None, help="first N validation reports (default: all)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    pairs = [tuple(p.split(",")) for p in args.pair]
+    if any(len(p) != 2 or not all(p) for p in pairs):
+        ap.error("--pair takes two model folders separated by a comma: --pair runs/base,runs/change")
     columns = [c for c in args.columns.split(",") if c] + args.after
+    columns += [m for p in pairs for m in p if m not in columns]
     if not columns:
-        ap.error("name at least one model: --after RUN or --columns bow")
+        ap.error("name at least one model: --after RUN, --pair BASE,CHANGE or --columns bow")
     torch.set_num_threads(args.threads)
     from open_clip_cxr.precision import choose
     choice = choose("auto", "cpu", threads=args.threads)
@@ -72,6 +98,14 @@ def main():
     if len(args.after) > 1:     # the trained models only: a reference column fails most reports
         sets = [set(failed[col]) for col in args.after]
         print(f"failed by every --after model: {len(set.intersection(*sets))}; by any: {len(set.union(*sets))}")
+    total = [0, 0]
+    for base, change in pairs:
+        fixed, broken = fixed_and_broken(failed[base], failed[change])
+        total = [total[0] + fixed, total[1] + broken]
+        print(f"{change} against {base}: fixes {fixed} reports, breaks {broken} (sign test p {sign_test_p(fixed, broken):.3f})")
+    if len(pairs) > 1:
+        print(f"pooled over {len(pairs)} pairs: fixes {total[0]}, breaks {total[1]} "
+              f"(sign test p {sign_test_p(*total):.3f})")
 
 
 if __name__ == "__main__":

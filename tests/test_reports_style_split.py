@@ -197,6 +197,24 @@ def test_discrimination_failures_agree_with_the_suite(monkeypatch):
     assert max(n_failed) > 0     # the comparison saw failures, not only passes
 
 
+def test_paired_failures_and_the_sign_test(monkeypatch):
+    """`--pair`: fixed / broken reports between two models, and an exact two-sided sign test that
+    agrees with scipy's binomial test (an independent reference) on every split up to 12 reports."""
+    import importlib.util as iu
+    monkeypatch.syspath_prepend("bench")
+    spec = iu.spec_from_file_location("bench_discrimination_failures", "bench/bench_discrimination_failures.py")
+    bdf = iu.module_from_spec(spec)
+    spec.loader.exec_module(bdf)
+    base, change = {1: "x", 2: "x", 3: "x"}, {3: "x", 4: "x"}
+    assert bdf.fixed_and_broken(base, change) == (2, 1)
+    assert bdf.sign_test_p(0, 0) == 1.0 and bdf.sign_test_p(3, 3) == 1.0
+    assert bdf.sign_test_p(6, 0) == pytest.approx(2 / 64)
+    stats = pytest.importorskip("scipy.stats")
+    for n in range(1, 13):
+        for k in range(n + 1):
+            assert bdf.sign_test_p(k, n - k) == pytest.approx(stats.binomtest(k, n, 0.5).pvalue)
+
+
 def test_bench_lower_column_reads_every_text_in_lower_case(monkeypatch):
     """`bench_text_stage.py --fold-capitals lower` (column '<model>+lower') lower-cases every text
     for a cased tower, as a `lowercase: true` tower's tokenizer would."""
