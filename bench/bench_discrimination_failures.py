@@ -6,7 +6,8 @@ held-out error templates. This prints, per model, the reports it fails, by the e
 copy that came nearer and by the style of the positive, and then how many failures the `--after`
 models share: a failure every recipe shares points at the probe's hardest reports, not at one recipe.
 `--pair BASE,CHANGE` (repeatable, e.g. one pair per seed) pairs two models report by report: the
-reports the change fixes and breaks, pooled over the pairs with an exact two-sided sign test
+reports the change fixes and breaks (all, then per error type), pooled over the pairs with an exact
+two-sided sign test
 (McNemar's): is a change of a few reports more than the seed-to-seed shuffle of which reports fail?
 
     python bench/bench_discrimination_failures.py --after runs/a --after runs/b [--columns bow] [--limit 200]
@@ -47,9 +48,12 @@ def failures(emb, inputs):
     return {i: v for i, v in beaten.items() if v[1]}, len(scored)
 
 
-def fixed_and_broken(failed_base, failed_change):
-    """(reports the change passes that the base fails, reports it fails that the base passes)."""
-    return len(set(failed_base) - set(failed_change)), len(set(failed_change) - set(failed_base))
+def fixed_and_broken(failed_base, failed_change, error_type=None):
+    """(reports the change passes that the base fails, reports it fails that the base passes);
+    with `error_type`, a report fails when a copy of that type came at least as near as the positive."""
+    def on(failed):
+        return {i for i, (_, beat) in failed.items() if error_type is None or error_type in beat}
+    return len(on(failed_base) - on(failed_change)), len(on(failed_change) - on(failed_base))
 
 
 def sign_test_p(fixed: int, broken: int) -> float:
@@ -98,14 +102,19 @@ def main():
     if len(args.after) > 1:     # the trained models only: a reference column fails most reports
         sets = [set(failed[col]) for col in args.after]
         print(f"failed by every --after model: {len(set.intersection(*sets))}; by any: {len(set.union(*sets))}")
-    total = [0, 0]
-    for base, change in pairs:
-        fixed, broken = fixed_and_broken(failed[base], failed[change])
-        total = [total[0] + fixed, total[1] + broken]
-        print(f"{change} against {base}: fixes {fixed} reports, breaks {broken} (sign test p {sign_test_p(fixed, broken):.3f})")
-    if len(pairs) > 1:
-        print(f"pooled over {len(pairs)} pairs: fixes {total[0]}, breaks {total[1]} "
-              f"(sign test p {sign_test_p(*total):.3f})")
+    for error_type in (None, *sorted({t for f in failed.values() for _, beat in f.values() for t in beat})):
+        if not pairs:
+            break
+        what = "reports" if error_type is None else f"reports on {error_type} copies"
+        total = [0, 0]
+        for base, change in pairs:
+            fixed, broken = fixed_and_broken(failed[base], failed[change], error_type)
+            total = [total[0] + fixed, total[1] + broken]
+            print(f"{change} against {base}: fixes {fixed} {what}, breaks {broken} "
+                  f"(sign test p {sign_test_p(fixed, broken):.3f})")
+        if len(pairs) > 1:
+            print(f"  pooled over {len(pairs)} pairs: fixes {total[0]}, breaks {total[1]} "
+                  f"(sign test p {sign_test_p(*total):.3f})")
 
 
 if __name__ == "__main__":

@@ -205,8 +205,11 @@ def test_paired_failures_and_the_sign_test(monkeypatch):
     spec = iu.spec_from_file_location("bench_discrimination_failures", "bench/bench_discrimination_failures.py")
     bdf = iu.module_from_spec(spec)
     spec.loader.exec_module(bdf)
-    base, change = {1: "x", 2: "x", 3: "x"}, {3: "x", 4: "x"}
+    base = {1: ("typos", ["negation"]), 2: ("typos", ["laterality"]), 3: ("typos", ["laterality", "negation"])}
+    change = {3: ("typos", ["negation"]), 4: ("typos", ["laterality"])}
     assert bdf.fixed_and_broken(base, change) == (2, 1)
+    assert bdf.fixed_and_broken(base, change, "laterality") == (2, 1)   # 3 still fails, on negation only
+    assert bdf.fixed_and_broken(base, change, "negation") == (1, 0)
     assert bdf.sign_test_p(0, 0) == 1.0 and bdf.sign_test_p(3, 3) == 1.0
     assert bdf.sign_test_p(6, 0) == pytest.approx(2 / 64)
     stats = pytest.importorskip("scipy.stats")
