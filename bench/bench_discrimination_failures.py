@@ -7,7 +7,8 @@ copy that came nearer and by the style of the positive, and then how many failur
 models share: a failure every recipe shares points at the probe's hardest reports, not at one recipe.
 `--pair BASE,CHANGE` (repeatable, e.g. one pair per seed) pairs two models report by report: the
 reports the change fixes and breaks (all, then per error type), pooled over the pairs with an exact
-two-sided sign test (McNemar's): is a change of a few reports more than the seed-to-seed shuffle of which reports fail?
+two-sided sign test (McNemar's): is a change of a few reports more than the seed-to-seed shuffle
+of which reports fail?
 
     python bench/bench_discrimination_failures.py --after runs/a --after runs/b [--columns bow] [--limit 200]
     python bench/bench_discrimination_failures.py --pair runs/base_s0,runs/change_s0 --pair runs/base_s1,runs/change_s1
