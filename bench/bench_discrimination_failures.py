@@ -105,12 +105,12 @@ def main():
     for error_type in (None, *sorted({t for f in failed.values() for _, beat in f.values() for t in beat})):
         if not pairs:
             break
-        what = "reports" if error_type is None else f"reports on {error_type} copies"
+        what = "failed reports" if error_type is None else f"reports failed on a {error_type} copy"
         total = [0, 0]
         for base, change in pairs:
             fixed, broken = fixed_and_broken(failed[base], failed[change], error_type)
             total = [total[0] + fixed, total[1] + broken]
-            print(f"{change} against {base}: fixes {fixed} {what}, breaks {broken} "
+            print(f"{change} against {base}, {what}: fixes {fixed}, breaks {broken} "
                   f"(sign test p {sign_test_p(fixed, broken):.3f})")
         if len(pairs) > 1:
             print(f"  pooled over {len(pairs)} pairs: fixes {total[0]}, breaks {total[1]} "
