@@ -105,7 +105,7 @@ def main():
     for error_type in (None, *sorted({t for f in failed.values() for _, beat in f.values() for t in beat})):
         if not pairs:
             break
-        what = "failed reports" if error_type is None else f"reports failed on a {error_type} copy"
+        what = "failed reports" if error_type is None else f"reports failed on {error_type} copies"
         total = [0, 0]
         for base, change in pairs:
             fixed, broken = fixed_and_broken(failed[base], failed[change], error_type)
