@@ -102,19 +102,23 @@ def main():
     if len(args.after) > 1:     # the trained models only: a reference column fails most reports
         sets = [set(failed[col]) for col in args.after]
         print(f"failed by every --after model: {len(set.intersection(*sets))}; by any: {len(set.union(*sets))}")
-    for error_type in (None, *sorted({t for f in failed.values() for _, beat in f.values() for t in beat})):
-        if not pairs:
-            break
+    if pairs:
+        print_pairs(pairs, failed)
+
+
+def print_pairs(pairs, failed):
+    """Fixed / broken per pair and pooled, over all failures, then per error type."""
+    error_types = sorted({t for f in failed.values() for _, beat in f.values() for t in beat})
+    for error_type in (None, *error_types):
         what = "failed reports" if error_type is None else f"reports failed on {error_type} copies"
-        total = [0, 0]
-        for base, change in pairs:
-            fixed, broken = fixed_and_broken(failed[base], failed[change], error_type)
-            total = [total[0] + fixed, total[1] + broken]
+        counts = [fixed_and_broken(failed[base], failed[change], error_type) for base, change in pairs]
+        for (base, change), (fixed, broken) in zip(pairs, counts):
             print(f"{change} against {base}, {what}: fixes {fixed}, breaks {broken} "
                   f"(sign test p {sign_test_p(fixed, broken):.3f})")
         if len(pairs) > 1:
-            print(f"  pooled over {len(pairs)} pairs: fixes {total[0]}, breaks {total[1]} "
-                  f"(sign test p {sign_test_p(*total):.3f})")
+            fixed, broken = (sum(c[0] for c in counts), sum(c[1] for c in counts))
+            print(f"  pooled over {len(pairs)} pairs: fixes {fixed}, breaks {broken} "
+                  f"(sign test p {sign_test_p(fixed, broken):.3f})")
 
 
 if __name__ == "__main__":
