@@ -447,6 +447,24 @@ def test_train_cached_supcon_with_borrowed_errors(tmp_path, capsys):
     assert len([r for r in rows if r["stage"] == "supcon" and "loss_mean" not in r]) == 2
 
 
+@pytest.mark.parametrize("cache", [True, False])
+def test_train_supcon_with_neighbour_batches(tmp_path, monkeypatch, cache):
+    """Both data paths hand the report texts to the grouping, and training runs on grouped batches."""
+    from open_clip_cxr_train import neighbour_batches
+    from open_clip_cxr_train.text_stage import train
+    seen, real = {}, neighbour_batches.lexical_neighbours
+    monkeypatch.setattr(neighbour_batches, "lexical_neighbours",
+                        lambda texts, k: seen.update(texts=list(texts), k=k) or real(texts, k))
+    recipe = tiny_recipe(tmp_path, **{"supcon.cache": cache, "supcon.cache_reports": 6, "supcon.steps": 2,
+                                      "supcon.lora": None, "supcon.neighbour_batches": 2, "eval.enabled": False})
+    train(recipe)
+    assert seen["k"] == 4 and len(seen["texts"]) == (6 if cache else len(REPORTS))
+    assert all(t.strip() for t in seen["texts"])        # each item's report text, none empty
+    rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["stage"] == "supcon" and "loss_mean" not in r]
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+
+
 def test_pooler_head_steps_come_before_lora(tmp_path):
     from open_clip_cxr_train.text_stage import train
     recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.head_steps": 2, "supcon.steps": 2,

@@ -30,15 +30,24 @@ def _reports_from_shards(urls):
 
 class StepData:
     """Which reports micro-batch m of this process reads: a pure function of (seed, m), so a
-    resumed run reads what an uninterrupted one would. Epochs are fresh permutations."""
+    resumed run reads what an uninterrupted one would. Epochs are fresh permutations; with
+    `neighbours` and `group` > 1, permutations made of runs of `group` lexical neighbours
+    (`neighbour_batches.grouped_order`)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, world_size: int = 1, rank: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int, world_size: int = 1, rank: int = 0,
+                 neighbours: Optional[List[List[int]]] = None, group: int = 1):
         self.n, self.bs, self.seed, self.world, self.rank = n, batch_size, seed, world_size, rank
+        self.neighbours, self.group = neighbours, group
         self._perms: Dict[int, List[int]] = {}
 
     def _perm(self, epoch: int) -> List[int]:
         if epoch not in self._perms:
-            self._perms = {epoch: random.Random(self.seed * 1_000_003 + epoch).sample(range(self.n), self.n)}
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            if self.neighbours is not None and self.group > 1:
+                from open_clip_cxr_train.neighbour_batches import grouped_order
+                self._perms = {epoch: grouped_order(self.n, self.neighbours, self.group, rng)}
+            else:
+                self._perms = {epoch: rng.sample(range(self.n), self.n)}
         return self._perms[epoch]
 
     def __call__(self, micro: int):

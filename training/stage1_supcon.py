@@ -20,6 +20,7 @@ from typing import Callable, List, Optional, Union
 import torch
 
 from open_clip_cxr.reports.borrowed import pool_or_none
+from open_clip_cxr.reports.variants import base_text
 from open_clip_cxr.text.instructions import with_instruction
 from open_clip_cxr_train.fact_head import WithFactHead, fact_loss, fact_targets
 from open_clip_cxr_train.speedups import FrozenCast
@@ -40,6 +41,7 @@ class SupconData:
     texts_of: Callable
     n_items: int
     cache: Optional[TextStateCache] = None
+    bases: Optional[List[str]] = None    # item i's report text (`supcon.neighbour_batches` groups by it)
 
 
 def supcon_module(run, scfg: dict, top: int) -> SupconData:
@@ -60,7 +62,7 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
     if not scfg.get("cache"):
         return SupconData(Embedder(run.tower, run.pad, max_tokens),
                           lambda i, epoch: texts_fn(reports[i], seed * 10_007 + epoch, max_variants, **text_kw),
-                          len(reports))
+                          len(reports), bases=[base_text(r) or "" for r in reports])
     n_cache = int(scfg.get("cache_reports") or len(reports))
     pick = random.Random(seed + 2).sample(range(len(reports)), min(n_cache, len(reports)))
     pool = [t for t in (texts_fn(reports[i], seed, max_variants, **text_kw) for i in pick) if t and t.variants]
@@ -76,7 +78,7 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
         raise ValueError("supcon.cache reads fixed texts: set supcon.instruction_prob to 0")
     p_drop = float(scfg.get("token_dropout", 0.0))
     embedder = CachedEmbedder(run.tower, cache, max_tokens, p_drop, cue_token_mask(run.tokenizer) if p_drop else None)
-    return SupconData(embedder, lambda i, epoch: pool[i], len(pool), cache)
+    return SupconData(embedder, lambda i, epoch: pool[i], len(pool), cache, [t.base for t in pool])
 
 
 class SupconBatches:
@@ -91,7 +93,13 @@ class SupconBatches:
         self.p_phrases = float(scfg.get("p_phrases", 0.0))
         self.views = int(scfg.get("views", 2))
         self.facts = float(scfg.get("fact_weight", 0.0)) > 0   # also the fact targets of every text
-        self.data = StepData(data.n_items, int(scfg["batch_size"]), run.seed + 1, run.world, run.rank)
+        group = int(scfg.get("neighbour_batches", 1))
+        neighbours = None
+        if group > 1:   # each report beside its nearest training reports: near-duplicates as in-batch negatives
+            from open_clip_cxr_train.neighbour_batches import lexical_neighbours
+            neighbours = lexical_neighbours(data.bases, 4 * (group - 1))
+        self.data = StepData(data.n_items, int(scfg["batch_size"]), run.seed + 1, run.world, run.rank,
+                             neighbours, group)
 
     def _sample(self, texts, rng) -> Union[Example, Views, None]:
         if self.views > 2:
