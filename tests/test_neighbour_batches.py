@@ -30,17 +30,28 @@ def test_tfidf_matches_scikit_learn():
 
 
 @pytest.mark.parametrize("dense_limit, chunk", [(10 ** 9, 256), (0, 3)])
-def test_neighbours_rank_by_cosine_and_skip_equal_texts(monkeypatch, dense_limit, chunk):
+def test_neighbours_rank_distinct_texts_by_cosine(monkeypatch, dense_limit, chunk):
     monkeypatch.setattr(nb, "DENSE_LIMIT", dense_limit)     # 0: the sparse product, in chunks of 3
-    got = nb.lexical_neighbours(TEXTS, k=2, chunk=chunk)
+    got = nb.lexical_neighbours(TEXTS, k=3, chunk=chunk)
     x = nb.tfidf_matrix(TEXTS).to_dense()
     sims = x @ x.t()
     for i, row in enumerate(got):
-        assert i not in row and all(TEXTS[j] != TEXTS[i] for j in row)
-        others = [j for j in range(len(TEXTS)) if TEXTS[j] != TEXTS[i]]
-        best = sorted(others, key=lambda j: -float(sims[i, j]))[:2]
-        assert [round(float(sims[i, j]), 5) for j in row] == [round(float(sims[i, j]), 5) for j in best]
-    assert got[2][0] == 3 and got[5][0] == 6 and got[0][0] == 1
+        texts = [TEXTS[j] for j in row]
+        assert TEXTS[i] not in texts and len(set(texts)) == len(texts) == 3    # other texts, each once
+        others = {TEXTS[j]: float(sims[i, j]) for j in range(len(TEXTS)) if TEXTS[j] != TEXTS[i]}
+        assert [round(float(sims[i, j]), 5) for j in row] == [round(v, 5) for v in sorted(others.values())[::-1][:3]]
+    assert got[2][0] == 3 and got[5][0] == 6
+    assert got[1][0] == 0 and got[4][0] == 1                 # copies 0 and 4: the same neighbours
+
+
+def test_copies_of_a_text_get_full_lists_and_spread_over_neighbour_copies():
+    # a normal report 30 times word for word (Open-I's most common one has 43 copies in train)
+    texts = ["No acute process."] * 30 + ["No acute cardiopulmonary process."] * 3 + TEXTS[2:4] + TEXTS[5:]
+    got = nb.lexical_neighbours(texts, k=4)
+    assert all(len(row) == 4 and len({texts[j] for j in row}) == 4 for row in got)
+    firsts = [row[0] for row in got[:30]]
+    assert {texts[j] for j in firsts} == {"No acute cardiopulmonary process."} and set(firsts) == {30, 31, 32}
+    assert sorted(firsts) == [30] * 10 + [31] * 10 + [32] * 10                # each copy as often
 
 
 def test_grouped_order_is_a_permutation_of_neighbour_runs():

@@ -42,28 +42,34 @@ def tfidf_matrix(texts: Sequence[str]) -> torch.Tensor:
 
 
 def lexical_neighbours(texts: Sequence[str], k: int, chunk: int = 256) -> List[List[int]]:
-    """Per text, the indices of its `k` most similar OTHER texts by TF-IDF cosine, best first.
-    Texts equal to it are left out: they are the same report to the loss (its keys mask them),
-    so as a neighbour they would only take a slot. Memory: N x `chunk` similarities at a time."""
+    """Per text, `k` indices of its most similar OTHER texts by TF-IDF cosine, best first, one per
+    distinct text. Ranked over distinct texts: a normal report can have dozens of word-for-word
+    copies, which are the same report to the loss (its keys mask them) and would fill the list.
+    Copies of a text take different copies of each neighbour, so none is drawn every time.
+    Memory: (distinct texts) x `chunk` similarities at a time."""
     n = len(texts)
     if n == 0 or k <= 0:
         return [[] for _ in range(n)]
-    x = tfidf_matrix(texts)
-    dense_t = x.to_dense().t().contiguous() if n * x.shape[1] <= DENSE_LIMIT else None
-    out: List[List[int]] = []
-    for s in range(0, n, chunk):
-        block = x.index_select(0, torch.arange(s, min(n, s + chunk))).to_dense()
+    copies: dict = {}
+    nth = []                 # which copy of its text item i is
+    for i, t in enumerate(texts):
+        nth.append(len(copies.setdefault(t, [])))
+        copies[t].append(i)
+    distinct = list(copies)
+    u = len(distinct)
+    x = tfidf_matrix(distinct)
+    dense_t = x.to_dense().t().contiguous() if u * x.shape[1] <= DENSE_LIMIT else None
+    ranked: List[List[int]] = []
+    for s in range(0, u, chunk):
+        block = x.index_select(0, torch.arange(s, min(u, s + chunk))).to_dense()
         sims = block @ dense_t if dense_t is not None else torch.sparse.mm(x, block.t()).t()
         for r in range(sims.shape[0]):
-            i = s + r
-            sims[r, i] = -1.0
-            picked: List[int] = []
-            for j in torch.topk(sims[r], min(n - 1, k + 8)).indices.tolist():   # + 8: room for equal texts
-                if texts[j] != texts[i]:
-                    picked.append(j)
-                if len(picked) == k:
-                    break
-            out.append(picked)
+            sims[r, s + r] = -2.0    # not itself
+            ranked.append(torch.topk(sims[r], min(u - 1, k)).indices.tolist())
+    index = {t: j for j, t in enumerate(distinct)}
+    out: List[List[int]] = []
+    for i, t in enumerate(texts):
+        out.append([copies[distinct[j]][nth[i] % len(copies[distinct[j]])] for j in ranked[index[t]]])
     return out
 
 
