@@ -13,6 +13,7 @@
   through the shared loop (`stage1_run.run_stage`), then the LoRA merged.
 """
 import random
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, List, Optional, Union
@@ -97,7 +98,10 @@ class SupconBatches:
         neighbours = None
         if group > 1:   # each report beside its nearest training reports: near-duplicates as in-batch negatives
             from open_clip_cxr_train.neighbour_batches import lexical_neighbours
+            t0 = time.perf_counter()
             neighbours = lexical_neighbours(data.bases, 4 * (group - 1))
+            run.accelerator.print(f"supcon: micro-batches in runs of {group} lexical neighbours, "
+                                  f"{len(set(data.bases))} distinct report texts, {time.perf_counter() - t0:.1f} s")
         self.data = StepData(data.n_items, int(scfg["batch_size"]), run.seed + 1, run.world, run.rank,
                              neighbours, group)
 
