@@ -19,7 +19,7 @@ from typing import List, Sequence
 import torch
 
 _WORD = re.compile(r"[a-z0-9]+")
-DENSE_LIMIT = 50_000_000   # N x vocabulary cells under which the TF-IDF matrix is multiplied dense
+DENSE_LIMIT = 50_000_000   # N x vocabulary cells under which the TF-IDF rows are sliced from a dense copy
 
 
 def tfidf_matrix(texts: Sequence[str]) -> torch.Tensor:
@@ -58,14 +58,15 @@ def lexical_neighbours(texts: Sequence[str], k: int, chunk: int = 256) -> List[L
     distinct = list(copies)
     u = len(distinct)
     x = tfidf_matrix(distinct)
-    dense_t = x.to_dense().t().contiguous() if u * x.shape[1] <= DENSE_LIMIT else None
+    dense = x.to_dense() if u * x.shape[1] <= DENSE_LIMIT else None   # only to slice rows from
     ranked: List[List[int]] = []
     for s in range(0, u, chunk):
-        block = x.index_select(0, torch.arange(s, min(u, s + chunk))).to_dense()
-        sims = block @ dense_t if dense_t is not None else torch.sparse.mm(x, block.t()).t()
-        for r in range(sims.shape[0]):
-            sims[r, s + r] = -2.0    # not itself
-            ranked.append(torch.topk(sims[r], min(u - 1, k)).indices.tolist())
+        block = dense[s:s + chunk] if dense is not None else \
+            x.index_select(0, torch.arange(s, min(u, s + chunk))).to_dense()
+        sims = torch.sparse.mm(x, block.t()).t()     # sparse x dense: the rows are short
+        rows = torch.arange(sims.shape[0])
+        sims[rows, rows + s] = -2.0    # not itself
+        ranked += torch.topk(sims, min(u - 1, k), dim=1).indices.tolist()
     index = {t: j for j, t in enumerate(distinct)}
     out: List[List[int]] = []
     for i, t in enumerate(texts):
