@@ -50,11 +50,9 @@ def lexical_neighbours(texts: Sequence[str], k: int, chunk: int = 256) -> List[L
     n = len(texts)
     if n == 0 or k <= 0:
         return [[] for _ in range(n)]
-    copies: dict = {}
-    nth = []                 # which copy of its text item i is
+    copies: dict = {}        # text -> its items, in order; the keys are the distinct texts
     for i, t in enumerate(texts):
-        nth.append(len(copies.setdefault(t, [])))
-        copies[t].append(i)
+        copies.setdefault(t, []).append(i)
     distinct = list(copies)
     u = len(distinct)
     x = tfidf_matrix(distinct)
@@ -67,10 +65,10 @@ def lexical_neighbours(texts: Sequence[str], k: int, chunk: int = 256) -> List[L
         rows = torch.arange(sims.shape[0])
         sims[rows, rows + s] = -2.0    # not itself
         ranked += torch.topk(sims, min(u - 1, k), dim=1).indices.tolist()
-    index = {t: j for j, t in enumerate(distinct)}
-    out: List[List[int]] = []
-    for i, t in enumerate(texts):
-        out.append([copies[distinct[j]][nth[i] % len(copies[distinct[j]])] for j in ranked[index[t]]])
+    out: List[List[int]] = [[] for _ in range(n)]
+    for t, nbrs in zip(distinct, ranked):
+        for c, i in enumerate(copies[t]):   # the c-th copy of a text takes the c-th copy of each neighbour
+            out[i] = [copies[distinct[j]][c % len(copies[distinct[j]])] for j in nbrs]
     return out
 
 

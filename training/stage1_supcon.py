@@ -42,7 +42,7 @@ class SupconData:
     texts_of: Callable
     n_items: int
     cache: Optional[TextStateCache] = None
-    bases: Optional[List[str]] = None    # item i's report text (`supcon.neighbour_batches` groups by it)
+    base_of: Optional[Callable] = None   # item i -> its report text (`supcon.neighbour_batches` groups by it)
 
 
 def supcon_module(run, scfg: dict, top: int) -> SupconData:
@@ -63,7 +63,7 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
     if not scfg.get("cache"):
         return SupconData(Embedder(run.tower, run.pad, max_tokens),
                           lambda i, epoch: texts_fn(reports[i], seed * 10_007 + epoch, max_variants, **text_kw),
-                          len(reports), bases=[base_text(r) or "" for r in reports])
+                          len(reports), base_of=lambda i: base_text(reports[i]) or "")
     n_cache = int(scfg.get("cache_reports") or len(reports))
     pick = random.Random(seed + 2).sample(range(len(reports)), min(n_cache, len(reports)))
     pool = [t for t in (texts_fn(reports[i], seed, max_variants, **text_kw) for i in pick) if t and t.variants]
@@ -79,7 +79,7 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
         raise ValueError("supcon.cache reads fixed texts: set supcon.instruction_prob to 0")
     p_drop = float(scfg.get("token_dropout", 0.0))
     embedder = CachedEmbedder(run.tower, cache, max_tokens, p_drop, cue_token_mask(run.tokenizer) if p_drop else None)
-    return SupconData(embedder, lambda i, epoch: pool[i], len(pool), cache, [t.base for t in pool])
+    return SupconData(embedder, lambda i, epoch: pool[i], len(pool), cache, lambda i: pool[i].base)
 
 
 class SupconBatches:
@@ -98,10 +98,10 @@ class SupconBatches:
         neighbours = None
         if group > 1:   # each report beside its nearest training reports: near-duplicates as in-batch negatives
             from open_clip_cxr_train.neighbour_batches import lexical_neighbours
-            t0 = time.perf_counter()
-            neighbours = lexical_neighbours(data.bases, 4 * (group - 1))
+            t0, bases = time.perf_counter(), [data.base_of(i) for i in range(data.n_items)]
+            neighbours = lexical_neighbours(bases, 4 * (group - 1))
             run.accelerator.print(f"supcon: micro-batches in runs of {group} lexical neighbours, "
-                                  f"{len(set(data.bases))} distinct report texts, {time.perf_counter() - t0:.1f} s")
+                                  f"{len(set(bases))} distinct report texts, {time.perf_counter() - t0:.1f} s")
         self.data = StepData(data.n_items, int(scfg["batch_size"]), run.seed + 1, run.world, run.rank,
                              neighbours, group)
 
