@@ -16,7 +16,6 @@ of which reports fail?
 Only counts are printed (the Open-I text stays out of logs one might share).
 """
 import argparse
-import math
 import sys
 from collections import Counter
 from pathlib import Path
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_text_stage import _cpu_name, column_encode_fn  # noqa: E402
 from open_clip_cxr.eval.robustness import (HELDOUT_POSITIVE_STYLES, _Embedder, discrimination_scores,  # noqa: E402
                                            openi_reports, original_text)
+from open_clip_cxr.eval.paired import sign_test_p  # noqa: E402
 from open_clip_cxr.reports import noise  # noqa: E402
 
 
@@ -54,16 +54,6 @@ def fixed_and_broken(failed_base, failed_change, error_type=None):
     def on(failed):
         return {i for i, (_, beat) in failed.items() if error_type is None or error_type in beat}
     return len(on(failed_base) - on(failed_change)), len(on(failed_change) - on(failed_base))
-
-
-def sign_test_p(fixed: int, broken: int) -> float:
-    """Exact two-sided sign test on the discordant reports: the chance of a split at least this
-    uneven if fixing and breaking were equally likely (McNemar's exact test)."""
-    n = fixed + broken
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def main():

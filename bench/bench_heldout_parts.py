@@ -95,7 +95,7 @@ def main():
     for col in columns:
         fn = column_encode_fn(col, 0, 4096, dtype=choice.dtype)
         emb = _Embedder(fn, originals + [q for pairs in table.values() for q, _ in pairs])
-        results[col] = {name: _r1(emb, [q for q, _ in p], [t for _, t in p], originals) for name, p in table.items()}
+        results[col] = {name: _r1(emb, [q for q, _ in p], [t for _, t in p], originals)[0] for name, p in table.items()}
         if args.near_duplicates:
             results[col + " ~dup"] = {name: r1_near(emb, p, originals) for name, p in table.items()}
     print(f"variant -> original R@1, {len(reports)} validation reports; CPU: {_cpu_name()}; "

@@ -23,7 +23,9 @@ variants built only from the held-out part of the rule tables and from rewrites 
 makes (`open_clip_cxr.reports.noise`), error templates from the held-out part; then the targets
 of issue 19 (held-out abbreviation >= 0.90, paraphrase >= 0.93, error discrimination >= 0.90), each
 with its 95 % Wilson interval over the row's items (403 validation reports: about +-0.03 at 0.90).
-`--heldout-styles --both` prints the in-distribution table first.
+`--heldout-styles --both` prints the in-distribution table first. Each --after column is then paired
+with bag of words and MiniLM row by row (`open_clip_cxr.eval.paired`): the items only it gets right,
+those only the baseline gets right, and the exact sign test p of that split.
 
 Tower columns compute in `--precision` (default auto: bf16 only where `open_clip_cxr.precision`
 measures it faster on this CPU; printed with the CPU model), on `--device` (default cpu; `cuda` on a
@@ -44,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import open_clip_cxr  # noqa: E402  (registers the models)
+from open_clip_cxr.eval.paired import format_paired, has_misses  # noqa: E402
 from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn,  # noqa: E402
                                            openi_reports, protocol_fingerprint, run_robustness)
 
@@ -215,7 +218,8 @@ def main():
             fresh_after = col in args.after and col in timings   # just trained: never reuse
             same_precision = store.get(col, {}).get("precision", choice.precision) == choice.precision \
                 or col in ("bow", "minilm")
-            if col in store and same_precision and not fresh_after and not (col in args.after and _newer(col, store[col])):
+            if col in store and same_precision and not fresh_after and has_misses(store[col]) \
+                    and not (col in args.after and _newer(col, store[col])):
                 results[col] = store[col]
                 continue
             t = time.time()
@@ -275,6 +279,7 @@ def _summary(results: dict, after, protocol: str) -> None:
                 n = row_count(results[col], k)
                 ci = f" (95 % interval {'-'.join(f'{x:.3f}' for x in wilson_interval(v, n))}, n {n})" if v is not None and n else ""
                 print(f"{col}: target {k} >= {m}: " + ("-" if v is None else f"{v:.3f}") + (" met" if ok else " NOT met") + ci)
+        print("\n" + format_paired(results, col))
         if "train" in results[col]:
             print(f"{col}: stage-1 training wall time {results[col]['train']['train_wall_s']} s")
 

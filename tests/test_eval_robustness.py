@@ -48,7 +48,7 @@ def test_suite_with_bag_of_words():
     res = run(RB.bow_encode_fn())
     json.dumps(res)
     assert res["n_reports"] == 4
-    assert res["variant_to_original"]["reorder"] == {"R@1": 1.0, "n": 2}      # same words, same vector
+    assert res["variant_to_original"]["reorder"] == {"R@1": 1.0, "n": 2, "misses": []}  # same words, same vector
     assert set(res["variant_to_original"]) == {"reorder", "abbreviate", "impression_only"}
     assert res["n_with_both_sections"] == 3
     assert 0.0 <= res["impression_to_findings_R@1"] <= 1.0
@@ -86,6 +86,48 @@ def test_perfect_and_blind_fake_encoders():
     # every score ties, and ties count against the encoder
     assert blind["variant_to_original_mean_R@1"] == 0.0
     assert blind["error_discrimination"]["accuracy"] == 0.0
+
+
+def test_misses_pair_two_encoders_item_by_item():
+    """Each row records which items an encoder missed; pairing two encoders counts the items only
+    one of them gets right, and those counts account exactly for the gap between their scores."""
+    from open_clip_cxr.eval import paired as P
+    bow, blind = run(RB.bow_encode_fn()), run(lambda t: torch.ones(len(t), 3))
+    for res in (bow, blind):
+        for v in res["variant_to_original"].values():
+            assert len(v["misses"]) == round((1 - v["R@1"]) * v["n"])
+        ed = res["error_discrimination"]
+        assert len(ed["misses"]) == round((1 - ed["accuracy"]) * ed["n"])
+        assert set(ed["misses"]) <= {0, 1, 2}           # report indices: r4 has no negatives
+        assert P.has_misses(res)
+    assert blind["error_discrimination"]["misses"] == [0, 1, 2]
+    rows = P.paired_rows(bow, blind)
+    flat_bow, flat_blind = RB._flatten(bow), RB._flatten(blind)
+    assert set(rows) == set(flat_bow) - {"variant->original R@1 (mean)"}
+    for row, (only_bow, only_blind, p) in rows.items():
+        items = round(len(P.row_misses(blind)[row]) / (1 - flat_blind[row])) if flat_blind[row] < 1 else None
+        assert only_blind == 0                            # a constant encoder wins nothing
+        if items:
+            assert only_bow == round((flat_bow[row] - flat_blind[row]) * items)
+        assert p == P.sign_test_p(only_bow, only_blind)
+    assert all(v == (0, 0, 1.0) for v in P.paired_rows(bow, bow).values())
+    table = P.format_paired({"bow": bow, "blind": blind}, "blind", baselines=("bow",))
+    only_bow, _, p = rows["error discrimination (all types)"]
+    line = next(l for l in table.splitlines() if l.startswith("error discrimination (all types)"))
+    assert line.endswith(f"0 / {only_bow} (p {p:.2f})") and only_bow > 0
+    old = json.loads(json.dumps(bow))
+    del old["error_discrimination"]["misses"]
+    assert not P.has_misses(old)
+
+
+def test_sign_test_is_the_binomial_test():
+    from open_clip_cxr.eval.paired import sign_test_p
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(3, 3) == 1.0
+    assert sign_test_p(6, 0) == pytest.approx(2 / 64)
+    stats = pytest.importorskip("scipy.stats")
+    for n in range(1, 13):
+        for k in range(n + 1):
+            assert sign_test_p(k, n - k) == pytest.approx(stats.binomtest(k, n, 0.5).pvalue)
 
 
 def test_format_table_side_by_side():

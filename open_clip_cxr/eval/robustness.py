@@ -19,7 +19,7 @@ The held-out protocol is the model-selection metric of stage 1 (see `reports.sty
 """
 import re
 import zlib
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -147,16 +147,19 @@ def same_report_key(text: str) -> str:
     return re.sub(r"\s+", " ", re.sub(r"([.,;:])\1+", r"\1", text)).strip()
 
 
-def _r1(emb: _Embedder, queries: Sequence[str], targets: Sequence[str], gallery: Sequence[str], **kw) -> float:
-    """R@1 of each query retrieving its target text among `gallery` (texts with the same
-    `same_report_key` are one item, the first of them)."""
+def _r1(emb: _Embedder, queries: Sequence[str], targets: Sequence[str], gallery: Sequence[str],
+        **kw) -> Tuple[float, List[int]]:
+    """(R@1 of each query retrieving its target text among `gallery`, indices of the queries that
+    missed; texts with the same `same_report_key` are one item, the first of them). The misses let
+    two models be paired query by query (`eval.paired`)."""
     first: Dict[str, str] = {}
     for t in gallery:
         first.setdefault(same_report_key(t), t)
     gallery = list(first.values())
     targets = [first.get(same_report_key(t), t) for t in targets]
     r = rank_of_targets(emb(queries), emb(gallery), list(targets), gallery, k=1, **kw)
-    return float((r.ranks == 0).float().mean())
+    hit = r.ranks == 0
+    return float(hit.float().mean()), [i for i, h in enumerate(hit.tolist()) if not h]
 
 
 def run_heldout(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0, **kw) -> dict:
@@ -244,7 +247,8 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
             by_style.setdefault(v.style, []).append((v.text, orig))
     for style, pairs in sorted(by_style.items()):
         q, t = zip(*pairs)
-        per_style[style] = {"R@1": _r1(emb, q, t, originals, **search_kw), "n": len(pairs)}
+        r1, misses = _r1(emb, q, t, originals, **search_kw)
+        per_style[style] = {"R@1": r1, "n": len(pairs), "misses": misses}
     out["variant_to_original"] = per_style
     out["variant_to_original_mean_R@1"] = (sum(v["R@1"] for v in per_style.values()) / len(per_style)
                                            if per_style else None)
@@ -252,8 +256,9 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     imp = [r.impression.strip() for r in both]
     fnd = [r.findings.strip() for r in both]
     out["n_with_both_sections"] = len(both)
-    out["impression_to_findings_R@1"] = _r1(emb, imp, fnd, fnd, **search_kw) if both else None
-    out["findings_to_impression_R@1"] = _r1(emb, fnd, imp, imp, **search_kw) if both else None
+    for key, q, t in (("impression_to_findings", imp, fnd), ("findings_to_impression", fnd, imp)):
+        r1, misses = _r1(emb, q, t, t, **search_kw) if both else (None, None)
+        out[f"{key}_R@1"], out[f"{key}_misses"] = r1, misses
     # 3. error discrimination
     out["error_discrimination"] = _discrimination(emb, originals, equiv, negs, positive_styles)
     return out
@@ -273,18 +278,22 @@ def discrimination_scores(emb, originals, equiv, negs, positive_styles):
 
 def _discrimination(emb, originals, equiv, negs, positive_styles) -> dict:
     passed, margins = [], []
-    per_type: Dict[str, List[bool]] = {}
-    for _, _, s_pos, scored in discrimination_scores(emb, originals, equiv, negs, positive_styles):
-        passed.append(all(s_pos > s for _, s in scored))
+    per_type: Dict[str, List[Tuple[int, bool]]] = {}   # (report index, passed): misses pair by report
+    for i, _, s_pos, scored in discrimination_scores(emb, originals, equiv, negs, positive_styles):
+        passed.append((i, all(s_pos > s for _, s in scored)))
         margins.append(s_pos - max(s for _, s in scored))
         beats: Dict[str, bool] = {}
         for n, s in scored:
             t = n.error_type or n.style
             beats[t] = beats.get(t, True) and s_pos > s
         for t, ok in beats.items():
-            per_type.setdefault(t, []).append(ok)
-    types = {t: {"accuracy": sum(oks) / len(oks), "n": len(oks)} for t, oks in sorted(per_type.items())}
-    return {"accuracy": sum(passed) / len(passed) if passed else None, "n": len(passed),
+            per_type.setdefault(t, []).append((i, ok))
+
+    def summary(oks):
+        return {"accuracy": sum(ok for _, ok in oks) / len(oks), "n": len(oks),
+                "misses": [i for i, ok in oks if not ok]}
+    types = {t: summary(oks) for t, oks in sorted(per_type.items())}
+    return {**(summary(passed) if passed else {"accuracy": None, "n": 0, "misses": []}),
             "mean_margin": sum(margins) / len(margins) if margins else None, "per_error_type": types}
 
 

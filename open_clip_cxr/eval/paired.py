@@ -1,0 +1,68 @@
+"""Two models on the same items, compared item by item: with 403 reports a row's gap between two
+models is often one to four items, and only the items one model gets and the other misses (the
+discordant ones) say whether that gap is more than chance."""
+import math
+from typing import Dict, Mapping, Optional, Tuple
+
+
+def sign_test_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided sign test on the discordant items: the chance of a split at least this
+    uneven if each side were equally likely to win an item (McNemar's exact test)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def row_misses(res: Mapping) -> Dict[str, Optional[list]]:
+    """{table row: item indices the model missed} of a `run_robustness` result (rows named as in
+    `robustness.format_table`; None where the result predates recorded misses)."""
+    rows: Dict[str, Optional[list]] = {}
+    for style, v in res.get("variant_to_original", {}).items():
+        rows[f"variant->original R@1 [{style}]"] = v.get("misses")
+    rows["impression->findings R@1"] = res.get("impression_to_findings_misses")
+    rows["findings->impression R@1"] = res.get("findings_to_impression_misses")
+    ed = res.get("error_discrimination", {})
+    rows["error discrimination (all types)"] = ed.get("misses")
+    for t, v in ed.get("per_error_type", {}).items():
+        rows[f"error discrimination [{t}]"] = v.get("misses")
+    return rows
+
+
+def paired_rows(res_a: Mapping, res_b: Mapping) -> Dict[str, Tuple[int, int, float]]:
+    """Per row both results recorded: (items only A gets right, items only B gets right, sign
+    test p). Both must come from the same protocol (same reports, seed and rewrites)."""
+    a, b = row_misses(res_a), row_misses(res_b)
+    out = {}
+    for row, miss_a in a.items():
+        miss_b = b.get(row)
+        if miss_a is None or miss_b is None:
+            continue
+        only_a, only_b = len(set(miss_b) - set(miss_a)), len(set(miss_a) - set(miss_b))
+        out[row] = (only_a, only_b, sign_test_p(only_a, only_b))
+    return out
+
+
+def has_misses(res: Mapping) -> bool:
+    """Whether a cached suite result recorded its misses (results before 2026-12-06 did not)."""
+    return all(v is not None for v in row_misses(res).values())
+
+
+def format_paired(results: Mapping[str, Mapping], column: str, baselines=("bow", "minilm")) -> str:
+    """A plain-text table: per row of `column`'s suite, against each baseline, the items only
+    `column` gets right / only the baseline gets right (exact sign test p)."""
+    bases = [b for b in baselines if b in results and b != column]
+    pairs = {b: paired_rows(results[column], results[b]) for b in bases}
+    rows = [r for r in row_misses(results[column]) if any(r in p for p in pairs.values())]
+    if not rows:
+        return f"{column}: no recorded misses to pair (rerun the column)"
+    w0 = max(len(r) for r in rows)
+    cells = {b: {r: (f"{p[r][0]} / {p[r][1]} (p {p[r][2]:.2f})" if r in p else "-") for r in rows}
+             for b, p in pairs.items()}
+    widths = {b: max([len(f"vs {b}")] + [len(c) for c in cells[b].values()]) for b in bases}
+    lines = [f"{column} paired with the baselines, item by item: right only here / right only in the "
+             f"baseline (exact sign test p)",
+             "  ".join(["row".ljust(w0)] + [f"vs {b}".rjust(widths[b]) for b in bases])]
+    lines += ["  ".join([r.ljust(w0)] + [cells[b][r].rjust(widths[b]) for b in bases]) for r in rows]
+    return "\n".join(lines)
