@@ -163,6 +163,29 @@ def test_cli_text_robustness_with_baselines(tmp_path, monkeypatch, capsys):
     assert res["styles"] == "train" and list(res["by_protocol"]) == ["train"]
 
 
+def test_cli_text_robustness_pairs_the_model_with_each_baseline(tmp_path, monkeypatch, capsys):
+    """With --model and --baselines the task prints, per row, the items only the model gets right
+    and those only each baseline gets right (a constant encoder: never the model)."""
+    import argparse
+    from open_clip_cxr.eval import cli
+    monkeypatch.setattr(RB, "load_reports", lambda spec=None, split=None, limit=None: REPORTS)
+    monkeypatch.setattr(cli, "load_model", lambda args: (object(), None, None))
+    monkeypatch.setattr(RB, "openclip_encode_fn", lambda *a, **k: (lambda t: torch.ones(len(t), 3)))
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--task", "text-robustness", "--model", "const", "--baselines", "bow",
+                         "--out", str(tmp_path)])
+    assert cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "const paired with the baselines" in out and "vs bag-of-words" in out
+    res = json.load(open(tmp_path / "results.json"))["results"]["by_model"]
+    from open_clip_cxr.eval.paired import sign_test_p
+    ed = res["bag-of-words"]["error_discrimination"]
+    n_bow_right = ed["n"] - len(ed["misses"])
+    line = [l for l in out.splitlines() if l.startswith("error discrimination (all types)")][-1]   # the paired table's
+    assert line.endswith(f"0 / {n_bow_right} (p {sign_test_p(0, n_bow_right):.2f})")
+
+
 def test_cli_text_robustness_styles_both(tmp_path, monkeypatch, capsys):
     import argparse
     from open_clip_cxr.eval import cli

@@ -296,8 +296,12 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
     if not encoders:
         raise SystemExit("--task text-robustness needs --model or --baselines")
     suites = R.run_suites(reports, encoders, seed=args.seed, styles=args.styles)
+    from open_clip_cxr.eval.paired import format_paired
+    bases = tuple(name for name in encoders if name != args.model)
     for st, results in suites.items():
         print(f"== {st} styles\n" + R.format_table(results))
+        if model is not None and bases:   # is a gap to a baseline more than chance? pair item by item
+            print(format_paired(results, args.model, baselines=bases))
     # by_model: the first protocol's results (train, unless --styles heldout); by_protocol: each
     return {"by_model": next(iter(suites.values())), "by_protocol": suites, "styles": args.styles,
             "reports": spec["source"], "reports_split": args.reports_split}
