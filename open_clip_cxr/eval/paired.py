@@ -21,8 +21,10 @@ def row_misses(res: Mapping) -> Dict[str, Optional[list]]:
     rows: Dict[str, Optional[list]] = {}
     for style, v in res.get("variant_to_original", {}).items():
         rows[f"variant->original R@1 [{style}]"] = v.get("misses")
-    rows["impression->findings R@1"] = res.get("impression_to_findings_misses")
-    rows["findings->impression R@1"] = res.get("findings_to_impression_misses")
+    for key, row in (("impression_to_findings", "impression->findings R@1"),
+                     ("findings_to_impression", "findings->impression R@1")):
+        if res.get(f"{key}_R@1") is not None:      # None: no report has both sections
+            rows[row] = res.get(f"{key}_misses")
     ed = res.get("error_discrimination", {})
     rows["error discrimination (all types)"] = ed.get("misses")
     for t, v in ed.get("per_error_type", {}).items():
