@@ -25,7 +25,8 @@ of issue 19 (held-out abbreviation >= 0.90, paraphrase >= 0.93, error discrimina
 with its 95 % Wilson interval over the row's items (403 validation reports: about +-0.03 at 0.90).
 `--heldout-styles --both` prints the in-distribution table first. Each --after column is then paired
 with bag of words and MiniLM row by row (`open_clip_cxr.eval.paired`): the items only it gets right,
-those only the baseline gets right, and the exact sign test p of that split.
+those only the baseline gets right, and the exact sign test p of that split (`--pair-against` names
+other columns, e.g. another --after folder, to pair two runs).
 
 Tower columns compute in `--precision` (default auto: bf16 only where `open_clip_cxr.precision`
 measures it faster on this CPU; printed with the CPU model), on `--device` (default cpu; `cuda` on a
@@ -155,6 +156,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0, help="variant seed (the suite's) and model init seed")
     ap.add_argument("--columns", default="bow,minilm,cxr-llm-small-l2",
                     help="reference columns: bow, minilm and/or built-in model names (unadapted)")
+    ap.add_argument("--pair-against", default="bow,minilm",
+                    help="columns each --after column is paired with item by item (another --after folder pairs two runs)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a loaded CPU)")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--fresh", action="store_true", help="recompute cached columns")
@@ -243,7 +246,7 @@ def main():
         print(f"\n== {title}; {len(reports)} {args.split} reports; {where}; "
               f"tower columns in {choice.precision} ({choice.requested}), {args.threads} thread(s)")
         print(format_table(results))
-        _summary(results, args.after, st)
+        _summary(results, args.after, st, [c for c in args.pair_against.split(",") if c])
 
 
 def _folder(col: str) -> str:
@@ -264,7 +267,7 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _summary(results: dict, after, protocol: str) -> None:
+def _summary(results: dict, after, protocol: str, pair_against=("bow", "minilm")) -> None:
     for col in after:
         wins = beats_baselines(results, col)
         lost = [m for m, ok in wins.items() if not ok]
@@ -279,7 +282,7 @@ def _summary(results: dict, after, protocol: str) -> None:
                 n = row_count(results[col], k)
                 ci = f" (95 % interval {'-'.join(f'{x:.3f}' for x in wilson_interval(v, n))}, n {n})" if v is not None and n else ""
                 print(f"{col}: target {k} >= {m}: " + ("-" if v is None else f"{v:.3f}") + (" met" if ok else " NOT met") + ci)
-        print("\n" + format_paired(results, col))
+        print("\n" + format_paired(results, col, baselines=pair_against))
         if "train" in results[col]:
             print(f"{col}: stage-1 training wall time {results[col]['train']['train_wall_s']} s")
 

@@ -115,6 +115,7 @@ def test_misses_pair_two_encoders_item_by_item():
     only_bow, _, p = rows["error discrimination (all types)"]
     line = next(l for l in table.splitlines() if l.startswith("error discrimination (all types)"))
     assert line.endswith(f"0 / {only_bow} (p {p:.2f})") and only_bow > 0
+    assert "none of bow, minilm measured here" in P.format_paired({"bow": bow}, "bow")
     old = json.loads(json.dumps(bow))
     del old["error_discrimination"]["misses"]
     assert not P.has_misses(old)

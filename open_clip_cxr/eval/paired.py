@@ -63,6 +63,8 @@ def format_paired(results: Mapping[str, Mapping], column: str, baselines=("bow",
     cells = {b: {r: (f"{p[r][0]} / {p[r][1]} (p {p[r][2]:.2f})" if r in p else "-") for r in rows}
              for b, p in pairs.items()}
     widths = {b: max([len(f"vs {b}")] + [len(c) for c in cells[b].values()]) for b in bases}
+    if not bases:
+        return f"{column}: none of {', '.join(baselines)} measured here to pair with"
     lines = [f"{column} paired with the baselines, item by item: right only here / right only in the "
              f"baseline (exact sign test p)",
              "  ".join(["row".ljust(w0)] + [f"vs {b}".rjust(widths[b]) for b in bases])]
