@@ -55,6 +55,8 @@ def format_paired(results: Mapping[str, Mapping], column: str, baselines=("bow",
     """A plain-text table: per row of `column`'s suite, against each baseline, the items only
     `column` gets right / only the baseline gets right (exact sign test p)."""
     bases = [b for b in baselines if b in results and b != column]
+    if not bases:
+        return f"{column}: none of {', '.join(baselines)} measured here to pair with"
     pairs = {b: paired_rows(results[column], results[b]) for b in bases}
     rows = [r for r in row_misses(results[column]) if any(r in p for p in pairs.values())]
     if not rows:
@@ -63,8 +65,6 @@ def format_paired(results: Mapping[str, Mapping], column: str, baselines=("bow",
     cells = {b: {r: (f"{p[r][0]} / {p[r][1]} (p {p[r][2]:.2f})" if r in p else "-") for r in rows}
              for b, p in pairs.items()}
     widths = {b: max([len(f"vs {b}")] + [len(c) for c in cells[b].values()]) for b in bases}
-    if not bases:
-        return f"{column}: none of {', '.join(baselines)} measured here to pair with"
     lines = [f"{column} paired with the baselines, item by item: right only here / right only in the "
              f"baseline (exact sign test p)",
              "  ".join(["row".ljust(w0)] + [f"vs {b}".rjust(widths[b]) for b in bases])]
