@@ -114,7 +114,8 @@ def test_misses_pair_two_encoders_item_by_item():
     table = P.format_paired({"bow": bow, "blind": blind}, "blind", baselines=("bow",))
     only_bow, _, p = rows["error discrimination (all types)"]
     line = next(l for l in table.splitlines() if l.startswith("error discrimination (all types)"))
-    assert line.endswith(f"0 / {only_bow} (p {p:.2f})") and only_bow > 0
+    assert line.endswith(f"0 / {only_bow} ({P.format_p(p)})") and only_bow > 0
+    assert P.format_p(0.0004) == "p < 0.001" and P.format_p(0.25) == "p 0.250"
     assert "none of bow, minilm measured here" in P.format_paired({"bow": bow}, "bow")
     old = json.loads(json.dumps(bow))
     del old["error_discrimination"]["misses"]
@@ -180,11 +181,11 @@ def test_cli_text_robustness_pairs_the_model_with_each_baseline(tmp_path, monkey
     out = capsys.readouterr().out
     assert "const paired with the baselines" in out and "vs bag-of-words" in out
     res = json.load(open(tmp_path / "results.json"))["results"]["by_model"]
-    from open_clip_cxr.eval.paired import sign_test_p
+    from open_clip_cxr.eval.paired import format_p, sign_test_p
     ed = res["bag-of-words"]["error_discrimination"]
     n_bow_right = ed["n"] - len(ed["misses"])
     line = [l for l in out.splitlines() if l.startswith("error discrimination (all types)")][-1]   # the paired table's
-    assert line.endswith(f"0 / {n_bow_right} (p {sign_test_p(0, n_bow_right):.2f})")
+    assert line.endswith(f"0 / {n_bow_right} ({format_p(sign_test_p(0, n_bow_right))})")
 
 
 def test_cli_text_robustness_styles_both(tmp_path, monkeypatch, capsys):

@@ -15,6 +15,11 @@ def sign_test_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def format_p(p: float) -> str:
+    """A p value as the tables print it (three places; smaller ones as < 0.001)."""
+    return "p < 0.001" if p < 0.001 else f"p {p:.3f}"
+
+
 def row_misses(res: Mapping) -> Dict[str, Optional[list]]:
     """{table row: item indices the model missed} of a `run_robustness` result (rows named as in
     `robustness.format_table`; None where the result predates recorded misses)."""
@@ -62,7 +67,7 @@ def format_paired(results: Mapping[str, Mapping], column: str, baselines=("bow",
     if not rows:
         return f"{column}: no recorded misses to pair (rerun the column)"
     w0 = max(len(r) for r in rows)
-    cells = {b: {r: (f"{p[r][0]} / {p[r][1]} (p {p[r][2]:.2f})" if r in p else "-") for r in rows}
+    cells = {b: {r: (f"{p[r][0]} / {p[r][1]} ({format_p(p[r][2])})" if r in p else "-") for r in rows}
              for b, p in pairs.items()}
     widths = {b: max([len(f"vs {b}")] + [len(c) for c in cells[b].values()]) for b in bases}
     lines = [f"{column} paired with the baselines, item by item: right only here / right only in the "
