@@ -99,7 +99,7 @@ def test_misses_pair_two_encoders_item_by_item():
         ed = res["error_discrimination"]
         assert len(ed["misses"]) == round((1 - ed["accuracy"]) * ed["n"])
         assert set(ed["misses"]) <= {0, 1, 2}           # report indices: r4 has no negatives
-        assert P.has_misses(res)
+        assert P.has_misses(res) and res["misses_version"] == P.MISSES_VERSION
     assert blind["error_discrimination"]["misses"] == [0, 1, 2]
     rows = P.paired_rows(bow, blind)
     flat_bow, flat_blind = RB._flatten(bow), RB._flatten(blind)
@@ -120,6 +120,16 @@ def test_misses_pair_two_encoders_item_by_item():
     old = json.loads(json.dumps(bow))
     del old["error_discrimination"]["misses"]
     assert not P.has_misses(old)
+
+
+def test_a_query_repeated_word_for_word_is_one_miss():
+    """R@1 counts every query, but a (query, target) pair typed twice is one trial for the pairing:
+    listing it twice would let one duplicated report look like a significant difference."""
+    vec = {"a": [0, 0, 1.0], "b": [0, 1.0, 0], "x": [1.0, 0, 0], "y": [0, 1.0, 0], "z": [0, 0, 1.0]}
+    emb = RB._Embedder(lambda texts: torch.tensor([vec[t] for t in texts]), list(vec))
+    r1, misses = RB._r1(emb, ["a", "a", "b", "a"], ["x", "x", "y", "y"], ["x", "y", "z"])
+    assert r1 == pytest.approx(1 / 4)            # a -> z: three misses of four queries
+    assert misses == [0, 3]                      # the second (a, x) is the first one again
 
 
 def test_sign_test_is_the_binomial_test():

@@ -4,6 +4,8 @@ discordant ones) say whether that gap is more than chance."""
 import math
 from typing import Dict, Mapping, Optional, Tuple
 
+MISSES_VERSION = 2   # 1: every repeated query listed; 2: a (query, target) pair repeated word for word once
+
 
 def sign_test_p(only_a: int, only_b: int) -> float:
     """Exact two-sided sign test on the discordant items: the chance of a split at least this
@@ -52,8 +54,9 @@ def paired_rows(res_a: Mapping, res_b: Mapping) -> Dict[str, Tuple[int, int, flo
 
 
 def has_misses(res: Mapping) -> bool:
-    """Whether a cached suite result recorded its misses (results before 2026-12-06 did not)."""
-    return all(v is not None for v in row_misses(res).values())
+    """Whether a cached suite result recorded its distinct misses (results before 2026-12-06 did
+    not; `MISSES_VERSION` 2: repeated queries counted once)."""
+    return res.get("misses_version") == MISSES_VERSION and all(v is not None for v in row_misses(res).values())
 
 
 def format_paired(results: Mapping[str, Mapping], column: str, baselines=("bow", "minilm")) -> str:

@@ -149,9 +149,11 @@ def same_report_key(text: str) -> str:
 
 def _r1(emb: _Embedder, queries: Sequence[str], targets: Sequence[str], gallery: Sequence[str],
         **kw) -> Tuple[float, List[int]]:
-    """(R@1 of each query retrieving its target text among `gallery`, indices of the queries that
-    missed; texts with the same `same_report_key` are one item, the first of them). The misses let
-    two models be paired query by query (`eval.paired`)."""
+    """(R@1 of each query retrieving its target text among `gallery`, indices of the distinct
+    queries that missed; texts with the same `same_report_key` are one item, the first of them).
+    The misses let two models be paired query by query (`eval.paired`); a (query, target) pair
+    repeated word for word (Open-I's commonest normal report comes many times) is one trial, listed
+    once under its first index, so a pairing does not count the same miss several times."""
     first: Dict[str, str] = {}
     for t in gallery:
         first.setdefault(same_report_key(t), t)
@@ -159,7 +161,14 @@ def _r1(emb: _Embedder, queries: Sequence[str], targets: Sequence[str], gallery:
     targets = [first.get(same_report_key(t), t) for t in targets]
     r = rank_of_targets(emb(queries), emb(gallery), list(targets), gallery, k=1, **kw)
     hit = r.ranks == 0
-    return float(hit.float().mean()), [i for i, h in enumerate(hit.tolist()) if not h]
+    seen = set()
+    misses = []
+    for i, (q, t, h) in enumerate(zip(queries, targets, hit.tolist())):
+        if (q, t) not in seen:
+            seen.add((q, t))
+            if not h:
+                misses.append(i)
+    return float(hit.float().mean()), misses
 
 
 def run_heldout(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0, **kw) -> dict:
@@ -238,7 +247,8 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     reports, originals, equiv, negs, both = _suite(reports, variants_fn, negatives_fn)
     emb = _Embedder(encode_fn, _suite_texts(originals, equiv, negs, both), progress)
 
-    out: dict = {"n_reports": len(reports), "styles": styles}
+    from open_clip_cxr.eval.paired import MISSES_VERSION
+    out: dict = {"n_reports": len(reports), "styles": styles, "misses_version": MISSES_VERSION}
     # 1. variant -> original, per style
     per_style: Dict[str, dict] = {}
     by_style: Dict[str, list] = {}
