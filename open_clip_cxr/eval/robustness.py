@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
+from open_clip_cxr.eval.paired import MISSES_VERSION
 from open_clip_cxr.eval.retrieval import rank_of_targets
 from open_clip_cxr.reports.types import Report, Variant
 
@@ -247,7 +248,6 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     reports, originals, equiv, negs, both = _suite(reports, variants_fn, negatives_fn)
     emb = _Embedder(encode_fn, _suite_texts(originals, equiv, negs, both), progress)
 
-    from open_clip_cxr.eval.paired import MISSES_VERSION
     out: dict = {"n_reports": len(reports), "styles": styles, "misses_version": MISSES_VERSION}
     # 1. variant -> original, per style
     per_style: Dict[str, dict] = {}
