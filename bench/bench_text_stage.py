@@ -27,6 +27,10 @@ with its 95 % Wilson interval over the row's items (403 validation reports: abou
 with bag of words and MiniLM row by row (`open_clip_cxr.eval.paired`): the items only it gets right,
 those only the baseline gets right, and the exact sign test p of that split (`--pair-against` names
 other columns, e.g. another --after folder, to pair two runs).
+`--draws N` repeats each protocol on N suite seeds (new rewrites and one-error copies of the same
+reports; a row trailing by one or two items on one draw may lead on the next) and then pairs each
+--after column with the baselines over all draws report by report (`eval.paired.pooled_paired`: a
+report is one trial, however many draws hold it).
 
 Tower columns compute in `--precision` (default auto: bf16 only where `open_clip_cxr.precision`
 measures it faster on this CPU; printed with the CPU model), on `--device` (default cpu; `cuda` on a
@@ -47,9 +51,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import open_clip_cxr  # noqa: E402  (registers the models)
-from open_clip_cxr.eval.paired import format_paired, has_misses  # noqa: E402
+from open_clip_cxr.eval.paired import format_paired, format_pooled, has_misses  # noqa: E402
 from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn,  # noqa: E402
-                                           openi_reports, protocol_fingerprint, run_robustness)
+                                           openi_reports, protocol_fingerprint, row_reports, run_robustness)
 
 # the tasks the target is judged on (rows of the table; higher is better for each)
 HEADLINE = ("variant->original R@1 (mean)", "impression->findings R@1", "findings->impression R@1",
@@ -101,10 +105,12 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
 
 
 def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",), unshout=False,
-                    dtype=torch.bfloat16, fold=None, device="cpu") -> dict:
+                    dtype=torch.bfloat16, fold=None, device="cpu", model_seed: Optional[int] = None) -> dict:
     """{protocol: suite result} for one column (`column_encode_fn`), each protocol of `styles`
-    ("train", "heldout")."""
-    fn = column_encode_fn(column, seed, max_tokens, unshout, dtype, fold, device)
+    ("train", "heldout"), rewrites drawn with `seed`; an unadapted built-in model's pooler is
+    initialised with `model_seed` (default `seed`)."""
+    fn = column_encode_fn(column, seed if model_seed is None else model_seed, max_tokens, unshout, dtype, fold,
+                          device)
     return {st: run_robustness(reports, fn, seed=seed, styles=st) for st in styles}
 
 
@@ -154,6 +160,9 @@ def main():
     ap.add_argument("--split", default="validate")
     ap.add_argument("--limit", type=int, default=None, help="first N reports of the split (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="variant seed (the suite's) and model init seed")
+    ap.add_argument("--draws", type=int, default=1,
+                    help="suite seeds --seed .. --seed+N-1 (new rewrites of the same reports); with N > 1 each "
+                         "--after column is also paired with the baselines over all draws, report by report")
     ap.add_argument("--columns", default="bow,minilm,cxr-llm-small-l2",
                     help="reference columns: bow, minilm and/or built-in model names (unadapted)")
     ap.add_argument("--pair-against", default="bow,minilm",
@@ -177,6 +186,9 @@ def main():
                          "measures it faster on this CPU (OPEN_CLIP_CXR_PRECISION overrides)")
     ap.add_argument("--device", default="cpu", help="where the tower columns run: cpu, cuda, cuda:1, ...")
     args = ap.parse_args()
+    if args.draws < 1:
+        print(f"error: --draws {args.draws}: give 1 or more draws of the suite", file=sys.stderr)
+        sys.exit(2)
     if args.device != "cpu" and not torch.cuda.is_available():
         print(f"error: --device {args.device}: this machine has no GPU that torch can use (use --device cpu)",
               file=sys.stderr)
@@ -204,8 +216,10 @@ def main():
     reports = openi_reports(split=args.split, limit=args.limit)
     print(f"{len(reports)} {args.split} reports", flush=True)
     # the key holds a hash of the protocol's texts: a changed rewriter never reuses stale results
-    stores = {st: cache.setdefault(f"{args.split}:{args.limit}:{args.seed}:{st}:"
-                                   f"{protocol_fingerprint(reports, args.seed, st)}", {}) for st in protocols}
+    seeds = [args.seed + k for k in range(args.draws)]
+    stores = {(s, st): cache.setdefault(f"{args.split}:{args.limit}:{s}:{st}:"
+                                        f"{protocol_fingerprint(reports, s, st)}", {})
+              for s in seeds for st in protocols}
 
     if args.unshout:
         args.after = [a + "+unshout" for a in args.after]
@@ -214,9 +228,11 @@ def main():
         mark = {True: "+fold", "sentence": "+sentence", False: "+nofold", "lower": "+lower"}[fold]
         args.after = [a + mark for a in args.after]
     columns = [c for c in args.columns.split(",") if c] + args.after
-    for st in protocols:
+    pair_against = [c for c in args.pair_against.split(",") if c]
+    draws = {st: [] for st in protocols}
+    for seed, st in stores:
         results = {}
-        store = stores[st]
+        store = stores[(seed, st)]
         for col in columns:
             fresh_after = col in args.after and col in timings   # just trained: never reuse
             same_precision = store.get(col, {}).get("precision", choice.precision) == choice.precision \
@@ -226,9 +242,9 @@ def main():
                 results[col] = store[col]
                 continue
             t = time.time()
-            res = evaluate_column(_folder(col), reports, args.seed, args.max_tokens, (st,),
+            res = evaluate_column(_folder(col), reports, seed, args.max_tokens, (st,),
                                   unshout="+unshout" in col, dtype=choice.dtype, fold=fold,
-                                  device=args.device)[st]
+                                  device=args.device, model_seed=args.seed)[st]
             res["eval_wall_s"] = round(time.time() - t, 1)
             if col not in ("bow", "minilm"):
                 res["precision"] = choice.precision
@@ -238,15 +254,20 @@ def main():
             if col in args.after:
                 res["mtime"] = os.path.getmtime(Path(_folder(col)) / "open_clip_model.safetensors")
             results[col] = store[col] = res
-            print(f"{col} [{st}]: evaluated in {res['eval_wall_s']} s", flush=True)
+            print(f"{col} [{st}, seed {seed}]: evaluated in {res['eval_wall_s']} s", flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(cache, indent=2))
         title = ("style-held-out protocol (held-out rules + unseen rewrites)" if st == "heldout"
                  else "in-distribution suite (training part of the rule tables)")
-        print(f"\n== {title}; {len(reports)} {args.split} reports; {where}; "
+        print(f"\n== {title}; {len(reports)} {args.split} reports, rewrites of seed {seed}; {where}; "
               f"tower columns in {choice.precision} ({choice.requested}), {args.threads} thread(s)")
         print(format_table(results))
-        _summary(results, args.after, st, [c for c in args.pair_against.split(",") if c])
+        _summary(results, args.after, st, pair_against)
+        draws[st].append((results, row_reports(reports, seed, st)))
+    for st in protocols if args.draws > 1 else ():
+        print(f"\n== {st} protocol over {args.draws} draws (suite seeds {seeds[0]}-{seeds[-1]})")
+        for col in args.after:
+            print("\n" + format_pooled(draws[st], col, baselines=pair_against))
 
 
 def _folder(col: str) -> str:

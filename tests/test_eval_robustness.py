@@ -122,6 +122,46 @@ def test_misses_pair_two_encoders_item_by_item():
     assert not P.has_misses(old)
 
 
+def test_row_reports_name_the_report_behind_each_item():
+    """`row_reports` lists the report of each item in the order the suite scores them, so the
+    misses of several draws can be paired report by report."""
+    res = run(RB.bow_encode_fn())
+    where = RB.row_reports(REPORTS, variants_fn=lambda r: EQUIV[r.study_id])
+    assert where["variant->original R@1 [reorder]"] == [0, 2]          # r1's and r3's reorders
+    assert where["variant->original R@1 [abbreviate]"] == [1]
+    assert where["variant->original R@1 [impression_only]"] == [2]
+    assert where["impression->findings R@1"] == where["findings->impression R@1"] == [0, 1, 2]  # r4: no findings
+    for style, v in res["variant_to_original"].items():
+        assert len(where[f"variant->original R@1 [{style}]"]) == v["n"]
+    held = RB.run_heldout(REPORTS, RB.bow_encode_fn())
+    held_where = RB.row_reports(REPORTS, styles="heldout")
+    for style, v in held["variant_to_original"].items():
+        assert len(held_where[f"variant->original R@1 [{style}]"]) == v["n"]
+
+
+def _result(style_misses, discrimination_misses):
+    return {"variant_to_original": {"s": {"R@1": 0.5, "n": 2, "misses": style_misses}},
+            "error_discrimination": {"accuracy": 0.5, "n": 4, "misses": discrimination_misses, "per_error_type": {}}}
+
+
+def test_pooled_pairing_counts_each_report_once_over_draws():
+    """Over draws a report is one trial: A right on report 5 in both draws is one report won (two
+    items); a report won in one draw and lost in the next is no report either way."""
+    from open_clip_cxr.eval import paired as P
+    row = "variant->original R@1 [s]"
+    draws = [(_result([1], [2]), _result([0], []), {row: [5, 7]}),    # draw 1: item 0 is report 5
+             (_result([], []), _result([1], [2]), {row: [7, 5]})]     # draw 2: item 1 is report 5
+    pooled = P.pooled_paired(draws)
+    assert pooled[row] == (1, 1, 1.0, 2, 1)                  # report 5 won twice, report 7 lost once
+    assert pooled["error discrimination (all types)"] == (0, 0, 1.0, 1, 1)   # report 2: won once, lost once
+    table = P.format_pooled([({"a": a, "bow": b}, w) for a, b, w in draws], "a", baselines=("bow", "minilm"))
+    line = next(l for l in table.splitlines() if l.startswith(row))
+    assert line.split()[3:5] == ["0.500", "0.500"] and line.endswith("1 / 1 (p 1.000; items 2 / 1)")
+    assert "over 2 draws" in table.splitlines()[0]
+    assert "none of minilm measured on every draw" in P.format_pooled(
+        [({"a": draws[0][0]}, draws[0][2])], "a", baselines=("minilm",))
+
+
 def test_a_query_repeated_word_for_word_is_one_miss():
     """R@1 counts every query, but a (query, target) pair typed twice is one trial for the pairing:
     listing it twice would let one duplicated report look like a significant difference."""

@@ -2,7 +2,7 @@
 models is often one to four items, and only the items one model gets and the other misses (the
 discordant ones) say whether that gap is more than chance."""
 import math
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 MISSES_VERSION = 2   # 1: every repeated query listed; 2: a (query, target) pair repeated word for word once
 
@@ -51,6 +51,69 @@ def paired_rows(res_a: Mapping, res_b: Mapping) -> Dict[str, Tuple[int, int, flo
         only_a, only_b = len(set(miss_b) - set(miss_a)), len(set(miss_a) - set(miss_b))
         out[row] = (only_a, only_b, sign_test_p(only_a, only_b))
     return out
+
+
+def pooled_paired(draws: Sequence[Tuple[Mapping, Mapping, Mapping[str, List[int]]]]
+                  ) -> Dict[str, Tuple[int, int, float, int, int]]:
+    """Two models over several draws of one protocol (suite seeds: new rewrites of the same
+    reports). `draws`: one (result A, result B, `robustness.row_reports`) per draw. Per row: the
+    reports A gets right on more draws than B, those B gets right on more, the sign test p on those
+    reports, and the discordant items behind them (only A / only B). A report is one trial however
+    many draws it holds, because its rewrites share its words and its near-duplicates in the gallery:
+    counting each draw's item alone would overstate the evidence."""
+    score: Dict[str, Dict[int, int]] = {}
+    items: Dict[str, List[int]] = {}
+    for res_a, res_b, where in draws:
+        a, b = row_misses(res_a), row_misses(res_b)
+        for row, miss_a in a.items():
+            miss_b = b.get(row)
+            if miss_a is None or miss_b is None:
+                continue
+            report_of = where.get(row)        # None: the row's items are reports
+            per_report = score.setdefault(row, {})
+            counts = items.setdefault(row, [0, 0])
+            for side, won in ((1, set(miss_b) - set(miss_a)), (-1, set(miss_a) - set(miss_b))):
+                for i in won:
+                    r = report_of[i] if report_of is not None else i
+                    per_report[r] = per_report.get(r, 0) + side
+                    counts[0 if side > 0 else 1] += 1
+    out = {}
+    for row, per_report in score.items():
+        only_a = sum(v > 0 for v in per_report.values())
+        only_b = sum(v < 0 for v in per_report.values())
+        out[row] = (only_a, only_b, sign_test_p(only_a, only_b), *items[row])
+    return out
+
+
+def format_pooled(draws: Sequence[Tuple[Mapping[str, Mapping], Mapping[str, List[int]]]], column: str,
+                  baselines=("bow", "minilm")) -> str:
+    """A plain-text table over the draws of a protocol (`draws`: one ({column: result},
+    `robustness.row_reports`) per draw): per row, the mean score of `column` and of each baseline,
+    and the reports `column` wins / loses against each (`pooled_paired`)."""
+    from open_clip_cxr.eval.robustness import _flatten
+    bases = [b for b in baselines if b != column and all(b in res for res, _ in draws)]
+    if not bases:
+        return f"{column}: none of {', '.join(baselines)} measured on every draw to pair with"
+    cols = [column] + bases
+    flats = [{c: _flatten(res[c]) for c in cols} for res, _ in draws]
+    pairs = {b: pooled_paired([(res[column], res[b], where) for res, where in draws]) for b in bases}
+    rows = [r for r in flats[0][column] if any(r in p for p in pairs.values())]
+
+    def mean(c, r):
+        vals = [f[c].get(r) for f in flats]
+        return "-" if any(v is None for v in vals) else f"{sum(vals) / len(vals):.3f}"
+    cells = {r: [mean(c, r) for c in cols]
+             + [(f"{pairs[b][r][0]} / {pairs[b][r][1]} ({format_p(pairs[b][r][2])}; "
+                 f"items {pairs[b][r][3]} / {pairs[b][r][4]})") if r in pairs[b] else "-" for b in bases]
+             for r in rows}
+    head = ["mean " + c for c in cols] + [f"reports vs {b}" for b in bases]
+    w0 = max(len(r) for r in rows)
+    widths = [max(len(h), *(len(cells[r][k]) for r in rows)) for k, h in enumerate(head)]
+    lines = [f"{column} over {len(draws)} draws of the protocol: mean score, and reports right on more draws "
+             f"here / in the baseline (exact sign test p; discordant items behind them)",
+             "  ".join(["row".ljust(w0)] + [h.rjust(w) for h, w in zip(head, widths)])]
+    lines += ["  ".join([r.ljust(w0)] + [c.rjust(w) for c, w in zip(cells[r], widths)]) for r in rows]
+    return "\n".join(lines)
 
 
 def has_misses(res: Mapping) -> bool:

@@ -232,6 +232,23 @@ def protocol_fingerprint(reports: Sequence[Report], seed: int = 0, styles: str =
     return hashlib.sha256("\x00".join([f"scoring {SCORING_VERSION}"] + texts).encode()).hexdigest()[:12]
 
 
+def row_reports(reports: Sequence[Report], seed: int = 0, styles: str = "train",
+                variants_fn: Optional[Callable[[Report], List[Variant]]] = None) -> Dict[str, List[int]]:
+    """{table row: the report (index among the reports with text) behind each item of the row}, for
+    the rows whose items are not reports themselves (a style's rewrites, the section pairs; error
+    discrimination's misses are report indices already). The same for every model on one protocol,
+    so the draws of a protocol (suite seeds) can be paired report by report (`paired.pooled_paired`)."""
+    no_negatives = lambda r: []  # noqa: E731  (the one-error copies are not needed here)
+    reports, _, equiv, _, _ = _suite(reports, *_rewriters(styles, seed, variants_fn, no_negatives))
+    rows: Dict[str, List[int]] = {}
+    for i, vs in enumerate(equiv):       # the order `run_robustness` lists each style's queries in
+        for v in vs:
+            rows.setdefault(f"variant->original R@1 [{v.style}]", []).append(i)
+    both = [i for i, r in enumerate(reports) if r.findings.strip() and r.impression.strip()]
+    rows["impression->findings R@1"] = rows["findings->impression R@1"] = both
+    return rows
+
+
 def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0,
                    variants_fn: Optional[Callable[[Report], List[Variant]]] = None,
                    negatives_fn: Optional[Callable[[Report], List[Variant]]] = None,
