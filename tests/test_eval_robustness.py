@@ -238,6 +238,33 @@ def test_cli_text_robustness_pairs_the_model_with_each_baseline(tmp_path, monkey
     assert line.endswith(f"0 / {n_bow_right} ({format_p(sign_test_p(0, n_bow_right))})")
 
 
+def test_cli_text_robustness_over_draws(tmp_path, monkeypatch, capsys):
+    """--draws 2: each seed's suite is kept and printed, then the model is paired with the
+    baseline over both draws report by report."""
+    import argparse
+    from open_clip_cxr.eval import cli
+    monkeypatch.setattr(RB, "load_reports", lambda spec=None, split=None, limit=None: REPORTS)
+    monkeypatch.setattr(cli, "load_model", lambda args: (object(), None, None))
+    monkeypatch.setattr(RB, "openclip_encode_fn", lambda *a, **k: (lambda t: torch.ones(len(t), 3)))
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--task", "text-robustness", "--model", "const", "--baselines", "bow", "--styles",
+                         "heldout", "--draws", "2", "--seed", "3", "--out", str(tmp_path)])
+    assert cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "== heldout styles, seed 3" in out and "== heldout styles, seed 4" in out
+    assert "== heldout styles over 2 draws" in out and "const over 2 draws" in out
+    res = json.load(open(tmp_path / "results.json"))["results"]
+    assert sorted(res["by_seed"]) == ["3", "4"] and res["by_protocol"] == res["by_seed"]["3"]
+    eds = [res["by_seed"][s]["heldout"]["bag-of-words"]["error_discrimination"] for s in ("3", "4")]
+    won = set().union(*(set(range(4)) - set(ed["misses"]) for ed in eds))   # reports bow passes on a draw
+    line = [l for l in out.splitlines() if l.startswith("error discrimination (all types)")][-1]
+    assert f"0 / {len(won & {0, 1, 2})} " in line      # the constant model wins no report
+    args.draws = 0
+    with pytest.raises(SystemExit, match="--draws 0"):
+        cli.run_text_robustness(args, None, None, None)
+
+
 def test_cli_text_robustness_styles_both(tmp_path, monkeypatch, capsys):
     import argparse
     from open_clip_cxr.eval import cli

@@ -121,6 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--reports-split", default="test", help="split to use ('all': every report)")
     t.add_argument("--reports-limit", type=int, default=None, help="at most this many reports")
     t.add_argument("--seed", type=int, default=0, help="variant and gallery sampling seed")
+    t.add_argument("--draws", type=int, default=1, metavar="N",
+                   help="run the suite on seeds --seed .. --seed+N-1 (new rewrites of the same reports) and pair "
+                        "--model with each baseline over all draws, report by report")
     t.add_argument("--styles", choices=("train", "heldout", "both"), default="train",
                    help="rewrite rules of the variants: the training part of the style split, the held-out "
                         "part and unseen rewrites (the style-held-out protocol), or both tables")
@@ -295,16 +298,28 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
             raise SystemExit(f"unknown baseline {b!r}; use bow, minilm")
     if not encoders:
         raise SystemExit("--task text-robustness needs --model or --baselines")
-    suites = R.run_suites(reports, encoders, seed=args.seed, styles=args.styles)
-    from open_clip_cxr.eval.paired import format_paired
+    draws = getattr(args, "draws", 1)
+    if draws < 1:
+        raise SystemExit(f"--draws {draws}: give 1 or more draws of the suite")
+    from open_clip_cxr.eval.paired import format_paired, format_pooled
     bases = tuple(name for name in encoders if name != args.model)
-    for st, results in suites.items():
-        print(f"== {st} styles\n" + R.format_table(results))
-        if model is not None and bases:   # is a gap to a baseline more than chance? pair item by item
-            print(format_paired(results, args.model, baselines=bases))
-    # by_model: the first protocol's results (train, unless --styles heldout); by_protocol: each
-    return {"by_model": next(iter(suites.values())), "by_protocol": suites, "styles": args.styles,
-            "reports": spec["source"], "reports_split": args.reports_split}
+    by_seed = {}
+    for seed in range(args.seed, args.seed + draws):
+        by_seed[seed] = suites = R.run_suites(reports, encoders, seed=seed, styles=args.styles)
+        for st, results in suites.items():
+            print(f"== {st} styles" + (f", seed {seed}" if draws > 1 else "") + "\n" + R.format_table(results))
+            if model is not None and bases:   # is a gap to a baseline more than chance? pair item by item
+                print(format_paired(results, args.model, baselines=bases))
+    if draws > 1 and model is not None and bases:   # a report is one trial over the draws
+        for st in by_seed[args.seed]:
+            pooled = [(by_seed[s][st], R.row_reports(reports, seed=s, styles=st)) for s in by_seed]
+            print(f"== {st} styles over {draws} draws\n" + format_pooled(pooled, args.model, baselines=bases))
+    first = by_seed[args.seed]
+    # by_model: the first protocol's results (train, unless --styles heldout); by_protocol: each;
+    # by_seed: every draw (--draws), keyed by its seed
+    return {"by_model": next(iter(first.values())), "by_protocol": first, "styles": args.styles,
+            "reports": spec["source"], "reports_split": args.reports_split,
+            **({"by_seed": {str(s): v for s, v in by_seed.items()}} if draws > 1 else {})}
 
 
 def run(args) -> int:
