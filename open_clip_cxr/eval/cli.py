@@ -283,6 +283,9 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
 @register_task("text-robustness", needs=(), prints_own=True)   # --model and/or --baselines, checked inside
 def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval import robustness as R
+    draws = getattr(args, "draws", 1)
+    if draws < 1:
+        raise SystemExit(f"--draws {draws}: give 1 or more draws of the suite")
     split = None if args.reports_split == "all" else args.reports_split
     spec = {"source": getattr(args, "reports_source", "openi"), "path": getattr(args, "reports_path", None)}
     reports = R.load_reports(spec, split=split, limit=args.reports_limit)
@@ -298,9 +301,6 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
             raise SystemExit(f"unknown baseline {b!r}; use bow, minilm")
     if not encoders:
         raise SystemExit("--task text-robustness needs --model or --baselines")
-    draws = getattr(args, "draws", 1)
-    if draws < 1:
-        raise SystemExit(f"--draws {draws}: give 1 or more draws of the suite")
     from open_clip_cxr.eval.paired import format_paired, format_pooled
     bases = tuple(name for name in encoders if name != args.model)
     by_seed = {}
