@@ -39,18 +39,17 @@ def row_misses(res: Mapping) -> Dict[str, Optional[list]]:
     return rows
 
 
+def _discordant(res_a: Mapping, res_b: Mapping) -> Dict[str, Tuple[set, set]]:
+    """Per row both results recorded: (items only A gets right, items only B gets right)."""
+    b = row_misses(res_b)
+    return {row: (set(b[row]) - set(miss_a), set(miss_a) - set(b[row]))
+            for row, miss_a in row_misses(res_a).items() if miss_a is not None and b.get(row) is not None}
+
+
 def paired_rows(res_a: Mapping, res_b: Mapping) -> Dict[str, Tuple[int, int, float]]:
     """Per row both results recorded: (items only A gets right, items only B gets right, sign
     test p). Both must come from the same protocol (same reports, seed and rewrites)."""
-    a, b = row_misses(res_a), row_misses(res_b)
-    out = {}
-    for row, miss_a in a.items():
-        miss_b = b.get(row)
-        if miss_a is None or miss_b is None:
-            continue
-        only_a, only_b = len(set(miss_b) - set(miss_a)), len(set(miss_a) - set(miss_b))
-        out[row] = (only_a, only_b, sign_test_p(only_a, only_b))
-    return out
+    return {row: (len(a), len(b), sign_test_p(len(a), len(b))) for row, (a, b) in _discordant(res_a, res_b).items()}
 
 
 def pooled_paired(draws: Sequence[Tuple[Mapping, Mapping, Mapping[str, List[int]]]]
@@ -61,28 +60,35 @@ def pooled_paired(draws: Sequence[Tuple[Mapping, Mapping, Mapping[str, List[int]
     reports, and the discordant items behind them (only A / only B). A report is one trial however
     many draws it holds, because its rewrites share its words and its near-duplicates in the gallery:
     counting each draw's item alone would overstate the evidence."""
-    score: Dict[str, Dict[int, int]] = {}
+    score: Dict[str, Dict[int, int]] = {}   # row -> report -> draws A won minus draws B won
     items: Dict[str, List[int]] = {}
     for res_a, res_b, where in draws:
-        a, b = row_misses(res_a), row_misses(res_b)
-        for row, miss_a in a.items():
-            miss_b = b.get(row)
-            if miss_a is None or miss_b is None:
-                continue
+        for row, (won_a, won_b) in _discordant(res_a, res_b).items():
             report_of = where.get(row)        # None: the row's items are reports
             per_report = score.setdefault(row, {})
             counts = items.setdefault(row, [0, 0])
-            for side, won in ((1, set(miss_b) - set(miss_a)), (-1, set(miss_a) - set(miss_b))):
+            counts[0] += len(won_a)
+            counts[1] += len(won_b)
+            for side, won in ((1, won_a), (-1, won_b)):
                 for i in won:
                     r = report_of[i] if report_of is not None else i
                     per_report[r] = per_report.get(r, 0) + side
-                    counts[0 if side > 0 else 1] += 1
     out = {}
     for row, per_report in score.items():
         only_a = sum(v > 0 for v in per_report.values())
         only_b = sum(v < 0 for v in per_report.values())
         out[row] = (only_a, only_b, sign_test_p(only_a, only_b), *items[row])
     return out
+
+
+def _layout(title: str, head: List[str], cells: Mapping[str, List[str]]) -> str:
+    """A plain-text table: `title`, then one line per row name of `cells`, its cells right-aligned
+    under `head`."""
+    w0 = max(len(r) for r in cells)
+    widths = [max(len(h), *(len(c[k]) for c in cells.values())) for k, h in enumerate(head)]
+    lines = [title, "  ".join(["row".ljust(w0)] + [h.rjust(w) for h, w in zip(head, widths)])]
+    lines += ["  ".join([r.ljust(w0)] + [c.rjust(w) for c, w in zip(cs, widths)]) for r, cs in cells.items()]
+    return "\n".join(lines)
 
 
 def format_pooled(draws: Sequence[Tuple[Mapping[str, Mapping], Mapping[str, List[int]]]], column: str,
@@ -106,14 +112,9 @@ def format_pooled(draws: Sequence[Tuple[Mapping[str, Mapping], Mapping[str, List
              + [(f"{pairs[b][r][0]} / {pairs[b][r][1]} ({format_p(pairs[b][r][2])}; "
                  f"items {pairs[b][r][3]} / {pairs[b][r][4]})") if r in pairs[b] else "-" for b in bases]
              for r in rows}
-    head = ["mean " + c for c in cols] + [f"reports vs {b}" for b in bases]
-    w0 = max(len(r) for r in rows)
-    widths = [max(len(h), *(len(cells[r][k]) for r in rows)) for k, h in enumerate(head)]
-    lines = [f"{column} over {len(draws)} draws of the protocol: mean score, and reports right on more draws "
-             f"here / in the baseline (exact sign test p; discordant items behind them)",
-             "  ".join(["row".ljust(w0)] + [h.rjust(w) for h, w in zip(head, widths)])]
-    lines += ["  ".join([r.ljust(w0)] + [c.rjust(w) for c, w in zip(cells[r], widths)]) for r in rows]
-    return "\n".join(lines)
+    return _layout(f"{column} over {len(draws)} draws of the protocol: mean score, and reports right on more "
+                   f"draws here / in the baseline (exact sign test p; discordant items behind them)",
+                   ["mean " + c for c in cols] + [f"reports vs {b}" for b in bases], cells)
 
 
 def has_misses(res: Mapping) -> bool:
@@ -132,12 +133,7 @@ def format_paired(results: Mapping[str, Mapping], column: str, baselines=("bow",
     rows = [r for r in row_misses(results[column]) if any(r in p for p in pairs.values())]
     if not rows:
         return f"{column}: no recorded misses to pair (rerun the column)"
-    w0 = max(len(r) for r in rows)
-    cells = {b: {r: (f"{p[r][0]} / {p[r][1]} ({format_p(p[r][2])})" if r in p else "-") for r in rows}
-             for b, p in pairs.items()}
-    widths = {b: max([len(f"vs {b}")] + [len(c) for c in cells[b].values()]) for b in bases}
-    lines = [f"{column} paired with the baselines, item by item: right only here / right only in the "
-             f"baseline (exact sign test p)",
-             "  ".join(["row".ljust(w0)] + [f"vs {b}".rjust(widths[b]) for b in bases])]
-    lines += ["  ".join([r.ljust(w0)] + [cells[b][r].rjust(widths[b]) for b in bases]) for r in rows]
-    return "\n".join(lines)
+    cells = {r: [(f"{pairs[b][r][0]} / {pairs[b][r][1]} ({format_p(pairs[b][r][2])})" if r in pairs[b] else "-")
+                 for b in bases] for r in rows}
+    return _layout(f"{column} paired with the baselines, item by item: right only here / right only in the "
+                   f"baseline (exact sign test p)", [f"vs {b}" for b in bases], cells)
