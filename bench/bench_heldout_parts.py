@@ -8,7 +8,7 @@ bag of words and each model given, on the Open-I validation split:
 
     python bench/bench_heldout_parts.py --after runs/text-small [--after runs/other] [--limit 200]
 
-It is how the sentence-mark dependence of stage 1 was found (README, "What the pooler leaned on").
+It is how the sentence-mark dependence of stage 1 was found (docs/stage1_heldout_rounds.md, "What the pooler leaned on").
 `--near-duplicates` adds, per model, R@1 that also counts a retrieved original whose content words
 (articles and a few function words aside) overlap the true one's by >= 0.8 (Jaccard): it tells
 a miss on a near-copy in the gallery ("Heart size is normal and the lungs are clear." / "... and

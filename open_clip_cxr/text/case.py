@@ -15,7 +15,7 @@ reports the tower was trained on are written. "lower" (`fold_capitals: true`, wh
 record): lower case throughout, so every sentence's first word meets the tower in a form it rarely
 saw there. Held-out style protocol, adapter recipe, seeds 0 / 1 / 2: `caps_headers` 0.988 / 0.973 /
 0.990 -> 0.993 / 0.990 / 0.993, `hospital_mix` 0.938 / 0.931 / 0.931 -> 0.953 / 0.945 / 0.931
-(README, "A sentence-case fold").
+(docs/stage1_heldout_rounds.md, "A sentence-case fold").
 
 Applied by the tokenizer (`text_cfg.tokenizer_kwargs.fold_capitals`, see `openclip_hooks`),
 so training, evaluation, search and plain `open_clip.get_tokenizer` use alike get it, and an
