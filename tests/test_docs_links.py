@@ -17,8 +17,13 @@ def slug(heading: str) -> str:
 
 
 def anchors(page: Path) -> set:
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)   # a '#' in a code block is no heading
-    return {slug(line.lstrip("#")) for line in text.splitlines() if re.match(r"#{1,6} ", line)}
+    found, fenced = set(), False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced                 # a '#' line in a code block is no heading
+        elif not fenced and re.match(r"#{1,6} ", line):
+            found.add(slug(line.lstrip("#")))
+    return found
 
 
 def test_slug_matches_github():
