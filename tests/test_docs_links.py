@@ -1,5 +1,6 @@
 """Every relative link in README.md and docs/*.md points to a file that exists and, where it names
 an anchor, to a heading of that file (GitHub's slugs), so moving a section cannot strand a link."""
+import functools
 import re
 from pathlib import Path
 
@@ -16,6 +17,7 @@ def slug(heading: str) -> str:
     return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
 
 
+@functools.lru_cache(maxsize=None)          # read each page once, however many links point into it
 def anchors(page: Path) -> set:
     found, fenced = set(), False
     for line in page.read_text().splitlines():
