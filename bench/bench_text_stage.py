@@ -1,9 +1,10 @@
 """Stage 1, measured: the text tower before and after adaptation beside two baselines.
 
 On the Open-I validation split (hash split of the study id; reports read at run time):
-variant -> original R@1 per rewrite style, impression <-> findings R@1, and error
+variant -> original R@1 per rewrite style, impression <-> findings R@1, error
 discrimination (the equivalent rewrite closer to the original than every single-error
-rewrite), via `open_clip_cxr.eval.robustness`. Columns:
+rewrite) and the near-duplicate gallery (variant -> original with every single-error rewrite
+in the gallery too), via `open_clip_cxr.eval.robustness`. Columns:
 
 - bow:    bag-of-words cosine (no model)
 - minilm: all-MiniLM-L6-v2, mean pooling
@@ -123,8 +124,10 @@ def heldout_targets(result: dict) -> dict:
 
 def row_count(result: dict, row: str) -> Optional[int]:
     """How many items a row of `format_table` averages (None: not recorded)."""
-    if row.startswith("variant->original R@1 ["):
-        return (result.get("variant_to_original", {}).get(row.split("[", 1)[1].rstrip("]")) or {}).get("n")
+    for prefix, key in (("variant->original R@1 [", "variant_to_original"),
+                        ("near-duplicate gallery R@1 [", "near_duplicate_gallery")):
+        if row.startswith(prefix):
+            return (result.get(key, {}).get(row.split("[", 1)[1].rstrip("]")) or {}).get("n")
     if row == "error discrimination (all types)":
         return result.get("error_discrimination", {}).get("n")
     return None
