@@ -31,7 +31,8 @@ other columns, e.g. another --after folder, to pair two runs).
 `--draws N` repeats each protocol on N suite seeds (new rewrites and one-error copies of the same
 reports; a row trailing by one or two items on one draw may lead on the next) and then pairs each
 --after column with the baselines over all draws report by report (`eval.paired.pooled_paired`: a
-report is one trial, however many draws hold it).
+report is one trial, however many draws hold it), and names the rows where a baseline misses so few
+reports that no model could beat it at p < 0.05 (`eval.paired.reachable`).
 
 Tower columns compute in `--precision` (default auto: bf16 only where `open_clip_cxr.precision`
 measures it faster on this CPU; printed with the CPU model), on `--device` (default cpu; `cuda` on a
@@ -52,7 +53,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import open_clip_cxr  # noqa: E402  (registers the models)
-from open_clip_cxr.eval.paired import format_paired, format_pooled, has_misses  # noqa: E402
+from open_clip_cxr.eval.paired import format_paired, format_pooled, format_reachable, has_misses  # noqa: E402
 from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn,  # noqa: E402
                                            openi_reports, protocol_fingerprint, row_reports, run_robustness)
 
@@ -271,6 +272,7 @@ def main():
         print(f"\n== {st} protocol over {args.draws} draws (suite seeds {seeds[0]}-{seeds[-1]})")
         for col in args.after:
             print("\n" + format_pooled(draws[st], col, baselines=pair_against))
+        print("\n" + format_reachable(draws[st], baselines=[b for b in pair_against if b not in args.after]))
 
 
 def _folder(col: str) -> str:

@@ -163,6 +163,21 @@ def test_pooled_pairing_counts_each_report_once_over_draws():
         [({"a": draws[0][0]}, draws[0][2])], "a", baselines=("minilm",))
 
 
+def test_reachable_names_rows_no_model_could_win_on():
+    """A baseline that misses two reports over the draws cannot be beaten at p < 0.05 even by a
+    model right on every item (2 / 0 is p 0.5); one that misses six can (6 / 0 is p 0.031)."""
+    from open_clip_cxr.eval import paired as P
+    row = "variant->original R@1 [s]"
+    few = [(_result([0], []), {row: [5, 7]}), (_result([0, 1], []), {row: [5, 7]})]   # reports 5 and 7
+    assert P.reachable(few)[row] == (2, 0.5)
+    assert P.reachable(few)["error discrimination (all types)"] == (0, 1.0)
+    many = [(_result(list(range(6)), list(range(6))), {row: [10, 11, 12, 13, 14, 15]})]
+    assert P.reachable(many)[row] == (6, P.sign_test_p(6, 0)) and P.sign_test_p(6, 0) < 0.05
+    text = P.format_reachable([({"bow": r}, w) for r, w in few], baselines=("bow", "minilm"))
+    assert f"{row}: bow misses 2 report(s)" in text and "2 / 0 (p 0.500)" in text
+    assert P.format_reachable([({"bow": r}, w) for r, w in many], baselines=("bow",)).endswith(": none")
+
+
 def test_a_query_repeated_word_for_word_is_one_miss():
     """R@1 counts every query, but a (query, target) pair typed twice is one trial for the pairing:
     listing it twice would let one duplicated report look like a significant difference."""
@@ -263,6 +278,9 @@ def test_cli_text_robustness_over_draws(tmp_path, monkeypatch, capsys):
     won = set.union(*missed("const")) - set.intersection(*missed("bag-of-words"))
     line = [l for l in out.splitlines() if l.startswith("error discrimination (all types)")][-1]
     assert f"0 / {len(won)} " in line and won
+    # four reports: no model could beat the bag of words at p < 0.05 on any row
+    assert "rows where no model can beat a baseline at p < 0.05 over 2 draw(s)" in out
+    assert "error discrimination (all types): bag-of-words misses" in out
     args.draws = 0
     with pytest.raises(SystemExit, match="--draws 0"):
         cli.run_text_robustness(args, None, None, None)

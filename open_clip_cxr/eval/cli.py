@@ -301,7 +301,7 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
             raise SystemExit(f"unknown baseline {b!r}; use bow, minilm")
     if not encoders:
         raise SystemExit("--task text-robustness needs --model or --baselines")
-    from open_clip_cxr.eval.paired import format_paired, format_pooled
+    from open_clip_cxr.eval.paired import format_paired, format_pooled, format_reachable
     bases = tuple(name for name in encoders if name != args.model)
     by_seed = {}
     for seed in range(args.seed, args.seed + draws):
@@ -314,6 +314,7 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
         for st in by_seed[args.seed]:
             pooled = [(by_seed[s][st], R.row_reports(reports, seed=s, styles=st)) for s in by_seed]
             print(f"== {st} styles over {draws} draws\n" + format_pooled(pooled, args.model, baselines=bases))
+            print(format_reachable(pooled, baselines=bases))
     first = by_seed[args.seed]
     # by_model: the first protocol's results (train, unless --styles heldout); by_protocol: each;
     # by_seed: every draw (--draws), keyed by its seed

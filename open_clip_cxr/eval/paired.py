@@ -83,6 +83,36 @@ def pooled_paired(draws: Sequence[Tuple[Mapping, Mapping, Mapping[str, List[int]
     return out
 
 
+def reachable(draws: Sequence[Tuple[Mapping, Mapping[str, List[int]]]]) -> Dict[str, Tuple[int, float]]:
+    """Per row of one model over the draws of a protocol (`draws`: one (result, `row_reports`) per
+    draw): the reports it misses on at least one draw, and the sign test p of an encoder right on
+    every item against it (those reports won, none lost). The best split any model can reach: a
+    baseline that misses five reports or fewer cannot be beaten at p < 0.05 on that row, however
+    good the model (6 / 0 is the least split under 0.05)."""
+    missed: Dict[str, set] = {}
+    for res, where in draws:
+        for row, misses in row_misses(res).items():
+            if misses is None:
+                continue
+            report_of = where.get(row)
+            missed.setdefault(row, set()).update(report_of[i] if report_of is not None else i for i in misses)
+    return {row: (len(m), sign_test_p(len(m), 0)) for row, m in missed.items()}
+
+
+def format_reachable(draws: Sequence[Tuple[Mapping[str, Mapping], Mapping[str, List[int]]]],
+                     baselines=("bow", "minilm"), alpha: float = 0.05) -> str:
+    """The rows on which no model could beat a baseline at p < `alpha` over these draws (`reachable`)."""
+    lines = []
+    for b in baselines:
+        if all(b in res for res, _ in draws):
+            for row, (n, p) in reachable([(res[b], where) for res, where in draws]).items():
+                if p >= alpha:
+                    lines.append(f"  {row}: {b} misses {n} report(s) on any draw; a model right on every item "
+                                 f"splits {n} / 0 ({format_p(p)})")
+    head = f"rows where no model can beat a baseline at p < {alpha} over {len(draws)} draw(s) (too few baseline misses)"
+    return head + (":\n" + "\n".join(lines) if lines else ": none")
+
+
 def _layout(title: str, head: List[str], cells: Mapping[str, List[str]]) -> str:
     """A plain-text table: `title`, then one line per row name of `cells`, its cells right-aligned
     under `head`."""

@@ -1,6 +1,6 @@
 """Text-robustness suite for any text encoder `encode_fn(list[str]) -> Tensor[N, D]`.
 
-Three probes, on any list of `Report`s (Open-I's, read at run time, by default):
+Four probes, on any list of `Report`s (Open-I's, read at run time, by default):
 
 - variant -> original R@1, per rewrite style: the query is a clinically equivalent rewrite
   (abbreviated, reordered, ...), the gallery every original report; correct when the rewrite's
@@ -260,7 +260,7 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
                    negatives_fn: Optional[Callable[[Report], List[Variant]]] = None,
                    positive_styles: Optional[Sequence[str]] = None, progress: Optional[str] = None,
                    styles: str = "train", **search_kw) -> dict:
-    """All three probes on `reports`; a JSON-able dict. `variants_fn`/`negatives_fn` default to
+    """All four probes on `reports`; a JSON-able dict. `variants_fn`/`negatives_fn` default to
     the rewriters of the `styles` protocol ("train": `reports.variants.equivalent_variants`/
     `hard_negatives` on the training part of the style split; "heldout": `reports.noise`;
     "all": both parts of the rule tables) with `seed`; `progress` names a progress bar over the
