@@ -12,6 +12,13 @@ of which reports fail?
 
     python bench/bench_discrimination_failures.py --after runs/a --after runs/b [--columns bow] [--limit 200]
     python bench/bench_discrimination_failures.py --pair runs/base_s0,runs/change_s0 --pair runs/base_s1,runs/change_s1
+    python bench/bench_discrimination_failures.py --after runs/a --columns bow --gallery-style numbered_list
+
+`--gallery-style STYLE` (repeatable) looks at the error-copy gallery of the suite instead (that
+style's rewrite as the query, every original and every one-error copy in the gallery): per model,
+how many queries had their original outranked, and by what: one of the report's own one-error
+copies (by error type), another report or another report's one-error copy (identical originals
+count as one, as in the suite).
 
 Only counts are printed (the Open-I text stays out of logs one might share).
 """
@@ -48,6 +55,35 @@ def failures(emb, inputs):
     return {i: v for i, v in beaten.items() if v[1]}, len(scored)
 
 
+def gallery_outrankers(emb, inputs, style):
+    """(queries of `style` scored, Counter of what came at least as near as the query's original:
+    "own <error type>" for one of the report's own one-error copies, "another report" for an original
+    of other text, "another report's copy" for a one-error copy of another report). A query can count
+    under several kinds; ties count against the model, as in the suite."""
+    from open_clip_cxr.eval.robustness import same_report_key
+    originals, equiv, negs = inputs
+    keys = [same_report_key(o) for o in originals]
+    orig_emb = emb(originals)
+    copies = [(j, n.text) for j, ns in enumerate(negs) for n in ns]
+    copy_emb = emb([t for _, t in copies]) if copies else None
+    seen, kinds = 0, Counter()
+    for i, vs in enumerate(equiv):
+        for v in (v for v in vs if v.style == style):
+            seen += 1
+            q = emb([v.text])[0]
+            s_orig = float(q @ orig_emb[i])
+            others = [j for j, k in enumerate(keys) if k != keys[i]]
+            if others and float((orig_emb[others] @ q).max()) >= s_orig:
+                kinds["another report"] += 1
+            theirs = [c for c, (j, t) in enumerate(copies) if keys[j] != keys[i] and same_report_key(t) != keys[i]]
+            if theirs and float((copy_emb[theirs] @ q).max()) >= s_orig:
+                kinds["another report's copy"] += 1
+            if negs[i]:
+                sims = (emb([n.text for n in negs[i]]) @ q).tolist()
+                kinds.update({f"own {n.error_type or n.style}" for n, s in zip(negs[i], sims) if s >= s_orig})
+    return seen, kinds
+
+
 def fixed_and_broken(failed_base, failed_change, error_type=None):
     """(reports the change passes that the base fails, reports it fails that the base passes);
     with `error_type`, a report fails when a copy of that type came at least as near as the positive."""
@@ -64,7 +100,12 @@ def main():
     ap.add_argument("--columns", default="", help="reference columns: bow, minilm, built-in model names")
     ap.add_argument("--limit", type=int, default=None, help="first N validation reports (default: all)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gallery-style", action="append", default=[], metavar="STYLE",
+                    help="the error-copy gallery for this held-out style instead (repeatable): what outranks the original")
     args = ap.parse_args()
+    unknown = [s for s in args.gallery_style if s not in noise.HELDOUT_STYLES]
+    if unknown:
+        ap.error(f"--gallery-style {unknown[0]}: not a held-out style; use one of {', '.join(noise.HELDOUT_STYLES)}")
     pairs = [tuple(p.split(",")) for p in args.pair]
     if any(len(p) != 2 or not all(p) for p in pairs):
         ap.error("--pair takes two model folders separated by a comma: --pair runs/base,runs/change")
@@ -78,17 +119,25 @@ def main():
     inputs = probe_inputs([r for r in openi_reports(split="validate", limit=args.limit) if original_text(r)])
     originals, equiv, negs = inputs
     texts = originals + [v.text for vs in equiv + negs for v in vs]
-    print(f"held-out error discrimination, {len(originals)} validation reports; CPU: {_cpu_name()}; "
+    what = "the error-copy gallery" if args.gallery_style else "held-out error discrimination"
+    print(f"{what}, {len(originals)} validation reports; CPU: {_cpu_name()}; "
           f"towers in {choice.precision}, {args.threads} thread(s)")
     failed = {}
     for col in columns:
         emb = _Embedder(column_encode_fn(col, 0, 4096, dtype=choice.dtype), texts)
+        if args.gallery_style:
+            for style in args.gallery_style:
+                n, kinds = gallery_outrankers(emb, inputs, style)
+                print(f"{col} [{style}]: {n} queries; their original outranked by {dict(kinds.most_common())}")
+            continue
         failed[col], n = failures(emb, inputs)
         types = Counter(t for _, beat in failed[col].values() for t in beat)
         styles = Counter(style for style, _ in failed[col].values())
         print(f"{col}: accuracy {1 - len(failed[col]) / n:.3f} of {n}, {len(failed[col])} failed; "
               f"copies nearer than the positive by error type {dict(types.most_common())}; "
               f"failed reports by positive style {dict(styles.most_common())}")
+    if args.gallery_style:
+        return
     if len(args.after) > 1:     # the trained models only: a reference column fails most reports
         sets = [set(failed[col]) for col in args.after]
         print(f"failed by every --after model: {len(set.intersection(*sets))}; by any: {len(set.union(*sets))}")

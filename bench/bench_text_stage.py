@@ -3,7 +3,7 @@
 On the Open-I validation split (hash split of the study id; reports read at run time):
 variant -> original R@1 per rewrite style, impression <-> findings R@1, error
 discrimination (the equivalent rewrite closer to the original than every single-error
-rewrite) and the near-duplicate gallery (variant -> original with every single-error rewrite
+rewrite) and the error-copy gallery (variant -> original with every single-error rewrite
 in the gallery too), via `open_clip_cxr.eval.robustness`. Columns:
 
 - bow:    bag-of-words cosine (no model)
@@ -126,7 +126,7 @@ def heldout_targets(result: dict) -> dict:
 def row_count(result: dict, row: str) -> Optional[int]:
     """How many items a row of `format_table` averages (None: not recorded)."""
     for prefix, key in (("variant->original R@1 [", "variant_to_original"),
-                        ("near-duplicate gallery R@1 [", "near_duplicate_gallery")):
+                        ("error-copy gallery R@1 [", "error_copy_gallery")):
         if row.startswith(prefix):
             return (result.get(key, {}).get(row.split("[", 1)[1].rstrip("]")) or {}).get("n")
     if row == "error discrimination (all types)":

@@ -103,7 +103,7 @@ def test_misses_pair_two_encoders_item_by_item():
     assert blind["error_discrimination"]["misses"] == [0, 1, 2]
     rows = P.paired_rows(bow, blind)
     flat_bow, flat_blind = RB._flatten(bow), RB._flatten(blind)
-    assert set(rows) == set(flat_bow) - {"variant->original R@1 (mean)", "near-duplicate gallery R@1 (mean)"}
+    assert set(rows) == set(flat_bow) - {"variant->original R@1 (mean)", "error-copy gallery R@1 (mean)"}
     for row, (only_bow, only_blind, p) in rows.items():
         items = round(len(P.row_misses(blind)[row]) / (1 - flat_blind[row])) if flat_blind[row] < 1 else None
         assert only_blind == 0                            # a constant encoder wins nothing
@@ -133,7 +133,7 @@ def test_row_reports_name_the_report_behind_each_item():
     assert where["impression->findings R@1"] == where["findings->impression R@1"] == [0, 1, 2]  # r4: no findings
     for style, v in res["variant_to_original"].items():
         assert len(where[f"variant->original R@1 [{style}]"]) == v["n"]
-        assert where[f"near-duplicate gallery R@1 [{style}]"] == where[f"variant->original R@1 [{style}]"]
+        assert where[f"error-copy gallery R@1 [{style}]"] == where[f"variant->original R@1 [{style}]"]
     held = RB.run_heldout(REPORTS, RB.bow_encode_fn())
     held_where = RB.row_reports(REPORTS, styles="heldout")
     for style, v in held["variant_to_original"].items():
@@ -350,8 +350,8 @@ def test_originals_typed_alike_up_to_doubled_periods_are_one_gallery_item():
     assert RB.same_report_key("No acute findings.") != RB.same_report_key("No acute disease.")
 
 
-def test_near_duplicate_gallery_needs_the_findings_to_match_not_just_the_words():
-    """The near-duplicate gallery holds every report's one-error copies beside the originals: an
+def test_error_copy_gallery_needs_the_findings_to_match_not_just_the_words():
+    """The error-copy gallery holds every report's one-error copies beside the originals: an
     encoder that reads words but not what they say (here: blind to "no", "left" and "right")
     finds the right report in the plain gallery and loses it to its one-error copy in this one."""
     blind_to = {"no", "left", "right", "lt"}
@@ -360,24 +360,24 @@ def test_near_duplicate_gallery_needs_the_findings_to_match_not_just_the_words()
         return RB.bow_encode_fn(dim=512)([" ".join(w for w in t.lower().replace(".", " ").split()
                                                    if w not in blind_to) for t in texts])
     res = run(words_only)
-    plain, near = res["variant_to_original"], res["near_duplicate_gallery"]
+    plain, near = res["variant_to_original"], res["error_copy_gallery"]
     assert set(near) == set(plain)
     assert plain["abbreviate"]["R@1"] == 1.0                # r2 "lt" -> r2, the only report with its words
     assert near["abbreviate"]["R@1"] == 0.0                 # tied with its laterality copy: ties count against
     assert near["abbreviate"]["misses"] == [0]
     assert near["reorder"]["n"] == plain["reorder"]["n"] == 2
-    assert res["near_duplicate_gallery_mean_R@1"] < res["variant_to_original_mean_R@1"]
+    assert res["error_copy_gallery_mean_R@1"] < res["variant_to_original_mean_R@1"]
     flat = RB._flatten(res)
-    assert flat["near-duplicate gallery R@1 [abbreviate]"] == 0.0
+    assert flat["error-copy gallery R@1 [abbreviate]"] == 0.0
     # the row pairs like any other, and the bench counts its items
     from open_clip_cxr.eval import paired as P
     bow = run(RB.bow_encode_fn())
-    assert bow["near_duplicate_gallery"]["abbreviate"]["R@1"] == 1.0   # bag of words sees "left" vs "right"
-    assert P.paired_rows(bow, res)["near-duplicate gallery R@1 [abbreviate]"] == (1, 0, 1.0)
+    assert bow["error_copy_gallery"]["abbreviate"]["R@1"] == 1.0   # bag of words sees "left" vs "right"
+    assert P.paired_rows(bow, res)["error-copy gallery R@1 [abbreviate]"] == (1, 0, 1.0)
     import importlib.util
     import pathlib
     spec = importlib.util.spec_from_file_location(
         "bts", pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_text_stage.py")
     bts = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bts)
-    assert bts.row_count(res, "near-duplicate gallery R@1 [reorder]") == 2
+    assert bts.row_count(res, "error-copy gallery R@1 [reorder]") == 2

@@ -197,6 +197,27 @@ def test_discrimination_failures_agree_with_the_suite(monkeypatch):
     assert max(n_failed) > 0     # the comparison saw failures, not only passes
 
 
+def test_gallery_outrankers_agree_with_the_error_copy_gallery(monkeypatch):
+    """`--gallery-style`: a query the suite's error-copy gallery misses has its original outranked by
+    something the bench names (an own one-error copy or another report), and a hit by nothing."""
+    import importlib.util as iu
+    monkeypatch.syspath_prepend("bench")
+    spec = iu.spec_from_file_location("bench_discrimination_failures", "bench/bench_discrimination_failures.py")
+    bdf = iu.module_from_spec(spec)
+    spec.loader.exec_module(bdf)
+    fn = RB.bow_encode_fn(dim=16)          # collisions, so some queries miss
+    res = RB.run_heldout(REPORTS, fn)["error_copy_gallery"]
+    inputs = bdf.probe_inputs(REPORTS)
+    emb = RB._Embedder(fn, inputs[0] + [v.text for vs in inputs[1] + inputs[2] for v in vs])
+    for style, row in res.items():
+        n, kinds = bdf.gallery_outrankers(emb, inputs, style)
+        assert n == row["n"]
+        assert (sum(kinds.values()) > 0) == (row["R@1"] < 1.0)
+        assert all(k in ("another report", "another report's copy") or k.split(" ", 1)[1] in ERROR_TYPES
+                   for k in kinds)
+    assert any(r["R@1"] < 1.0 for r in res.values())
+
+
 def test_paired_failures_fixed_and_broken(monkeypatch):
     """`--pair`: fixed / broken reports between two models, overall and per error type (the sign
     test on them: tests/test_eval_robustness.py)."""

@@ -28,8 +28,8 @@ def row_misses(res: Mapping) -> Dict[str, Optional[list]]:
     rows: Dict[str, Optional[list]] = {}
     for style, v in res.get("variant_to_original", {}).items():
         rows[f"variant->original R@1 [{style}]"] = v.get("misses")
-    for style, v in res.get("near_duplicate_gallery", {}).items():
-        rows[f"near-duplicate gallery R@1 [{style}]"] = v.get("misses")
+    for style, v in res.get("error_copy_gallery", {}).items():
+        rows[f"error-copy gallery R@1 [{style}]"] = v.get("misses")
     for key, row in (("impression_to_findings", "impression->findings R@1"),
                      ("findings_to_impression", "findings->impression R@1")):
         if res.get(f"{key}_R@1") is not None:      # None: no report has both sections

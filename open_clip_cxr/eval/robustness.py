@@ -10,11 +10,12 @@ Four probes, on any list of `Report`s (Open-I's, read at run time, by default):
 - error discrimination: with the original as anchor, a report passes when its equivalent
   rewrite is more similar to the original than EVERY one of its single-error rewrites
   (laterality swap, negation flip, severity change, inserted finding); also per error type.
-- near-duplicate gallery R@1, per rewrite style: the variant -> original probe with every
+- error-copy gallery R@1, per rewrite style: the variant -> original probe with every
   report's single-error rewrites added to the gallery, so a hit needs the rewrite's own original
-  above the same report with one finding changed. Where the plain gallery saturates (a bag of
-  words reads a typo or a numbered list at 0.99) this one still ranks models: matching words is
-  not enough, the findings must match too.
+  above the same report with one finding changed. Where a rewrite changes the words (paraphrase,
+  shorthand, telegraphic style) sharing words with the original is no longer enough to find it;
+  where it keeps them (typos, capitals, layout) a bag of words stays near 1.0 here too, and an
+  encoder that a new layout moves off its content falls under it.
 
 Two protocols (`styles`): "train" builds the variants from the training part of the rule tables
 (what stage 1 learns from: the in-distribution suite), "heldout" (`run_heldout`) only from the
@@ -41,7 +42,7 @@ POSITIVE_STYLES = ("rephrase", "reorder", "expand", "abbreviate", "terse")
 HELDOUT_POSITIVE_STYLES = ("paraphrase_heldout", "abbreviate_heldout", "typos", "numbered_list", "caps_headers")
 STYLE_PROTOCOLS = ("train", "heldout", "all")
 # the scoring's version, hashed into `protocol_fingerprint`: raise it when a probe is scored differently
-# (2: originals identical up to doubled punctuation are one gallery item; 3: the near-duplicate gallery)
+# (2: originals identical up to doubled punctuation are one gallery item; 3: the error-copy gallery)
 SCORING_VERSION = 3
 
 
@@ -249,7 +250,7 @@ def row_reports(reports: Sequence[Report], seed: int = 0, styles: str = "train",
     for i, vs in enumerate(equiv):       # the order `run_robustness` lists each style's queries in
         for v in vs:
             rows.setdefault(f"variant->original R@1 [{v.style}]", []).append(i)
-            rows.setdefault(f"near-duplicate gallery R@1 [{v.style}]", []).append(i)
+            rows.setdefault(f"error-copy gallery R@1 [{v.style}]", []).append(i)
     both = [i for i, r in enumerate(reports) if r.findings.strip() and r.impression.strip()]
     rows["impression->findings R@1"] = rows["findings->impression R@1"] = both
     return rows
@@ -284,15 +285,15 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
         per_style[style] = {"R@1": r1, "n": len(pairs), "misses": misses}
     out["variant_to_original"] = per_style
     out["variant_to_original_mean_R@1"] = _mean_r1(per_style)
-    # 1b. the same queries among the originals and every one-error copy (near duplicates)
-    near_gallery = originals + [n.text for ns in negs for n in ns]
+    # 1b. the same queries among the originals and every one-error copy (the same report with one finding changed)
+    copy_gallery = originals + [n.text for ns in negs for n in ns]
     near: Dict[str, dict] = {}
     for style, pairs in sorted(by_style.items()):
         q, t = zip(*pairs)
-        r1, misses = _r1(emb, q, t, near_gallery, **search_kw)
+        r1, misses = _r1(emb, q, t, copy_gallery, **search_kw)
         near[style] = {"R@1": r1, "n": len(pairs), "misses": misses}
-    out["near_duplicate_gallery"] = near
-    out["near_duplicate_gallery_mean_R@1"] = _mean_r1(near)
+    out["error_copy_gallery"] = near
+    out["error_copy_gallery_mean_R@1"] = _mean_r1(near)
     # 2. impression <-> findings
     imp = [r.impression.strip() for r in both]
     fnd = [r.findings.strip() for r in both]
@@ -349,10 +350,10 @@ def _flatten(res: Mapping) -> Dict[str, Optional[float]]:
     for style, v in res.get("variant_to_original", {}).items():
         rows[f"variant->original R@1 [{style}]"] = v["R@1"]
     rows["variant->original R@1 (mean)"] = res.get("variant_to_original_mean_R@1")
-    for style, v in res.get("near_duplicate_gallery", {}).items():
-        rows[f"near-duplicate gallery R@1 [{style}]"] = v["R@1"]
-    if "near_duplicate_gallery" in res:
-        rows["near-duplicate gallery R@1 (mean)"] = res.get("near_duplicate_gallery_mean_R@1")
+    for style, v in res.get("error_copy_gallery", {}).items():
+        rows[f"error-copy gallery R@1 [{style}]"] = v["R@1"]
+    if "error_copy_gallery" in res:
+        rows["error-copy gallery R@1 (mean)"] = res.get("error_copy_gallery_mean_R@1")
     rows["impression->findings R@1"] = res.get("impression_to_findings_R@1")
     rows["findings->impression R@1"] = res.get("findings_to_impression_R@1")
     ed = res.get("error_discrimination", {})
