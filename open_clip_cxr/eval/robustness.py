@@ -287,13 +287,13 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     out["variant_to_original_mean_R@1"] = _mean_r1(per_style)
     # 1b. the same queries among the originals and every one-error copy (the same report with one finding changed)
     copy_gallery = originals + [n.text for ns in negs for n in ns]
-    near: Dict[str, dict] = {}
+    in_copies: Dict[str, dict] = {}
     for style, pairs in sorted(by_style.items()):
         q, t = zip(*pairs)
         r1, misses = _r1(emb, q, t, copy_gallery, **search_kw)
-        near[style] = {"R@1": r1, "n": len(pairs), "misses": misses}
-    out["error_copy_gallery"] = near
-    out["error_copy_gallery_mean_R@1"] = _mean_r1(near)
+        in_copies[style] = {"R@1": r1, "n": len(pairs), "misses": misses}
+    out["error_copy_gallery"] = in_copies
+    out["error_copy_gallery_mean_R@1"] = _mean_r1(in_copies)
     # 2. impression <-> findings
     imp = [r.impression.strip() for r in both]
     fnd = [r.findings.strip() for r in both]
