@@ -62,21 +62,23 @@ def gallery_outrankers(emb, inputs, style):
     under several kinds; ties count against the model, as in the suite."""
     from open_clip_cxr.eval.robustness import same_report_key
     originals, equiv, negs = inputs
-    keys = [same_report_key(o) for o in originals]
-    orig_emb = emb(originals)
-    copies = [(j, n.text) for j, ns in enumerate(negs) for n in ns]
-    copy_emb = emb([t for _, t in copies]) if copies else None
+    ids = {}      # one id per distinct original (identical originals are one item, as in the suite)
+    orig_key = torch.tensor([ids.setdefault(same_report_key(o), len(ids)) for o in originals])
+    copies = [n.text for ns in negs for n in ns]
+    copy_owner = torch.tensor([orig_key[j].item() for j, ns in enumerate(negs) for _ in ns], dtype=torch.long)
+    copy_key = torch.tensor([ids.get(same_report_key(t), -1) for t in copies], dtype=torch.long)
+    orig_emb, copy_emb = emb(originals), (emb(copies) if copies else None)
     seen, kinds = 0, Counter()
     for i, vs in enumerate(equiv):
         for v in (v for v in vs if v.style == style):
             seen += 1
             q = emb([v.text])[0]
             s_orig = float(q @ orig_emb[i])
-            others = [j for j, k in enumerate(keys) if k != keys[i]]
-            if others and float((orig_emb[others] @ q).max()) >= s_orig:
+            other = orig_key != orig_key[i]
+            if other.any() and float((orig_emb[other] @ q).max()) >= s_orig:
                 kinds["another report"] += 1
-            theirs = [c for c, (j, t) in enumerate(copies) if keys[j] != keys[i] and same_report_key(t) != keys[i]]
-            if theirs and float((copy_emb[theirs] @ q).max()) >= s_orig:
+            theirs = (copy_owner != orig_key[i]) & (copy_key != orig_key[i]) if copies else None
+            if copies and theirs.any() and float((copy_emb[theirs] @ q).max()) >= s_orig:
                 kinds["another report's copy"] += 1
             if negs[i]:
                 sims = (emb([n.text for n in negs[i]]) @ q).tolist()

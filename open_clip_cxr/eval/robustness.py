@@ -273,27 +273,22 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     emb = _Embedder(encode_fn, _suite_texts(originals, equiv, negs, both), progress)
 
     out: dict = {"n_reports": len(reports), "styles": styles, "misses_version": MISSES_VERSION}
-    # 1. variant -> original, per style
-    per_style: Dict[str, dict] = {}
+    # 1. variant -> original, per style: among the originals, then (1b) among the originals and every
+    # one-error copy (the same report with one finding changed)
     by_style: Dict[str, list] = {}
     for orig, vs in zip(originals, equiv):
         for v in vs:
             by_style.setdefault(v.style, []).append((v.text, orig))
-    for style, pairs in sorted(by_style.items()):
-        q, t = zip(*pairs)
-        r1, misses = _r1(emb, q, t, originals, **search_kw)
-        per_style[style] = {"R@1": r1, "n": len(pairs), "misses": misses}
-    out["variant_to_original"] = per_style
-    out["variant_to_original_mean_R@1"] = _mean_r1(per_style)
-    # 1b. the same queries among the originals and every one-error copy (the same report with one finding changed)
     copy_gallery = originals + [n.text for ns in negs for n in ns]
-    in_copies: Dict[str, dict] = {}
-    for style, pairs in sorted(by_style.items()):
-        q, t = zip(*pairs)
-        r1, misses = _r1(emb, q, t, copy_gallery, **search_kw)
-        in_copies[style] = {"R@1": r1, "n": len(pairs), "misses": misses}
-    out["error_copy_gallery"] = in_copies
-    out["error_copy_gallery_mean_R@1"] = _mean_r1(in_copies)
+    for key, gallery in (("variant_to_original", originals), ("error_copy_gallery", copy_gallery)):
+        per_style = {}
+        for style, pairs in sorted(by_style.items()):
+            q, t = zip(*pairs)
+            r1, misses = _r1(emb, q, t, gallery, **search_kw)
+            per_style[style] = {"R@1": r1, "n": len(pairs), "misses": misses}
+        out[key] = per_style
+        out[f"{key}_mean_R@1"] = (sum(v["R@1"] for v in per_style.values()) / len(per_style)
+                                  if per_style else None)
     # 2. impression <-> findings
     imp = [r.impression.strip() for r in both]
     fnd = [r.findings.strip() for r in both]
@@ -304,10 +299,6 @@ def run_robustness(reports: Sequence[Report], encode_fn: EncodeFn, seed: int = 0
     # 3. error discrimination
     out["error_discrimination"] = _discrimination(emb, originals, equiv, negs, positive_styles)
     return out
-
-
-def _mean_r1(per_style: Mapping[str, dict]) -> Optional[float]:
-    return sum(v["R@1"] for v in per_style.values()) / len(per_style) if per_style else None
 
 
 def discrimination_scores(emb, originals, equiv, negs, positive_styles):
