@@ -33,6 +33,10 @@ reports; a row trailing by one or two items on one draw may lead on the next) an
 --after column with the baselines over all draws report by report (`eval.paired.pooled_paired`: a
 report is one trial, however many draws hold it), and names the rows where a baseline misses so few
 reports that no model could beat it at p < 0.05 (`eval.paired.reachable`).
+`--split validate,test` measures each split in turn (cached under its own key) and then pools the
+draws of both, report ids kept apart (`eval.paired.OffsetReports`): 782 Open-I reports instead of
+403, for rows where one split holds too few baseline misses to decide anything. The validation
+split chooses recipes; the test split is read only to confirm them.
 
 Tower columns compute in `--precision` (default auto: bf16 only where `open_clip_cxr.precision`
 measures it faster on this CPU; printed with the CPU model), on `--device` (default cpu; `cuda` on a
@@ -47,13 +51,15 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import open_clip_cxr  # noqa: E402  (registers the models)
-from open_clip_cxr.eval.paired import format_paired, format_pooled, format_reachable, has_misses  # noqa: E402
+from open_clip_cxr.eval.paired import (OffsetReports, format_paired, format_pooled, format_reachable,  # noqa: E402
+                                      has_misses)  # noqa: E402
 from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn,  # noqa: E402
                                            openi_reports, protocol_fingerprint, row_reports, run_robustness)
 
@@ -161,7 +167,9 @@ def main():
     ap.add_argument("--out", default="runs/text-stage1", help="output folder of --train")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override for --train")
     ap.add_argument("--json", default="runs/bench/text_stage.json")
-    ap.add_argument("--split", default="validate")
+    ap.add_argument("--split", default="validate",
+                    help="split(s) whose reports the suite reads; several, comma-separated (validate,test), are "
+                         "measured one by one and then paired over all their draws, report ids kept apart")
     ap.add_argument("--limit", type=int, default=None, help="first N reports of the split (default: all)")
     ap.add_argument("--seed", type=int, default=0, help="variant seed (the suite's) and model init seed")
     ap.add_argument("--draws", type=int, default=1,
@@ -197,6 +205,13 @@ def main():
         print(f"error: --device {args.device}: this machine has no GPU that torch can use (use --device cpu)",
               file=sys.stderr)
         sys.exit(2)
+    from open_clip_cxr.reports.splits import SPLIT_NAMES, normalise_split
+    splits = [normalise_split(x) for x in args.split.split(",") if x.strip()]
+    bad = [x for x in splits if x not in SPLIT_NAMES] or (["(none)"] if not splits else [])
+    if bad or len(set(splits)) < len(splits):
+        print(f"error: --split {args.split}: name each of {', '.join(SPLIT_NAMES)} at most once, comma-separated",
+              file=sys.stderr)
+        sys.exit(2)
     protocols = (["train"] if args.both or not args.heldout_styles else []) + (["heldout"] if args.heldout_styles else [])
     torch.set_num_threads(args.threads)
     from open_clip_cxr.precision import choose
@@ -217,14 +232,6 @@ def main():
 
     path = Path(args.json)
     cache = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
-    reports = openi_reports(split=args.split, limit=args.limit)
-    print(f"{len(reports)} {args.split} reports", flush=True)
-    # the key holds a hash of the protocol's texts: a changed rewriter never reuses stale results
-    seeds = [args.seed + k for k in range(args.draws)]
-    stores = {(s, st): cache.setdefault(f"{args.split}:{args.limit}:{s}:{st}:"
-                                        f"{protocol_fingerprint(reports, s, st)}", {})
-              for s in seeds for st in protocols}
-
     if args.unshout:
         args.after = [a + "+unshout" for a in args.after]
     fold = {"config": None, "on": True, "sentence": "sentence", "off": False, "lower": "lower"}[args.fold_capitals]
@@ -233,6 +240,35 @@ def main():
         args.after = [a + mark for a in args.after]
     columns = [c for c in args.columns.split(",") if c] + args.after
     pair_against = [c for c in args.pair_against.split(",") if c]
+    seeds = [args.seed + k for k in range(args.draws)]
+    ctx = SimpleNamespace(cache=cache, path=path, columns=columns, pair_against=pair_against, choice=choice,
+                          where=where, timings=timings, fold=fold)
+    draws = {st: [] for st in protocols}   # every (split, seed) draw, report ids kept apart across splits
+    offset = 0
+    for split in splits:
+        reports = openi_reports(split=split, limit=args.limit)
+        print(f"{len(reports)} {split} reports", flush=True)
+        for st, split_draws in measure_split(split, reports, seeds, protocols, args, ctx).items():
+            draws[st] += [(results, OffsetReports(rows, offset)) for results, rows in split_draws]
+        offset += len(reports)
+    n_draws = len(splits) * args.draws
+    for st in protocols if n_draws > 1 else ():
+        print(f"\n== {st} protocol over {n_draws} draws (suite seeds {seeds[0]}-{seeds[-1]}"
+              + (f" on each of the {' + '.join(splits)} splits, {offset} reports" if len(splits) > 1 else "") + ")")
+        for col in args.after:
+            print("\n" + format_pooled(draws[st], col, baselines=pair_against))
+        print("\n" + format_reachable(draws[st], baselines=[b for b in pair_against if b not in args.after]))
+
+
+def measure_split(split, reports, seeds, protocols, args, ctx) -> dict:
+    """Every column on every draw of every protocol on one split's reports (cached per column in
+    `ctx.cache`, written to `ctx.path` after each): prints each draw's tables and returns {protocol:
+    [(results, `row_reports`) per draw]}."""
+    cache, path, columns, choice, timings, fold = ctx.cache, ctx.path, ctx.columns, ctx.choice, ctx.timings, ctx.fold
+    # the key holds a hash of the protocol's texts: a changed rewriter never reuses stale results
+    stores = {(s, st): cache.setdefault(f"{split}:{args.limit}:{s}:{st}:"
+                                        f"{protocol_fingerprint(reports, s, st)}", {})
+              for s in seeds for st in protocols}
     draws = {st: [] for st in protocols}
     for seed, st in stores:
         results = {}
@@ -263,16 +299,12 @@ def main():
             path.write_text(json.dumps(cache, indent=2))
         title = ("style-held-out protocol (held-out rules + unseen rewrites)" if st == "heldout"
                  else "in-distribution suite (training part of the rule tables)")
-        print(f"\n== {title}; {len(reports)} {args.split} reports, rewrites of seed {seed}; {where}; "
+        print(f"\n== {title}; {len(reports)} {split} reports, rewrites of seed {seed}; {ctx.where}; "
               f"tower columns in {choice.precision} ({choice.requested}), {args.threads} thread(s)")
         print(format_table(results))
-        _summary(results, args.after, st, pair_against)
+        _summary(results, args.after, st, ctx.pair_against)
         draws[st].append((results, row_reports(reports, seed, st)))
-    for st in protocols if args.draws > 1 else ():
-        print(f"\n== {st} protocol over {args.draws} draws (suite seeds {seeds[0]}-{seeds[-1]})")
-        for col in args.after:
-            print("\n" + format_pooled(draws[st], col, baselines=pair_against))
-        print("\n" + format_reachable(draws[st], baselines=[b for b in pair_against if b not in args.after]))
+    return draws
 
 
 def _folder(col: str) -> str:

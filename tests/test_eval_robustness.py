@@ -178,6 +178,56 @@ def test_reachable_names_rows_no_model_could_win_on():
     assert P.format_reachable([({"bow": r}, w) for r, w in many], baselines=("bow",)).endswith(": none")
 
 
+def test_offset_reports_keep_two_splits_apart():
+    """Report 0 of the validation split and report 0 of the test split are two reports: won in one
+    and lost in the other, they are one report each way, not a wash."""
+    from open_clip_cxr.eval import paired as P
+    row = "variant->original R@1 [s]"
+    val = (_result([], [0]), _result([0], []), P.OffsetReports({row: [0, 1]}, 0))
+    test = (_result([0], []), _result([], [0]), P.OffsetReports({row: [0, 1]}, 10))
+    assert P.pooled_paired([val, test])[row] == (1, 1, 1.0, 1, 1)
+    assert P.pooled_paired([val, test])["error discrimination (all types)"] == (1, 1, 1.0, 1, 1)
+    assert P.pooled_paired([val[:2] + ({row: [0, 1]},), test[:2] + ({row: [0, 1]},)])[row] == (0, 0, 1.0, 1, 1)
+    assert P.reachable([(val[1], val[2]), (test[0], test[2])])[row][0] == 2
+
+
+def test_bench_pools_two_splits_without_merging_their_reports(monkeypatch, tmp_path, capsys):
+    """`bench_text_stage.py --split validate,test`: each split measured and cached under its own key,
+    then pooled with report ids kept apart (the same four reports served as both splits count twice)."""
+    import importlib.util
+    import pathlib
+    import sys
+    monkeypatch.syspath_prepend("bench")
+    spec = importlib.util.spec_from_file_location(
+        "bts", pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_text_stage.py")
+    bts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bts)
+    monkeypatch.setattr(bts, "openi_reports", lambda split=None, limit=None: REPORTS)
+    monkeypatch.setattr(bts, "bow_encode_fn", lambda: RB.bow_encode_fn(dim=8))   # collisions: some misses
+    seen = []
+    real = bts.format_reachable
+    monkeypatch.setattr(bts, "format_reachable", lambda draws, **kw: seen.append(draws) or real(draws, **kw))
+    common = ["bts", "--columns", "bow", "--pair-against", "bow", "--heldout-styles", "--json", str(tmp_path / "c.json")]
+    monkeypatch.setattr(sys, "argv", common + ["--split", "validate", "--draws", "2"])
+    bts.main()
+    monkeypatch.setattr(sys, "argv", common + ["--split", "val,test"])
+    bts.main()
+    from open_clip_cxr.eval import paired as P
+    one, two = (P.reachable([(res["bow"], where) for res, where in d]) for d in seen)
+    assert set(one) == set(two) and any(n for n, _ in one.values())
+    for row, (n, _) in one.items():      # draws 0 and 1 of one split vs draw 0 of each split
+        single = P.reachable([(seen[0][0][0]["bow"], seen[0][0][1])])[row][0]
+        assert two[row][0] == 2 * single and n >= single
+    out = capsys.readouterr().out
+    assert "over 2 draws (suite seeds 0-0 on each of the validate + test splits, 8 reports)" in out
+    keys = json.loads((tmp_path / "c.json").read_text())
+    assert sum(k.startswith("validate:") for k in keys) == 2 and sum(k.startswith("test:") for k in keys) == 1
+    monkeypatch.setattr(sys, "argv", common + ["--split", "validate,validation"])
+    with pytest.raises(SystemExit) as e:
+        bts.main()
+    assert e.value.code == 2 and "at most once" in capsys.readouterr().err
+
+
 def test_a_query_repeated_word_for_word_is_one_miss():
     """R@1 counts every query, but a (query, target) pair typed twice is one trial for the pairing:
     listing it twice would let one duplicated report look like a significant difference."""

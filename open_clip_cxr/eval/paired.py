@@ -83,6 +83,27 @@ def pooled_paired(draws: Sequence[Tuple[Mapping, Mapping, Mapping[str, List[int]
     return out
 
 
+class _Shifted:
+    """Item i of a row whose items are reports themselves is report `offset` + i."""
+    def __init__(self, offset: int):
+        self.offset = offset
+
+    def __getitem__(self, i: int) -> int:
+        return self.offset + i
+
+
+class OffsetReports(dict):
+    """`robustness.row_reports` of one split with every report id moved up by `offset`, so that draws
+    of several splits (validation and test) pool in `pooled_paired` / `reachable` without two
+    different reports sharing an id; rows it does not list (items are reports) shift the same way."""
+    def __init__(self, where: Mapping[str, List[int]], offset: int):
+        super().__init__({row: [offset + r for r in reps] for row, reps in where.items()})
+        self.offset = offset
+
+    def get(self, row, default=None):
+        return super().get(row) or _Shifted(self.offset)
+
+
 def reachable(draws: Sequence[Tuple[Mapping, Mapping[str, List[int]]]]) -> Dict[str, Tuple[int, float]]:
     """Per row of one model over the draws of a protocol (`draws`: one (result, `row_reports`) per
     draw): the reports it misses on at least one draw, and the sign test p of an encoder right on
