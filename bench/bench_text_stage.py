@@ -59,7 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import open_clip_cxr  # noqa: E402  (registers the models)
 from open_clip_cxr.eval.paired import (OffsetReports, format_paired, format_pooled, format_reachable,  # noqa: E402
-                                      has_misses)  # noqa: E402
+                                      has_misses)
 from open_clip_cxr.eval.robustness import (bow_encode_fn, format_table, hf_mean_pool_encode_fn,  # noqa: E402
                                            openi_reports, protocol_fingerprint, row_reports, run_robustness)
 
