@@ -336,6 +336,35 @@ def test_cli_text_robustness_over_draws(tmp_path, monkeypatch, capsys):
         cli.run_text_robustness(args, None, None, None)
 
 
+def test_cli_text_robustness_pools_splits(tmp_path, monkeypatch, capsys):
+    """--reports-split validate,test: each split is its own gallery, then the model is paired with the
+    baseline over both, the same four reports served as both splits counting as eight."""
+    import argparse
+    from open_clip_cxr.eval import cli
+    asked = []
+    monkeypatch.setattr(RB, "load_reports", lambda spec=None, split=None, limit=None: asked.append(split) or REPORTS)
+    monkeypatch.setattr(cli, "load_model", lambda args: (object(), None, None))
+    monkeypatch.setattr(RB, "openclip_encode_fn", lambda *a, **k: (lambda t: torch.ones(len(t), 3)))
+    p = argparse.ArgumentParser()
+    cli.add_arguments(p)
+    args = p.parse_args(["--task", "text-robustness", "--model", "const", "--baselines", "bow", "--styles",
+                         "heldout", "--reports-split", "val,test", "--out", str(tmp_path)])
+    assert cli.run(args) == 0
+    assert asked == ["validate", "test"]
+    out = capsys.readouterr().out
+    assert "== heldout styles, validate split" in out and "== heldout styles, test split" in out
+    assert "== heldout styles over 1 draws of 2 splits (8 reports)" in out
+    res = json.load(open(tmp_path / "results.json"))["results"]
+    assert sorted(res["by_split"]) == ["test", "validate"]
+    ed = res["by_split"]["test"]["0"]["heldout"]["bag-of-words"]["error_discrimination"]
+    bow_right = ed["n"] - len(ed["misses"])     # the constant model fails all; bow wins these, once per split
+    line = [l for l in out.splitlines() if l.startswith("error discrimination (all types)")][-1]
+    assert f"0 / {2 * bow_right} " in line and bow_right
+    args.reports_split = "test,testing"
+    with pytest.raises(SystemExit, match="at most once"):
+        cli.run_text_robustness(args, None, None, None)
+
+
 def test_cli_text_robustness_styles_both(tmp_path, monkeypatch, capsys):
     import argparse
     from open_clip_cxr.eval import cli

@@ -118,7 +118,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="report source (a registered one: openi, table, shards, mimic-cxr, ...; default openi)")
     t.add_argument("--reports-path", default=None, metavar="PATH",
                    help="the source's input (Open-I tgz / XML folder, a table, shard urls); default: Open-I's")
-    t.add_argument("--reports-split", default="test", help="split to use ('all': every report)")
+    t.add_argument("--reports-split", default="test",
+                   help="split to use ('all': every report); several, comma-separated (validate,test): each is its "
+                        "own gallery, then --model is paired with each baseline over all of them, report by report")
     t.add_argument("--reports-limit", type=int, default=None, help="at most this many reports")
     t.add_argument("--seed", type=int, default=0, help="variant and gallery sampling seed")
     t.add_argument("--draws", type=int, default=1, metavar="N",
@@ -286,9 +288,13 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
     draws = getattr(args, "draws", 1)
     if draws < 1:
         raise SystemExit(f"--draws {draws}: give 1 or more draws of the suite")
-    split = None if args.reports_split == "all" else args.reports_split
+    from open_clip_cxr.reports.splits import normalise_split
+    splits = [None] if args.reports_split == "all" else [normalise_split(x) for x in args.reports_split.split(",")
+                                                          if x.strip()]
+    if not splits or len(set(splits)) < len(splits):
+        raise SystemExit(f"--reports-split {args.reports_split}: name each split at most once, comma-separated "
+                         f"(e.g. validate,test), or 'all'")
     spec = {"source": getattr(args, "reports_source", "openi"), "path": getattr(args, "reports_path", None)}
-    reports = R.load_reports(spec, split=split, limit=args.reports_limit)
     encoders = {}
     if model is not None:
         encoders[args.model] = R.openclip_encode_fn(model, tokenizer, args.device, args.batch_size)
@@ -301,26 +307,36 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
             raise SystemExit(f"unknown baseline {b!r}; use bow, minilm")
     if not encoders:
         raise SystemExit("--task text-robustness needs --model or --baselines")
-    from open_clip_cxr.eval.paired import format_paired, format_pooled, format_reachable
+    from open_clip_cxr.eval.paired import OffsetReports, format_paired, format_pooled, format_reachable
     bases = tuple(name for name in encoders if name != args.model)
-    by_seed = {}
-    for seed in range(args.seed, args.seed + draws):
-        by_seed[seed] = suites = R.run_suites(reports, encoders, seed=seed, styles=args.styles)
-        for st, results in suites.items():
-            print(f"== {st} styles" + (f", seed {seed}" if draws > 1 else "") + "\n" + R.format_table(results))
-            if model is not None and bases:   # is a gap to a baseline more than chance? pair item by item
-                print(format_paired(results, args.model, baselines=bases))
-    if draws > 1 and model is not None and bases:   # a report is one trial over the draws
-        for st in by_seed[args.seed]:
-            pooled = [(by_seed[s][st], R.row_reports(reports, seed=s, styles=st)) for s in by_seed]
-            print(f"== {st} styles over {draws} draws\n" + format_pooled(pooled, args.model, baselines=bases))
-            print(format_reachable(pooled, baselines=bases))
+    by_split, pooled, offset = {}, {}, 0
+    for split in splits:   # several splits: each its own gallery, then paired over all, report ids kept apart
+        reports = R.load_reports(spec, split=split, limit=args.reports_limit)
+        where = f", {split} split" if len(splits) > 1 else ""
+        by_seed = by_split[split] = {}
+        for seed in range(args.seed, args.seed + draws):
+            by_seed[seed] = suites = R.run_suites(reports, encoders, seed=seed, styles=args.styles)
+            for st, results in suites.items():
+                print(f"== {st} styles{where}" + (f", seed {seed}" if draws > 1 else "") + "\n" + R.format_table(results))
+                if model is not None and bases:   # is a gap to a baseline more than chance? pair item by item
+                    print(format_paired(results, args.model, baselines=bases))
+                pooled.setdefault(st, []).append(
+                    (results, OffsetReports(R.row_reports(reports, seed=seed, styles=st), offset)))
+        offset += len(reports)
+    if len(splits) * draws > 1 and model is not None and bases:   # a report is one trial over the draws
+        for st, st_draws in pooled.items():
+            over = f" of {len(splits)} splits ({offset} reports)" if len(splits) > 1 else ""
+            print(f"== {st} styles over {draws} draws{over}\n" + format_pooled(st_draws, args.model, baselines=bases))
+            print(format_reachable(st_draws, baselines=bases))
+    by_seed = by_split[splits[0]]
     first = by_seed[args.seed]
     # by_model: the first protocol's results (train, unless --styles heldout); by_protocol: each;
-    # by_seed: every draw (--draws), keyed by its seed
+    # by_seed: every draw (--draws), keyed by its seed, of the first split; by_split: every split's by_seed
     return {"by_model": next(iter(first.values())), "by_protocol": first, "styles": args.styles,
             "reports": spec["source"], "reports_split": args.reports_split,
-            **({"by_seed": {str(s): v for s, v in by_seed.items()}} if draws > 1 else {})}
+            **({"by_seed": {str(s): v for s, v in by_seed.items()}} if draws > 1 else {}),
+            **({"by_split": {sp: {str(s): v for s, v in bs.items()} for sp, bs in by_split.items()}}
+               if len(splits) > 1 else {})}
 
 
 def run(args) -> int:
