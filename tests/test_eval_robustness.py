@@ -363,6 +363,10 @@ def test_cli_text_robustness_pools_splits(tmp_path, monkeypatch, capsys):
     args.reports_split = "test,testing"
     with pytest.raises(SystemExit, match="at most once"):
         cli.run_text_robustness(args, None, None, None)
+    monkeypatch.setattr(RB, "load_reports", lambda spec=None, split=None, limit=None: REPORTS if split == "test" else [])
+    args.reports_split = "test,holdout"
+    with pytest.raises(SystemExit, match="no reports in split 'holdout'"):
+        cli.run_text_robustness(args, None, None, None)
 
 
 def test_cli_text_robustness_styles_both(tmp_path, monkeypatch, capsys):

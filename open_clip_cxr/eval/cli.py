@@ -312,6 +312,9 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
     by_split, pooled, offset = {}, {}, 0
     for split in splits:   # several splits: each its own gallery, then paired over all, report ids kept apart
         reports = R.load_reports(spec, split=split, limit=args.reports_limit)
+        if not reports:
+            raise SystemExit(f"--reports-split {args.reports_split}: the {spec['source']} source has no reports in "
+                             f"split {split!r}; name a split it has (train, validate, test) or 'all'")
         where = f", {split} split" if len(splits) > 1 else ""
         by_seed = by_split[split] = {}
         for seed in range(args.seed, args.seed + draws):
