@@ -295,6 +295,11 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
         raise SystemExit(f"--reports-split {args.reports_split}: name each split at most once, comma-separated "
                          f"(e.g. validate,test), or 'all'")
     spec = {"source": getattr(args, "reports_source", "openi"), "path": getattr(args, "reports_path", None)}
+    loaded = {split: R.load_reports(spec, split=split, limit=args.reports_limit) for split in splits}
+    for split, reports in loaded.items():   # every split checked before anything is encoded
+        if not reports:
+            raise SystemExit(f"--reports-split {args.reports_split}: the {spec['source']} source has no reports in "
+                             f"split {split!r}; name a split it has (train, validate, test) or 'all'")
     encoders = {}
     if model is not None:
         encoders[args.model] = R.openclip_encode_fn(model, tokenizer, args.device, args.batch_size)
@@ -310,11 +315,7 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
     from open_clip_cxr.eval.paired import OffsetReports, format_paired, format_pooled, format_reachable
     bases = tuple(name for name in encoders if name != args.model)
     by_split, pooled, offset = {}, {}, 0
-    for split in splits:   # several splits: each its own gallery, then paired over all, report ids kept apart
-        reports = R.load_reports(spec, split=split, limit=args.reports_limit)
-        if not reports:
-            raise SystemExit(f"--reports-split {args.reports_split}: the {spec['source']} source has no reports in "
-                             f"split {split!r}; name a split it has (train, validate, test) or 'all'")
+    for split, reports in loaded.items():   # each split its own gallery; paired over all, report ids kept apart
         where = f", {split} split" if len(splits) > 1 else ""
         by_seed = by_split[split] = {}
         for seed in range(args.seed, args.seed + draws):
