@@ -2,6 +2,7 @@
 models is often one to four items, and only the items one model gets and the other misses (the
 discordant ones) say whether that gap is more than chance."""
 import math
+import sys
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 MISSES_VERSION = 2   # 1: every repeated query listed; 2: a (query, target) pair repeated word for word once
@@ -83,15 +84,6 @@ def pooled_paired(draws: Sequence[Tuple[Mapping, Mapping, Mapping[str, List[int]
     return out
 
 
-class _Shifted:
-    """Item i of a row whose items are reports themselves is report `offset` + i."""
-    def __init__(self, offset: int):
-        self.offset = offset
-
-    def __getitem__(self, i: int) -> int:
-        return self.offset + i
-
-
 class OffsetReports(dict):
     """`robustness.row_reports` of one split with every report id moved up by `offset`, so that draws
     of several splits (validation and test) pool in `pooled_paired` / `reachable` without two
@@ -101,7 +93,8 @@ class OffsetReports(dict):
         self.offset = offset
 
     def get(self, row, default=None):
-        return super().get(row) or _Shifted(self.offset)
+        # a row whose items are reports themselves: item i is report offset + i
+        return super().get(row) or range(self.offset, sys.maxsize)
 
 
 def reachable(draws: Sequence[Tuple[Mapping, Mapping[str, List[int]]]]) -> Dict[str, Tuple[int, float]]:
