@@ -90,6 +90,34 @@ def test_context_lines_share_no_line_with_the_heldout_headers():
         assert not any(h in t.lower() for h in heldout if len(h) > 12), t
 
 
+def test_context_lines_p_wraps_that_share_of_the_rewrites_in_place():
+    # supcon.context_lines_p: header lines over the rewrites, not a style of their own, so the
+    # share of each rewrite style stays what it was
+    from open_clip_cxr.reports import noise, variants
+    from open_clip_cxr_train.supcon import report_texts
+    train_lines = variants._TRAIN_EXAM_LINES + variants._TRAIN_COMPARISON_LINES + variants._TRAIN_SIGNOFF_LINES
+    heldout = [h.lower() for h in noise._EXAM_HEADERS + noise._COMPARISONS]
+    reports = [Report(f"r{i}", "test", findings=f"Small right pleural effusion. No pneumothorax. Heart size is {w}.",
+                      impression="Right effusion.") for i, w in enumerate(("normal", "enlarged", "stable", "upper normal"))]
+    wrapped = unwrapped = 0
+    for r in reports:
+        plain, none, every = report_texts(r, 3), report_texts(r, 3, context_lines_p=0.0), report_texts(r, 3, context_lines_p=1.0)
+        assert none == plain                                            # off by default
+        assert len(every.variants) == len(plain.variants) and every.negatives == plain.negatives
+        for before, after in zip(plain.variants, every.variants):
+            assert before in after and after != before                  # the rewrite kept whole, lines added
+            i = after.index(before)
+            added = (after[:i] + after[i + len(before):]).split("\n")
+            assert all(x in train_lines for x in added if x)
+            assert not any(h in after.lower() for h in heldout)
+        half = report_texts(r, 3, context_lines_p=0.5)
+        assert half == report_texts(r, 3, context_lines_p=0.5)         # seeded
+        for before, after in zip(plain.variants, half.variants):
+            wrapped += after != before
+            unwrapped += after == before
+    assert wrapped and unwrapped
+
+
 def test_phrase_pairs_pair_a_short_form_with_its_expansion():
     import random
     from open_clip_cxr_train.supcon import phrase_pairs, sample_example

@@ -435,12 +435,17 @@ def test_train_cached_supcon_with_token_dropout(tmp_path):
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))   # two steps through the dropout path
 
 
-def test_train_cached_supcon_with_borrowed_errors(tmp_path, capsys):
+def test_train_cached_supcon_with_borrowed_errors(tmp_path, capsys, monkeypatch):
+    from open_clip_cxr_train import stage1_supcon
     from open_clip_cxr_train.text_stage import train
+    asked = []
+    real = stage1_supcon.report_texts
+    monkeypatch.setattr(stage1_supcon, "report_texts", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.cache_reports": 6, "supcon.steps": 2,
                                       "supcon.lora": None, "supcon.borrowed_insertions": 1, "supcon.borrowed_negations": 1,
-                                      "supcon.laterality_copies": 2, "eval.enabled": False})
+                                      "supcon.laterality_copies": 2, "supcon.context_lines_p": 0.5, "eval.enabled": False})
     train(recipe)
+    assert asked and all(kw["context_lines_p"] == 0.5 and kw["laterality_copies"] == 2 for kw in asked)
     line = next(x for x in capsys.readouterr().out.splitlines() if "borrowed errors" in x)
     assert int(line.split(": ")[2].split()[0]) > 0, line       # the pool found sentences to borrow
     rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]

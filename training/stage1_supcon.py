@@ -57,6 +57,7 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
     text_kw = {"phrases": float(scfg.get("p_phrases", 0.0)) > 0, "styles": scfg.get("variant_styles"),  # null: every style
                "negative_seeds": int(scfg.get("negative_seeds", 1)),      # one-error copies drawn k times
                "laterality_copies": int(scfg.get("laterality_copies", 0)),  # + one-word side swaps
+               "context_lines_p": float(scfg.get("context_lines_p", 0.0)),  # rewrites under exam lines
                "borrowed": pool_or_none(reports, int(scfg.get("borrowed_insertions", 0)),   # + errors borrowed
                                         int(scfg.get("borrowed_negations", 0)), acc.print)}     # from other reports
     max_tokens = int(run.recipe["train"].get("max_tokens", 4096))

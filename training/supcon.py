@@ -40,7 +40,7 @@ from open_clip_cxr.reports.clean import split_sentences
 from open_clip_cxr.reports.lexicon import abbreviate, expand
 from open_clip_cxr.reports.rewrite_common import rng_for
 from open_clip_cxr.reports.negatives import laterality_copies as side_swaps
-from open_clip_cxr.reports.variants import base_text, equivalent_variants, hard_negatives
+from open_clip_cxr.reports.variants import base_text, equivalent_variants, hard_negatives, with_context_lines
 
 INSTRUCTIONS = {
     "variant": "Given a chest X-ray report, retrieve reports with the same findings",
@@ -108,10 +108,18 @@ def _negatives(report: Report, seed: int, part: Optional[str], negative_seeds: i
     return out
 
 
+def _maybe_context_lines(text: str, seed: int, p: float) -> str:
+    """`text` between lines that say no finding with probability `p` (its own RNG: the same text
+    and seed are wrapped alike on every rank and epoch)."""
+    rng = rng_for(seed, "context_lines_p", text)
+    return with_context_lines(text, rng) if rng.random() < p else text
+
+
 def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = None,
                  part: Optional[str] = "train", phrases: bool = False,
                  styles: Optional[Sequence[str]] = None, negative_seeds: int = 1,
-                 borrowed=None, laterality_copies: int = 0) -> Optional[ReportTexts]:
+                 borrowed=None, laterality_copies: int = 0,
+                 context_lines_p: float = 0.0) -> Optional[ReportTexts]:
     """The texts of one report (None without text); `seed` picks the rewrites, `max_variants`
     keeps a random subset of the rewrite styles (fewer texts per report, more reports per budget),
     `phrases` adds sentence-level abbreviation pairs (`phrase_pairs`), `styles` keeps only those
@@ -120,7 +128,9 @@ def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = No
     `supcon.negative_seeds`), `borrowed` (a `reports.borrowed.SentencePool`) adds its one-error
     copies made with sentences of other training reports (recipe keys `supcon.borrowed_insertions` /
     `supcon.borrowed_negations`), `laterality_copies` adds up to that many more one-word side swaps
-    (`supcon.laterality_copies`). Rewrites come from the `part` of the style split ("train": never the
+    (`supcon.laterality_copies`), `context_lines_p` puts that share of the rewrites between lines
+    that say no finding (`with_context_lines`; `supcon.context_lines_p`: in place, so the mix of
+    styles stays as it was). Rewrites come from the `part` of the style split ("train": never the
     held-out entries the held-out protocol measures with; None: both parts, for ablations only)."""
     base = base_text(report)
     if not base:
@@ -129,6 +139,8 @@ def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = No
                 if v.text != base and (styles is None or v.style in styles)]
     if max_variants is not None and len(variants) > max_variants:
         variants = random.Random(seed).sample(variants, max_variants)
+    if context_lines_p:
+        variants = [_maybe_context_lines(v, seed, context_lines_p) for v in variants]
     negatives = _negatives(report, seed, part, negative_seeds)
     if borrowed is not None:
         negatives += [v.text for v in borrowed.copies(report, seed) if v.text not in negatives]

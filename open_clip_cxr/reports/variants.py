@@ -20,7 +20,8 @@ from .style_split import in_part
 from .truncate import truncate_words
 from .types import Report, Variant
 
-__all__ = ["VARIANT_STYLES", "ERROR_TYPES", "equivalent_variants", "hard_negatives", "make_variants", "base_text"]
+__all__ = ["VARIANT_STYLES", "ERROR_TYPES", "equivalent_variants", "hard_negatives", "make_variants", "base_text",
+           "with_context_lines"]
 
 VARIANT_STYLES = ("abbreviate", "expand", "impression_only", "findings_only", "reorder", "rephrase", "terse",
                   "lowercase", "line_list", "section_headers", "compose", "separators", "bullets",
@@ -282,17 +283,30 @@ _TRAIN_SIGNOFF_LINES = ("Electronically signed.", "Dictated and reviewed by the 
                         "Final report.", "Report approved.")
 
 
-def _context_lines(sections: List[str], rng: random.Random) -> str:
-    """The report between lines that say no finding: an exam line and/or a comparison line
-    before it (sometimes under our section headers), sometimes a sign-off after it."""
-    head = []
-    if rng.random() < 0.8:
-        head.append(rng.choice(_TRAIN_EXAM_LINES))
+def _head_lines(rng: random.Random) -> List[str]:
+    head = [rng.choice(_TRAIN_EXAM_LINES)] if rng.random() < 0.8 else []
     if rng.random() < 0.7 or not head:
         head.append(rng.choice(_TRAIN_COMPARISON_LINES))
+    return head
+
+
+def _tail_lines(rng: random.Random) -> List[str]:
+    return [rng.choice(_TRAIN_SIGNOFF_LINES)] if rng.random() < 0.3 else []
+
+
+def with_context_lines(text: str, rng: random.Random) -> str:
+    """`text` between lines that say no finding: an exam line and/or a comparison line before it,
+    sometimes a sign-off after it (training-part lines only; `supcon.context_lines_p`)."""
+    head = _head_lines(rng)
+    return "\n".join(head + [text] + _tail_lines(rng))
+
+
+def _context_lines(sections: List[str], rng: random.Random) -> str:
+    """The report between lines that say no finding (as `with_context_lines`), its sections
+    sometimes under our section headers."""
+    head = _head_lines(rng)
     body = _section_headers(sections, rng) if rng.random() < 0.5 else join_sections(*sections)
-    tail = [rng.choice(_TRAIN_SIGNOFF_LINES)] if rng.random() < 0.3 else []
-    return "\n".join(head + [body] + tail)
+    return "\n".join(head + [body] + _tail_lines(rng))
 
 
 def _compose(sections: List[str], rng: random.Random, part: Optional[str]) -> Optional[str]:
