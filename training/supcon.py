@@ -109,8 +109,8 @@ def _negatives(report: Report, seed: int, part: Optional[str], negative_seeds: i
 
 
 def _maybe_context_lines(text: str, seed: int, p: float) -> str:
-    """`text` between lines that say no finding with probability `p` (its own RNG: the same text
-    and seed are wrapped alike on every rank and epoch)."""
+    """`text` between lines that say no finding with probability `p` (an RNG of its own, seeded by
+    `seed` and the text: the same rewrite is wrapped alike on every rank)."""
     rng = rng_for(seed, "context_lines_p", text)
     return with_context_lines(text, rng) if rng.random() < p else text
 
