@@ -205,12 +205,13 @@ def main():
         print(f"error: --device {args.device}: this machine has no GPU that torch can use (use --device cpu)",
               file=sys.stderr)
         sys.exit(2)
-    from open_clip_cxr.reports.splits import SPLIT_NAMES, normalise_split
-    splits = [normalise_split(x) for x in args.split.split(",") if x.strip()]
-    bad = [x for x in splits if x not in SPLIT_NAMES] or (["(none)"] if not splits else [])
-    if bad or len(set(splits)) < len(splits):
-        print(f"error: --split {args.split}: name each of {', '.join(SPLIT_NAMES)} at most once, comma-separated",
-              file=sys.stderr)
+    from open_clip_cxr.reports.splits import SPLIT_NAMES, split_list
+    try:
+        splits = split_list(args.split)
+        if any(x not in SPLIT_NAMES for x in splits):
+            raise ValueError(f"{args.split}: Open-I's splits are {', '.join(SPLIT_NAMES)}")
+    except ValueError as e:
+        print(f"error: --split {e}", file=sys.stderr)
         sys.exit(2)
     protocols = (["train"] if args.both or not args.heldout_styles else []) + (["heldout"] if args.heldout_styles else [])
     torch.set_num_threads(args.threads)

@@ -189,6 +189,7 @@ def test_offset_reports_keep_two_splits_apart():
     assert P.pooled_paired([val, test])["error discrimination (all types)"] == (1, 1, 1.0, 1, 1)
     assert P.pooled_paired([val[:2] + ({row: [0, 1]},), test[:2] + ({row: [0, 1]},)])[row] == (0, 0, 1.0, 1, 1)
     assert P.reachable([(val[1], val[2]), (test[0], test[2])])[row][0] == 2
+    assert P.OffsetReports({row: []}, 10).get(row) == []       # a listed row stays itself, even empty
 
 
 def test_bench_pools_two_splits_without_merging_their_reports(monkeypatch, tmp_path, capsys):

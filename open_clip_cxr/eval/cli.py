@@ -288,12 +288,11 @@ def run_text_robustness(args, model, preprocess, tokenizer) -> dict:
     draws = getattr(args, "draws", 1)
     if draws < 1:
         raise SystemExit(f"--draws {draws}: give 1 or more draws of the suite")
-    from open_clip_cxr.reports.splits import normalise_split
-    splits = [None] if args.reports_split == "all" else [normalise_split(x) for x in args.reports_split.split(",")
-                                                          if x.strip()]
-    if not splits or len(set(splits)) < len(splits):
-        raise SystemExit(f"--reports-split {args.reports_split}: name each split at most once, comma-separated "
-                         f"(e.g. validate,test), or 'all'")
+    from open_clip_cxr.reports.splits import split_list
+    try:
+        splits = [None] if args.reports_split == "all" else split_list(args.reports_split)
+    except ValueError as e:
+        raise SystemExit(f"--reports-split {e}, or 'all'")
     spec = {"source": getattr(args, "reports_source", "openi"), "path": getattr(args, "reports_path", None)}
     loaded = {split: R.load_reports(spec, split=split, limit=args.reports_limit) for split in splits}
     for split, reports in loaded.items():   # every split checked before anything is encoded

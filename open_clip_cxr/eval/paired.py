@@ -93,8 +93,9 @@ class OffsetReports(dict):
         self.offset = offset
 
     def get(self, row, default=None):
-        # a row whose items are reports themselves: item i is report offset + i
-        return super().get(row) or range(self.offset, sys.maxsize)
+        # a row whose items are reports themselves (not listed): item i is report offset + i
+        reps = super().get(row)
+        return range(self.offset, sys.maxsize) if reps is None else reps
 
 
 def reachable(draws: Sequence[Tuple[Mapping, Mapping[str, List[int]]]]) -> Dict[str, Tuple[int, float]]:

@@ -6,7 +6,7 @@ otherwise `hash_split` of its patient id (its study id when the source has no pa
 no patient straddles train and test and a rerun assigns the same studies.
 """
 import hashlib
-from typing import Optional
+from typing import List, Optional
 
 SPLIT_NAMES = ("train", "validate", "test")
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "validate", "valid": "validate",
@@ -22,6 +22,15 @@ def normalise_split(split: Optional[str]) -> Optional[str]:
         return None
     s = str(split).strip().lower()
     return SPLIT_ALIASES.get(s, s)
+
+
+def split_list(text: str) -> List[str]:
+    """Comma-separated split names ("val,test") normalised (`normalise_split`); ValueError when none is
+    named or one is named twice (validate,validation): pooled splits must be different reports."""
+    names = [normalise_split(x) for x in str(text).split(",") if x.strip()]
+    if not names or len(set(names)) < len(names):
+        raise ValueError(f"{text}: name each split at most once, comma-separated (e.g. validate,test)")
+    return names
 
 
 def hash_split(key, val: float = DEFAULT_VAL, test: float = DEFAULT_TEST) -> str:
