@@ -42,7 +42,10 @@ Tower columns compute in `--precision` (default auto: bf16 only where `open_clip
 measures it faster on this CPU; printed with the CPU model), on `--device` (default cpu; `cuda` on a
 GPU, where auto means bf16: `bench/gpu_stage1.sh` uses it). `--fold-capitals on|sentence|off` forces
 the tokenizer's case folding of mostly-capital texts, lower case / sentence case / none (default:
-what the model's config says); `lower` lower-cases every text.
+what the model's config says); `lower` lower-cases every text. `--admin-lines drop|keep` forces
+the tokenizer's `drop_admin_lines` (exam / indication / history / comparison / technique lines
+dropped before the tower reads a text, `reports/admin_lines.py`); columns named '+dropadmin' /
+'+keepadmin'.
 """
 import argparse
 import json
@@ -84,11 +87,12 @@ def tower_column(name: str, seed: int):
 
 
 def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dtype=torch.bfloat16, fold=None,
-                     device="cpu"):
+                     device="cpu", admin: Optional[bool] = None):
     """texts -> embeddings for one column: "bow", "minilm", a built-in model name (unadapted) or a
     model folder. Tower columns compute in `dtype` (None: fp32) on `device`; `fold` (True: lower case,
     "sentence": sentence case, False: off) forces the tokenizer's `fold_capitals` rule alone,
-    "lower" lower-cases every text (its `lowercase`), None keeps the model config's."""
+    "lower" lower-cases every text (its `lowercase`), None keeps the model config's; `admin` (True /
+    False) forces the tokenizer's `drop_admin_lines`, None keeps the config's."""
     from open_clip_cxr.text.case import fold_style
     from open_clip_cxr_train.speedups import FrozenCast
     from open_clip_cxr_train.text_stage import tower_encode_fn
@@ -103,6 +107,8 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
         if fold is not None:
             tokenizer.lowercase = fold == "lower"
             tokenizer.fold_capitals = None if fold == "lower" else fold_style(fold)
+        if admin is not None:
+            tokenizer.drop_admin_lines = admin
         FrozenCast(tower, dtype)   # bf16: weights stored in bf16 for speed; nothing is merged afterwards
         fn = tower_encode_fn(tower, tokenizer, max_tokens=max_tokens, dtype=dtype, device=device)
         if unshout:     # an input normaliser in front of the tower (measured, not part of the model)
@@ -113,12 +119,13 @@ def column_encode_fn(column: str, seed: int, max_tokens: int, unshout=False, dty
 
 
 def evaluate_column(column: str, reports, seed: int, max_tokens: int, styles=("train",), unshout=False,
-                    dtype=torch.bfloat16, fold=None, device="cpu", model_seed: Optional[int] = None) -> dict:
+                    dtype=torch.bfloat16, fold=None, device="cpu", model_seed: Optional[int] = None,
+                    admin: Optional[bool] = None) -> dict:
     """{protocol: suite result} for one column (`column_encode_fn`), each protocol of `styles`
     ("train", "heldout"), rewrites drawn with `seed`; an unadapted built-in model's pooler is
     initialised with `model_seed` (default `seed`)."""
     fn = column_encode_fn(column, seed if model_seed is None else model_seed, max_tokens, unshout, dtype, fold,
-                          device)
+                          device, admin)
     return {st: run_robustness(reports, fn, seed=seed, styles=st) for st in styles}
 
 
@@ -193,6 +200,9 @@ def main():
                          "mostly-capital texts forced to lower case / sentence case / left as they are "
                          "(fold_capitals); or every text lower-cased (lowercase); forced columns are named "
                          "'<folder>+fold' / '+sentence' / '+nofold' / '+lower'")
+    ap.add_argument("--admin-lines", choices=("config", "drop", "keep"), default="config",
+                    help="the tokenizer's drop_admin_lines (text_cfg.tokenizer_kwargs): as the model config "
+                         "says, or forced on / off; forced columns are named '<folder>+dropadmin' / '+keepadmin'")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="the tower columns' compute precision; auto: bf16 only where open_clip_cxr.precision "
                          "measures it faster on this CPU (OPEN_CLIP_CXR_PRECISION overrides)")
@@ -239,6 +249,8 @@ def main():
     if fold is not None:
         mark = {True: "+fold", "sentence": "+sentence", False: "+nofold", "lower": "+lower"}[fold]
         args.after = [a + mark for a in args.after]
+    if args.admin_lines != "config":
+        args.after = [a + f"+{args.admin_lines}admin" for a in args.after]
     columns = [c for c in args.columns.split(",") if c] + args.after
     pair_against = [c for c in args.pair_against.split(",") if c]
     seeds = [args.seed + k for k in range(args.draws)]
@@ -285,7 +297,7 @@ def measure_split(split, reports, seeds, protocols, args, ctx) -> dict:
             t = time.time()
             res = evaluate_column(_folder(col), reports, seed, args.max_tokens, (st,),
                                   unshout="+unshout" in col, dtype=choice.dtype, fold=fold,
-                                  device=args.device, model_seed=args.seed)[st]
+                                  device=args.device, model_seed=args.seed, admin=_admin(col))[st]
             res["eval_wall_s"] = round(time.time() - t, 1)
             if col not in ("bow", "minilm"):
                 res["precision"] = choice.precision
@@ -309,10 +321,16 @@ def measure_split(split, reports, seeds, protocols, args, ctx) -> dict:
 
 
 def _folder(col: str) -> str:
-    """The model of a column name (without its +unshout / +fold / +sentence / +nofold / +lower marks)."""
-    for mark in ("+nofold", "+fold", "+sentence", "+lower", "+unshout"):
+    """The model of a column name (without its +unshout / +fold / +sentence / +nofold / +lower /
+    +dropadmin / +keepadmin marks)."""
+    for mark in ("+dropadmin", "+keepadmin", "+nofold", "+fold", "+sentence", "+lower", "+unshout"):
         col = col.removesuffix(mark)
     return col
+
+
+def _admin(col: str) -> Optional[bool]:
+    """The `drop_admin_lines` a column name forces (None: the model config's)."""
+    return True if col.endswith("+dropadmin") else False if col.endswith("+keepadmin") else None
 
 
 def _cpu_name() -> str:

@@ -66,25 +66,35 @@ class _ResolvingAutoModel:
 
 class _NoRemoteCodeHFTokenizer(open_clip.tokenizer.HFTokenizer):
     """OpenCLIP's `HFTokenizer` with `trust_remote_code=False` forced (a config's
-    `tokenizer_kwargs` cannot turn it on), and our one tokenizer option:
-    `text_cfg.tokenizer_kwargs.fold_capitals` (default off; "sentence" in our model configs but
-    `cxr-llm`, whose tokenization follows the authors'): mostly-capital texts are read in sentence
-    case (`true`, in earlier exports: lower case) before tokenising (`text/case.py`).
-    `open_clip.get_tokenizer(name, fold_capitals=False)` overrides a config.
-    `tokenizer_kwargs.lowercase` (default off; a stage-1 recipe's `lowercase: true`) lower-cases
-    every text: an uncased tower."""
+    `tokenizer_kwargs` cannot turn it on), and our text options, each a `text_cfg.tokenizer_kwargs`
+    key that `open_clip.get_tokenizer(name, key=value)` overrides:
+    - `drop_admin_lines` (default off; on in our model configs but `cxr-llm`, whose tokenization
+      follows the authors'): lines that name the exam, indication, history, comparison or
+      technique are dropped first (`reports/admin_lines.py`);
+    - `fold_capitals` (default off; "sentence" in our model configs but `cxr-llm`): mostly-capital
+      texts are read in sentence case (`true`, in earlier exports: lower case) (`text/case.py`);
+    - `lowercase` (default off; a stage-1 recipe's `lowercase: true`) lower-cases every text: an
+      uncased tower."""
 
-    def __init__(self, tokenizer_name, *args, fold_capitals=False, lowercase: bool = False, **kwargs):
+    def __init__(self, tokenizer_name, *args, fold_capitals=False, lowercase: bool = False,
+                 drop_admin_lines: bool = False, **kwargs):
         from .text.case import fold_style
         fold = fold_style(fold_capitals)    # checked before the tokenizer loads: a typo fails at once
+        if not isinstance(drop_admin_lines, bool):
+            raise ValueError(f"drop_admin_lines must be true or false; got {drop_admin_lines!r}")
         super().__init__(tokenizer_name, *args, **{**kwargs, "trust_remote_code": False})
         self.fold_capitals = fold           # None (off), "lower" or "sentence"
         self.lowercase = bool(lowercase)
+        self.drop_admin_lines = drop_admin_lines
 
     def fold(self, texts):
+        """The texts as the tower reads them: administrative lines dropped, then case folded."""
         if isinstance(texts, str):
             texts = [texts]
-        from .text.case import fold_capitals, lower_case
+        from .reports.admin_lines import drop_admin_lines
+        from .text.case import fold_capitals, lower_case, per_part
+        if self.drop_admin_lines:
+            texts = [per_part(t, drop_admin_lines) for t in texts]
         if self.lowercase:
             return [lower_case(t) for t in texts]
         if self.fold_capitals:

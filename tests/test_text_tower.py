@@ -272,7 +272,8 @@ def test_stage1_lowercase_recipe_key_reaches_the_exported_tokenizer(tmp_path):
     mixed = "FINDINGS: No PTX in the RLL. Mild cardiomegaly."
     model, tok, model_cfg, _ = build_model("cxr-llm-tiny", lowercase=True)
     assert tok.lowercase and torch.equal(tok([mixed]), tok([mixed.lower()]))
-    assert model_cfg["text_cfg"]["tokenizer_kwargs"] == {"fold_capitals": "sentence", "lowercase": True}
+    assert model_cfg["text_cfg"]["tokenizer_kwargs"] == {"fold_capitals": "sentence", "drop_admin_lines": True,
+                                                         "lowercase": True}
     assert "lowercase" not in open_clip.get_model_config("cxr-llm-tiny")["text_cfg"]["tokenizer_kwargs"]
     out = export_folder(model, model_cfg, tok, tmp_path / "out", merge_lora=False)
     again = open_clip.get_tokenizer(f"local-dir:{out}")

@@ -2,6 +2,7 @@
 import re
 from typing import Dict, List, Tuple
 
+from .admin_lines import ADMIN_LABELS
 from .clean import clean_text
 
 SECTION_KEYS = ("findings", "impression", "indication", "comparison", "technique", "history")
@@ -13,13 +14,9 @@ _HEADERS: Dict[str, Tuple[str, ...]] = {
                  "impression and findings", "description", "report"),
     "impression": ("impression", "impressions", "conclusion", "conclusions", "final impression", "summary",
                    "opinion", "interpretation", "diagnosis"),
-    "indication": ("indication", "indications", "reason for exam", "reason for examination", "reason for study",
-                   "clinical indication", "clinical information", "clinical data", "reason"),
-    "history": ("history", "clinical history", "patient history", "medical history", "hx"),
-    "comparison": ("comparison", "comparisons", "comparison study", "comparison studies", "comparison exam",
-                   "comparison exams", "prior", "priors", "prior studies", "prior study"),
-    "technique": ("technique", "techniques", "procedure", "views", "view", "projection", "projections"),
-    "examination": ("examination", "exam", "type of examination", "type of exam", "study", "examination type"),
+    # indication, history, comparison, technique, examination: frozen there (the tokenizer's
+    # drop_admin_lines reads them); a label only this parser needs goes in an entry of its own
+    **ADMIN_LABELS,
     "preamble": ("final report",),    # a banner, not a section: what follows is unlabelled text
     "other": ("wet read", "addendum", "notification", "notifications", "recommendation",
               "recommendations", "recommendation(s)", "attending", "electronically signed by", "signed by",

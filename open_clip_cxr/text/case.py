@@ -52,8 +52,8 @@ def is_shouted(text: str, threshold: float = FOLD_THRESHOLD) -> bool:
     return upper + lower > 0 and upper / (upper + lower) > threshold
 
 
-def _fold_parts(text: str, fold) -> str:
-    """`text` with `fold(part)` applied to each part between instruction separators."""
+def per_part(text: str, fold) -> str:
+    """`text` with `fold(part)` applied to each part between instruction separators (the separators kept)."""
     parts = _SEPARATORS.split(text)
     # odd indices are the separators themselves
     return "".join(p if i % 2 else fold(p) for i, p in enumerate(parts))
@@ -89,9 +89,9 @@ def fold_capitals(text: str, threshold: float = FOLD_THRESHOLD, style: str = "lo
     """`text` with each mostly-capital part folded, lower-cased (`style` "lower") or in sentence
     case ("sentence"); parts are split at instruction separators."""
     fold = _FOLDS[fold_style(style)]
-    return _fold_parts(text, lambda p: fold(p) if is_shouted(p, threshold) else p)
+    return per_part(text, lambda p: fold(p) if is_shouted(p, threshold) else p)
 
 
 def lower_case(text: str) -> str:
     """`text` lower-cased, its instruction separators kept as they are."""
-    return _fold_parts(text, str.lower)
+    return per_part(text, str.lower)
