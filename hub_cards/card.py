@@ -164,6 +164,21 @@ def base_model_of(model_cfg: Optional[dict]) -> Tuple[Optional[str], Optional[st
     return None, None
 
 
+def text_reading(tokenizer_kwargs: dict) -> str:
+    """What the tokenizer does to a text before tokenising it (`text_cfg.tokenizer_kwargs`), in words:
+    a user who tokenizes the reports some other way gets other embeddings."""
+    rules = []
+    if tokenizer_kwargs.get("drop_admin_lines"):
+        rules.append("lines that name the exam, indication, history, comparison or technique dropped "
+                     "(`drop_admin_lines`)")
+    if tokenizer_kwargs.get("lowercase"):
+        rules.append("every text in lower case (`lowercase`)")
+    elif tokenizer_kwargs.get("fold_capitals"):
+        case = "sentence case" if tokenizer_kwargs["fold_capitals"] == "sentence" else "lower case"
+        rules.append(f"mostly-capital texts in {case} (`fold_capitals`)")
+    return "; ".join(rules) + (" (`open_clip_cxr.get_tokenizer` applies them)" if rules else "")
+
+
 def architecture_rows(model_cfg: Optional[dict], preprocess_cfg: Optional[dict], lora_merged: bool) -> str:
     rows = []
     cfg = model_cfg or {}
@@ -188,6 +203,9 @@ def architecture_rows(model_cfg: Optional[dict], preprocess_cfg: Optional[dict],
     if config is not None and config.instruction_format == "llm2vec":
         rows.append(("Instructions", "the authors' LLM2Vec format: `instruction !@#$%^&*()text`, only the text's "
                                      "tokens pooled (`open_clip_cxr.get_tokenizer`)"))
+    reading = text_reading(text.get("tokenizer_kwargs") or {})
+    if reading:
+        rows.append(("Text read as", reading))
     if preprocess_cfg:
         rows.append(("Preprocessing", f"resize mode `{preprocess_cfg.get('resize_mode', 'shortest')}`, "
                                       f"mean {_fmt(list(preprocess_cfg.get('mean', [])))}, "

@@ -128,3 +128,13 @@ def test_load_recipe_reads_base_as_training_does(tmp_path):
     (tmp_path / "list.yaml").write_text("- a\n")
     with pytest.raises(ValueError, match="mapping"):
         load_recipe(tmp_path / "list.yaml")
+
+
+def test_card_says_how_the_tokenizer_reads_a_text():
+    """Our configs drop administrative lines and fold capitals before tokenising; the card says so,
+    and says nothing for the authors' config, which does neither."""
+    _, body = front_matter(card())
+    row = next(line for line in body.splitlines() if line.startswith("| Text read as |"))
+    assert "`drop_admin_lines`" in row and "mostly-capital texts in sentence case" in row
+    _, body = front_matter(card(model_cfg=open_clip.get_model_config("cxr-llm")))
+    assert "| Text read as |" not in body
