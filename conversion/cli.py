@@ -43,9 +43,12 @@ def _tokenizer(args, model_cfg):
     text_cfg = model_cfg["text_cfg"]
     source = args.tokenizer or (args.text_base if args.text_base and (Path(args.text_base) / "tokenizer.json").is_file()
                                 else text_cfg.get("hf_tokenizer_name"))
+    import open_clip_cxr  # noqa: F401  (its hooks put our tokenizer under open_clip.factory.HFTokenizer)
     try:
-        return open_clip.tokenizer.HFTokenizer(str(source), context_length=text_cfg.get("context_length"),
-                                               **{**text_cfg.get("tokenizer_kwargs", {}), "trust_remote_code": False})
+        # ours, as `get_tokenizer` builds it: the config's text options (`drop_admin_lines`,
+        # `fold_capitals`) apply to the reference embeddings and stay out of tokenizer_config.json
+        return open_clip.factory.HFTokenizer(str(source), context_length=text_cfg.get("context_length"),
+                                             **{**text_cfg.get("tokenizer_kwargs", {}), "trust_remote_code": False})
     except Exception as e:
         raise RuntimeError(f"could not load the tokenizer from {source!r} ({e}); pass --tokenizer DIR") from e
 

@@ -175,3 +175,22 @@ def test_convert_cli_writes_a_checked_openclip_folder(tmp_path, capsys):
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{out}")
     assert not model.text.transformer.has_lora  # merged on request
     assert_same(model.eval(), source)
+
+
+@torch.no_grad()
+def test_convert_keeps_our_text_options_out_of_the_hf_tokenizer_files(tmp_path):
+    """A config with our tokenizer options (`drop_admin_lines`, `fold_capitals`) converts through our
+    tokenizer: the options live in open_clip_config.json only, and the folder's tokenizer applies them."""
+    import open_clip
+    torch.save(authors_state(authors_model(seed=3)), tmp_path / "llm2clip.pt")
+    cfg = {**CFG, "text_cfg": {**CFG["text_cfg"],
+                               "tokenizer_kwargs": {"fold_capitals": "sentence", "drop_admin_lines": True}}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = tmp_path / "converted"
+    assert cli_main(["convert", "--from", "llm2clip", "--src", str(tmp_path / "llm2clip.pt"), "--out", str(out),
+                     "--model", str(tmp_path / "cfg.json"), "--tokenizer", BYTE_TOKENIZER]) == 0
+    hf_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "drop_admin_lines" not in hf_cfg and "fold_capitals" not in hf_cfg
+    tok = open_clip.get_tokenizer(f"local-dir:{out}")
+    assert tok.drop_admin_lines and tok.fold_capitals == "sentence"
+    assert torch.equal(tok(["EXAM: CHEST\nNo effusion."]), tok(["No effusion."]))
