@@ -184,7 +184,8 @@ TEXT: Dict[str, Any] = {
         "borrowed_insertions": F("int", 0, "per report, this many insertion copies with a finding sentence of another training report", GE0),
         "borrowed_negations": F("int", 0, "per report, this many negation copies: a sentence replaced by one of another training report stating its finding the other way", GE0),
         "laterality_copies": F("int", 0, "per report, up to this many more laterality copies, each with another side word swapped", GE0),
-        "context_lines_p": F("float", 0.0, "share of each report's rule rewrites put between training-part exam / comparison / sign-off lines, in place", PROB),
+        "context_lines_p": F("float", 0.0, "share of each report's rule rewrites put between training-part exam / comparison / sign-off lines, in place "
+                                      "(with the model config's drop_admin_lines, its labelled lines are dropped before the tower reads them)", PROB),
         "neighbour_batches": F("int", 1, "reports per run of lexical neighbours in a micro-batch (1: random batches; g > 1: "
                                          "each report beside its g-1 nearest training reports by TF-IDF, near-duplicates as in-batch negatives)", GE1),
         "ema_decay": F("float", 0.0, "export an exponential moving average of the trained weights with this "
