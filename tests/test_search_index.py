@@ -460,3 +460,30 @@ def test_local_dir_names_are_stored_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert norm_model_name("local-dir:runs/export") == f"local-dir:{tmp_path.resolve() / 'runs' / 'export'}"
     assert norm_model_name("cxr-llm-tiny") == "cxr-llm-tiny"
+
+
+def test_a_tokenizer_with_other_text_rules_is_refused_for_adding_and_warned_for_search(tiny, archive, built,
+                                                                                       tmp_path, caplog):
+    """The probe text cannot show the tokenizer's text rules, so the record keeps them: adding with
+    another reading would index reports two ways (refused); searching reads only the queries the new
+    way (a warning). An index built before the record had them kept administrative lines."""
+    import shutil
+    import open_clip
+    from open_clip_cxr.search import Index, SearchIndexError
+    model, pre, tok = tiny
+    assert json.loads((built / "manifest.json").read_text())["model"]["text_rules"]["drop_admin_lines"] is True
+    keep = open_clip.get_tokenizer("cxr-llm-tiny", drop_admin_lines=False)
+    with pytest.raises(SearchIndexError, match="drop_admin_lines True then, False now.*build a new index with --out"):
+        build((model, pre, keep), built, archive["b"], add=True)
+    caplog.clear()
+    hits = Index.open(built, model=(model, pre, keep)).search_text(["No pleural effusion."], k=2)
+    assert hits and "drop_admin_lines True then, False now" in caplog.text
+    # an index whose manifest predates the record: read as built with administrative lines kept
+    old = tmp_path / "old"
+    shutil.copytree(built, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["model"]["text_rules"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SearchIndexError, match="drop_admin_lines False then, True now"):
+        build(tiny, old, archive["b"], add=True)
+    Index.open(old, model=(model, pre, keep))     # the same reading: no refusal

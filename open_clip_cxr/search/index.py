@@ -100,7 +100,7 @@ class Index:
                            self._precision, self.device)
         if self._pretrained == self.manifest["model"].get("pretrained"):
             rec["pretrained"] = self._pretrained   # same string as stored: do not re-resolve paths
-        check_model(self.folder, self.manifest, rec)
+        check_model(self.folder, self.manifest, rec, strict_text_rules=False)
 
     @property
     def model(self):
