@@ -1,8 +1,6 @@
 """Administrative header lines dropped before the tower reads a text (`reports/admin_lines.py`,
 the tokenizer's `drop_admin_lines`)."""
-import importlib.util
 import json
-import pathlib
 
 import pytest
 import torch
@@ -64,18 +62,3 @@ def test_tokenizer_drops_admin_lines_per_model_config(tmp_path):
     assert cfg["model_cfg"]["text_cfg"]["tokenizer_kwargs"]["drop_admin_lines"] is True
     assert open_clip.get_tokenizer(f"local-dir:{out}").drop_admin_lines
 
-
-def test_bench_forces_the_option_per_column(monkeypatch):
-    """`bench_text_stage.py --admin-lines drop|keep`: the column's name says what it forced, and the
-    tower reads the text accordingly."""
-    monkeypatch.syspath_prepend("bench")
-    spec = importlib.util.spec_from_file_location(
-        "bts", pathlib.Path(__file__).resolve().parents[1] / "bench" / "bench_text_stage.py")
-    bts = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bts)
-    assert bts._folder("runs/R0+sentence+dropadmin") == "runs/R0" and bts._admin("runs/R0+keepadmin") is False
-    assert bts._admin("runs/R0+sentence") is None
-    texts = ["EXAM: CHEST 2 VIEWS\nNo pneumothorax.", "No pneumothorax."]
-    kept = bts.column_encode_fn("cxr-llm-tiny", 0, 64, dtype=None, admin=False)(texts)
-    dropped = bts.column_encode_fn("cxr-llm-tiny", 0, 64, dtype=None, admin=True)(texts)
-    assert torch.allclose(dropped[0], dropped[1]) and not torch.allclose(kept[0], kept[1])

@@ -233,9 +233,11 @@ def test_paired_failures_fixed_and_broken(monkeypatch):
     assert bdf.fixed_and_broken(base, change, "negation") == (1, 0)
 
 
-def test_bench_lower_column_reads_every_text_in_lower_case(monkeypatch):
+def test_bench_columns_force_the_tokenizers_text_options(monkeypatch):
     """`bench_text_stage.py --fold-capitals lower` (column '<model>+lower') lower-cases every text
-    for a cased tower, as a `lowercase: true` tower's tokenizer would."""
+    for a cased tower, as a `lowercase: true` tower's tokenizer would; `--fold-capitals on|sentence`
+    folds shouted texts; `--admin-lines drop|keep` ('+dropadmin' / '+keepadmin') forces
+    `drop_admin_lines`."""
     import importlib.util as iu
 
     import torch
@@ -258,6 +260,13 @@ def test_bench_lower_column_reads_every_text_in_lower_case(monkeypatch):
     by_sentence = B.column_encode_fn("cxr-llm-tiny", 0, 512, dtype=None, fold="sentence")
     assert torch.allclose(on(shout), off([shout[0].lower()]))
     assert torch.allclose(by_sentence(shout), off(sent)) and not torch.allclose(by_sentence(shout), on(shout))
+    # --admin-lines drop / keep
+    assert B._folder("runs/R0+sentence+dropadmin") == "runs/R0" and B._admin("runs/R0+keepadmin") is False
+    assert B._admin("runs/R0+sentence") is None
+    texts = ["EXAM: CHEST 2 VIEWS\nNo pneumothorax.", "No pneumothorax."]
+    kept = B.column_encode_fn("cxr-llm-tiny", 0, 64, dtype=None, admin=False)(texts)
+    dropped = B.column_encode_fn("cxr-llm-tiny", 0, 64, dtype=None, admin=True)(texts)
+    assert torch.allclose(dropped[0], dropped[1]) and not torch.allclose(kept[0], kept[1])
 
 
 def test_target_lines_carry_a_wilson_interval_of_the_rows_count(monkeypatch):
