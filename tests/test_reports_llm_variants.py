@@ -112,9 +112,36 @@ def test_stage1_texts_with_llm_variants(tmp_path, monkeypatch):
     assert llm.negatives == ["Small right pleural effusion. No pneumothorax."]
     both = P.llm_report_texts(report_texts, [rep], {"variants": "both", "paraphraser": "fake"}, tmp_path, log=lambda s: None)(rep, 0)
     assert both.variants == rules.variants + llm.variants and both.negatives == rules.negatives + llm.negatives
+    assert both.llm_variants == llm.variants and rules.llm_variants == []
     assert json.load(open(tmp_path / "counts.json"))["kept"] == {"negative": 1, "positive": 1}
     with pytest.raises(ValueError, match="needs supcon.paraphraser"):
         P.llm_report_texts(report_texts, [rep], {"variants": "llm"}, tmp_path)
+
+
+def test_llm_variant_p_picks_the_llm_rewrite_that_often_and_zero_samples_as_before():
+    import random
+    from open_clip_cxr_train.supcon import ReportTexts, sample_example
+    llm = "There is no evidence of effusion."
+    texts = ReportTexts("No effusion.", [f"rule rewrite {i}." for i in range(9)] + [llm], ["Left effusion."], {},
+                        llm_variants=[llm])
+
+    def pairs(p_llm, seed=3, n=2000):
+        rng = random.Random(seed)
+        return [sample_example(texts, rng, p_sections=0.0, p_llm=p_llm) for _ in range(n)]
+
+    def share(examples):
+        return sum(llm in (e.anchor, e.positive) for e in examples) / len(examples)
+
+    assert all(llm in (e.anchor, e.positive) for e in pairs(1.0))
+    assert 0.05 < share(pairs(0.0)) < 0.15 and 0.5 < share(pairs(0.5)) < 0.6   # 1/10, then 0.5 + 0.5/10
+    # p 0 draws exactly what a sampler without the key draws (the recipes without it are unchanged)
+    rng = random.Random(3)
+    assert [(e.anchor, e.positive) for e in pairs(0.0)] == \
+        [(e.anchor, e.positive) for e in (sample_example(texts, rng, p_sections=0.0) for _ in range(2000))]
+    plain = ReportTexts(texts.base, texts.variants[:9], texts.negatives, {})   # no LLM rewrite: p has nothing to pick
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    assert [sample_example(plain, rng_a, p_sections=0.0, p_llm=0.9).anchor for _ in range(50)] == \
+        [sample_example(plain, rng_b, p_sections=0.0).anchor for _ in range(50)]
 
 
 def test_stage1_trains_with_llm_variants(tmp_path, monkeypatch):

@@ -194,6 +194,16 @@ def test_train_text_refuses_instructions_with_several_views(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("sets, named", [(["supcon.llm_variant_p=0.5"], "supcon.variants"),
+                                          (["supcon.views=3", "supcon.llm_variant_p=0.5", "supcon.fact_weight=0"],
+                                           "supcon.llm_variant_p")])
+def test_train_text_refuses_llm_variant_p_without_llm_rewrites_or_with_views(tmp_path, capsys, sets, named):
+    rc = run_text(tmp_path, *sets)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and named in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("command", ["train-text", "train-clip"])
 def test_a_set_without_a_value_is_a_usage_error(command, capsys):
     assert main([command, "--set", "train.epochs"]) == 2

