@@ -144,7 +144,7 @@ def test_llm_variant_p_picks_the_llm_rewrite_that_often_and_zero_samples_as_befo
         [sample_example(plain, rng_b, p_sections=0.0).anchor for _ in range(50)]
 
 
-def test_stage1_trains_with_llm_variants(tmp_path, monkeypatch):
+def test_stage1_trains_with_llm_variants(tmp_path, monkeypatch, capsys):
     import torch
     from pathlib import Path
     from test_train_text import tiny_recipe
@@ -164,13 +164,17 @@ def test_stage1_trains_with_llm_variants(tmp_path, monkeypatch):
     common.reset_accelerator_state()
     try:
         recipe = tiny_recipe(tmp_path, **{"supcon.variants": "both", "supcon.paraphraser": "fake-dir",
-                                          "mntp.steps": 0, "eval.enabled": False})
+                                          "supcon.llm_variant_p": 0.5, "mntp.steps": 0, "eval.enabled": False})
         train(recipe)
     finally:
         common.reset_accelerator_state()
         torch.set_num_threads(threads)
     counts = json.load(open(Path(recipe["output_dir"]) / "work" / "llm_variants" / "counts.json"))
     assert calls == ["fake-dir"] and counts["kept"]["positive"] > 0 and counts["dropped"]["negative"]["identical"] > 0
+    # the run says how many of its cached reports the key acts on (every one here has an LLM rewrite)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "llm_variant_p" in x)
+    n, of = (int(w) for w in line.split("the ")[1].split(" cached")[0].split(" of "))
+    assert n == of > 0 and "changes nothing" not in line, line
 
 
 @pytest.mark.parametrize("precision, dtype, suffix", [("fp32", "float32", ""), ("bf16", "bfloat16", "@bf16")])

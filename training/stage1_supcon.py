@@ -76,6 +76,10 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
               f"{rate['gflops']:.1f} GFLOP/s ({rate['of_peak']:.0%} of the measured "
               f"{rate['precision']} linear peak)")
     run.summary["cache"] = rate     # summary.json
+    if float(scfg.get("llm_variant_p", 0.0)):     # say what the key acts on: a pool without LLM rewrites ignores it
+        n_llm = sum(1 for t in pool if t.llm_variants)
+        acc.print(f"supcon: llm_variant_p {float(scfg['llm_variant_p']):g} acts on the {n_llm} of {len(pool)} cached "
+                  "reports with a checked LLM rewrite" + ("" if n_llm else ": none, so it changes nothing"))
     if float(scfg.get("instruction_prob", 0.0)):
         raise ValueError("supcon.cache reads fixed texts: set supcon.instruction_prob to 0")
     p_drop = float(scfg.get("token_dropout", 0.0))
