@@ -142,14 +142,22 @@ def test_llm_variant_p_picks_the_llm_rewrite_that_often_and_zero_samples_as_befo
 
     assert all(llm in (e.anchor, e.positive) for e in pairs(1.0))
     assert 0.05 < share(pairs(0.0)) < 0.15 and 0.5 < share(pairs(0.5)) < 0.6   # 1/10, then 0.5 + 0.5/10
-    # p 0 draws exactly what a sampler without the key draws (the recipes without it are unchanged)
-    rng = random.Random(3)
-    assert [(e.anchor, e.positive) for e in pairs(0.0)] == \
-        [(e.anchor, e.positive) for e in (sample_example(texts, rng, p_sections=0.0) for _ in range(2000))]
-    plain = ReportTexts(texts.base, texts.variants[:9], texts.negatives, {})   # no LLM rewrite: p has nothing to pick
-    rng_a, rng_b = random.Random(5), random.Random(5)
-    assert [sample_example(plain, rng_a, p_sections=0.0, p_llm=0.9).anchor for _ in range(50)] == \
-        [sample_example(plain, rng_b, p_sections=0.0).anchor for _ in range(50)]
+    # p 0 draws exactly what the sampler drew before the key (written out here as it was, for a report
+    # without sections), and so does any p for a report without an LLM rewrite: recipes are unchanged
+    def before(t, rng):
+        anchor, positive = rng.choice(t.variants), t.base
+        if rng.random() < 0.5:
+            anchor, positive = positive, anchor
+        negs = [x for x in t.negatives if x not in (anchor, positive)]
+        rng.shuffle(negs)
+        return anchor, positive, negs[:2]
+
+    unmarked = ReportTexts(texts.base, texts.variants, texts.negatives, {})
+    for t, p_llm in ((texts, 0.0), (unmarked, 0.9)):
+        rng_new, rng_old = random.Random(3), random.Random(3)
+        assert [(e.anchor, e.positive, e.negatives) for e in
+                (sample_example(t, rng_new, p_sections=0.0, p_llm=p_llm) for _ in range(500))] == \
+            [before(t, rng_old) for _ in range(500)]
 
 
 def test_stage1_trains_with_llm_variants(tmp_path, monkeypatch, capsys):
