@@ -33,6 +33,17 @@ def local_model(model_id: str) -> str:
     return model_id
 
 
+def in_hf_cache(repo_id: str, file: str = "config.json") -> bool:
+    """Is `file` of Hub model `repo_id` in the local Hugging Face cache (no network)? False for a
+    name that is not a Hub id at all (e.g. a path that does not exist)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        hit = try_to_load_from_cache(repo_id, file)
+    except Exception:     # no huggingface_hub, or not a valid Hub id
+        return False
+    return isinstance(hit, str) and os.path.exists(hit)
+
+
 def find_local_model(model_id: str, file: Optional[str] = None, label: str = "model") -> str:
     """Where a causal LM named by the user is read from: a folder, an installed asset package's folder,
     or a Hub id found in the local Hugging Face cache (with `file`, e.g. a GGUF file, in it). Checked
@@ -44,12 +55,7 @@ def find_local_model(model_id: str, file: Optional[str] = None, label: str = "mo
         if file and not (path / file).is_file():
             raise FileNotFoundError(f"{label} {model_id}: no file {file} in {path}; name one that is there or leave it out")
         return str(path)
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        hit = try_to_load_from_cache(ref, file or "config.json")
-    except Exception:     # not a valid Hub id either (e.g. a path that does not exist)
-        hit = None
-    if isinstance(hit, str) and os.path.exists(hit):
+    if in_hf_cache(ref, file or "config.json"):
         return ref
     if model_id.startswith(("/", ".", "~")) or model_id.count("/") != 1:    # a path, not an org/name Hub id
         raise FileNotFoundError(f"{label} {model_id}: no model folder there, and no installed asset package of "

@@ -107,7 +107,7 @@ def test_radgraph_and_chexbert_without_weights_say_what_is_missing(tmp_path, mon
     with pytest.raises(CM.MetricUnavailableError, match="no CheXbert weights"):
         CM.check_chexbert(str(tmp_path))
     (tmp_path / "chexbert.pth").write_bytes(b"")
-    monkeypatch.setattr(CM, "_hf_cached", lambda repo: False)
+    monkeypatch.setattr(CM, "in_hf_cache", lambda repo: False)
     with pytest.raises(CM.MetricUnavailableError, match="bert-base-uncased"):
         CM.check_chexbert(str(tmp_path))
     monkeypatch.setattr(CM, "_package_cache", lambda package, app: str(tmp_path / "empty"))

@@ -84,7 +84,14 @@ def test_llm_variants_with_a_real_tiny_model_are_cached(tiny, tmp_path):   # noq
 def test_shards_cli_stores_llm_variants_and_counts(tmp_path, monkeypatch, capsys):
     from open_clip_cxr.cli import main
     t = fx.make_table(tmp_path / "tbl", n=2)
-    monkeypatch.setattr(P, "load_llm_variants", lambda *a, **k: _maker())
+    from open_clip_cxr.asset_packages import find_local_model
+    with pytest.raises(FileNotFoundError, match="--paraphraser /no/such/lm: no model folder"):   # the real loader
+        P.load_llm_variants("/no/such/lm", tmp_path / "c", label="--paraphraser")
+
+    def fake_loader(model_id, cache_dir, gguf_file=None, label="paraphraser", **kw):
+        find_local_model(model_id, gguf_file, label)    # the real loader's first step: is the model here?
+        return _maker()
+    monkeypatch.setattr(P, "load_llm_variants", fake_loader)
     out = tmp_path / "out"
     argv = ["shards", "--source", "table", "--table", str(t["table"]), "--out", str(out), "--max-side", "32",
             "--workers", "1", "--no-progress", "--val-frac", "0", "--test-frac", "0", "--variants", "llm"]

@@ -132,15 +132,14 @@ def run(args: argparse.Namespace) -> int:
             if not args.paraphraser:
                 raise ValueError(f"--variants {args.variants} needs --paraphraser MODEL (a local causal LM)")
             from open_clip_cxr.data.manifest import load_manifest
-            from open_clip_cxr.asset_packages import find_local_model
             from open_clip_cxr.reports.paraphrase import attach_llm_variants, load_llm_variants
             old = (load_manifest(args.out) or {}) if not args.overwrite else {}
             if old.get("splits") and (old.get("llm_variants") or {}).get("paraphraser") != args.paraphraser:
                 raise ValueError(f"{args.out} holds shards made without --paraphraser {args.paraphraser}; "
                                  "pass --overwrite to replace them, or choose another --out")
-            find_local_model(args.paraphraser, args.paraphraser_gguf, label="--paraphraser")   # before any work
-            llm = load_llm_variants(args.paraphraser, os.path.join(args.out, "llm_variants"),
-                                    batch_size=args.paraphraser_batch_size, gguf_file=args.paraphraser_gguf)
+            llm = load_llm_variants(args.paraphraser, os.path.join(args.out, "llm_variants"),   # before any report is read
+                                    batch_size=args.paraphraser_batch_size, gguf_file=args.paraphraser_gguf,
+                                    label="--paraphraser")
             records = attach_llm_variants(records, llm)
         manifest = write_shards(
             records, args.out,

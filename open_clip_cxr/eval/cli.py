@@ -253,13 +253,11 @@ def run_report_gen(args, model, preprocess, tokenizer) -> dict:
                             rescale_with_baseline=bool(base), baseline_path=None if base in (None, "builtin") else base,
                             device=args.device)
     if args.judge:
-        from open_clip_cxr.asset_packages import find_local_model
         from open_clip_cxr.eval.green import GreenJudge
-        find_local_model(args.judge, args.judge_gguf_file, label="--judge")   # one line, not a traceback
         kw = {"gguf_file": args.judge_gguf_file} if args.judge_gguf_file else {}
         judge = GreenJudge.from_pretrained(args.judge, device=args.device, batch_size=args.judge_batch_size,
                                            max_new_tokens=args.judge_max_new_tokens, dtype=args.judge_dtype, progress=True,
-                                           cache_path=os.path.join(args.out, "green_cache.jsonl"), **kw)
+                                           cache_path=os.path.join(args.out, "green_cache.jsonl"), label="--judge", **kw)
     test = embed_shards(model, preprocess, None, _urls(args.shards), args.batch_size, args.device,
                         limit=args.limit, splits=[args.split] if args.split else None,
                        num_workers=args.workers)

