@@ -1,5 +1,6 @@
-"""One-error copies borrowed from other training reports (`supcon.borrowed_insertions`, `_negations`)."""
-from open_clip_cxr.reports.borrowed import SentencePool, borrowable, pool_or_none
+"""One-error copies borrowed from other training reports (`supcon.borrowed_insertions`, `_negations`,
+`_absent_swaps`)."""
+from open_clip_cxr.reports.borrowed import SentencePool, borrowable, is_absent_swap, pool_or_none
 from open_clip_cxr.reports.mentions import classify_edit
 from open_clip_cxr.reports.negatives import _AFFIRM_TEMPLATES, _INSERTIONS, _NEGATE_TEMPLATES
 from open_clip_cxr.reports.style_split import in_part
@@ -88,6 +89,37 @@ def test_negation_copies_swap_one_sentence_for_a_borrowed_one_stated_the_other_w
         == ["No right pleural effusion."]
     more = report_texts(r, 0, borrowed=SentencePool(donors, insertions=0, negations=1))
     assert copies[0].text in more.negatives
+
+
+def test_absent_swap_copies_rule_out_another_finding_in_place_of_one():
+    donors = [Report("d1", "t", findings="No pneumothorax. No focal consolidation. Mild cardiomegaly."),
+              Report("d2", "t", findings="No pleural effusion. No pulmonary edema.")]
+    pool = SentencePool(donors, insertions=0, negations=0, absent_swaps=2)
+    assert set(pool.absent_by_finding) == {"pneumothorax", "consolidation", "pleural_effusion", "edema"}
+    r = Report("x", "t", findings="Heart size is normal. No pneumothorax. No pleural effusion.", impression="Normal chest.")
+    base = base_text(r)
+    copies = pool.absent_swap_copies(r, seed=0, k=3)
+    # donors of findings the report does not mention: consolidation and edema, one copy each (k at most)
+    assert len(copies) == 2 and all(is_absent_swap(base, c.text) for c in copies)
+    assert {d for c in copies for d in ("No focal consolidation.", "No pulmonary edema.") if d in c.text} \
+        == {"No focal consolidation.", "No pulmonary edema."}
+    for c in copies:     # one of the report's absent-finding sentences is gone, the rest is unchanged
+        assert c.text.count("No pneumothorax.") + c.text.count("No pleural effusion.") == 1
+        assert "Heart size is normal." in c.text and "Normal chest." in c.text
+        assert (c.equivalent, c.error_type, c.style) == (False, "absent_swap", "absent_swap_borrowed")
+    assert pool.absent_swap_copies(r, seed=0, k=1) == copies[:1]            # seeded, k at most
+    # nothing ruled out in a sentence of its own, or every donor finding already mentioned: no copy
+    assert pool.absent_swap_copies(Report("y", "t", findings="Mild cardiomegaly. Lungs are clear."), 0, 1) == []
+    full = Report("z", "t", findings="No pneumothorax. No focal consolidation. No pleural effusion. No pulmonary edema.")
+    assert pool.absent_swap_copies(full, 0, 1) == []
+    # what the check refuses: a present finding put in, a mentioned finding ruled out again, two changes
+    assert not is_absent_swap("No pneumothorax. Mild cardiomegaly.", "Small pleural effusion. Mild cardiomegaly.")
+    assert not is_absent_swap("No pneumothorax. No pleural effusion.", "No pleural effusion. No pleural effusion.")
+    assert not is_absent_swap("No pneumothorax.", "No pleural effusion. No pulmonary edema.")
+    assert is_absent_swap("No pneumothorax. Mild cardiomegaly.", "No pulmonary edema. Mild cardiomegaly.")
+    more = report_texts(r, 0, borrowed=SentencePool(donors, insertions=0, negations=0, absent_swaps=1))
+    assert copies[0].text in more.negatives and more.variants == report_texts(r, 0).variants
+    assert pool_or_none(donors, 0, 0, log=lambda m: None, absent_swaps=1).absent_swaps == 1
 
 
 def test_report_texts_add_laterality_copies_to_the_negatives_only():

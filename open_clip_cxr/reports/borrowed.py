@@ -1,5 +1,7 @@
 """One-error copies borrowed from other reports: a real sentence of another training report
-added (insertion) or put in place of one that states the same finding the other way (negation).
+added (insertion), put in place of one that states the same finding the other way (negation), or
+put in place of one that rules out another finding (absent swap: "No pneumothorax." ->
+"No pleural effusion.", where the report says nothing of an effusion).
 
 The rule-based errors (`negatives.py`) use a few template sentences split between the style
 parts (16 inserted findings, six ways to say a finding is absent, three to say it is present), so
@@ -16,7 +18,7 @@ import re
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from .clean import join_sections
-from .mentions import classify_edit, extract_mentions
+from .mentions import classify_edit, extract_mentions, mention_keys
 from .negatives import _AFFIRM_TEMPLATES, _INSERTIONS, _NEGATE_TEMPLATES, _apply, _insert
 from .rewrite_common import report_sections, rng_for, sentences
 from .style_split import in_part
@@ -64,10 +66,11 @@ def borrowable(sentence: str, negated: bool = False) -> bool:
 
 class SentencePool:
     """One-finding sentences of `reports`, by (finding, side, negated); `copies` gives each report
-    `insertions` insertion and `negations` negation copies (recipe keys `supcon.borrowed_*`)."""
+    `insertions` insertion, `negations` negation and `absent_swaps` absent-swap copies (recipe keys
+    `supcon.borrowed_*`)."""
 
-    def __init__(self, reports: Iterable[Report], insertions: int = 1, negations: int = 0):
-        self.insertions, self.negations = insertions, negations
+    def __init__(self, reports: Iterable[Report], insertions: int = 1, negations: int = 0, absent_swaps: int = 0):
+        self.insertions, self.negations, self.absent_swaps = insertions, negations, absent_swaps
         found: Dict[Tuple[str, Optional[str], bool], Dict[str, None]] = {}
         for report in reports:
             for section in report_sections(report):
@@ -81,6 +84,11 @@ class SentencePool:
             if not negated:
                 present.setdefault(finding, []).extend(ss)
         self.by_finding = {f: sorted(set(ss)) for f, ss in sorted(present.items())}   # insertion donors
+        absent: Dict[str, List[str]] = {}
+        for (finding, _, negated), ss in self.by_key.items():
+            if negated:
+                absent.setdefault(finding, []).extend(ss)
+        self.absent_by_finding = {f: sorted(set(ss)) for f, ss in sorted(absent.items())}   # absent-swap donors
 
     def __len__(self) -> int:
         return sum(len(ss) for ss in self.by_key.values())
@@ -136,16 +144,62 @@ class SentencePool:
                 break
         return out
 
+    def absent_swap_copies(self, report: Report, seed: int = 0, k: int = 1) -> List[Variant]:
+        """Up to `k` copies of `report`, each with one of its sentences that rules out one finding
+        replaced by a borrowed sentence ruling out a finding the report does not mention.
+
+        Why: a paraphrase query's nearest wrong report is nearly always one with the same present
+        findings that rules out other ones (issue 19, thirtieth round); these copies are that
+        distractor made from the report itself, a hard negative no other copy type makes."""
+        secs = report_sections(report)
+        base = join_sections(*secs)
+        if not base or k <= 0:
+            return []
+        mentioned = {m.finding for m in extract_mentions(base)}
+        findings = [f for f in self.absent_by_finding if f not in mentioned]
+        split = [sentences(s) for s in secs]
+        sites = []
+        for i, sents in enumerate(split):
+            for j, s in enumerate(sents):
+                ms = extract_mentions(s)
+                if len(ms) == 1 and ms[0].negated and len(s.split()) <= MAX_WORDS and not _CHANGE_RE.search(s):
+                    sites.append((i, j))
+        rng = rng_for(seed, "borrowed_absent_swap", base)
+        out: List[Variant] = []
+        for _ in range(_TRIES):
+            if len(out) >= k or not sites or not findings:
+                break
+            (i, j), finding = rng.choice(sites), rng.choice(findings)
+            text = _apply(split, i, j, rng.choice(self.absent_by_finding[finding]))
+            if is_absent_swap(base, text) and text not in (v.text for v in out):
+                out.append(Variant(text=text, style="absent_swap_borrowed", equivalent=False, error_type="absent_swap"))
+                findings.remove(finding)        # k copies: k different findings
+        return out
+
     def copies(self, report: Report, seed: int) -> List[Variant]:
-        return self.insertion_copies(report, seed, self.insertions) + self.negation_copies(report, seed, self.negations)
+        return (self.insertion_copies(report, seed, self.insertions) + self.negation_copies(report, seed, self.negations)
+                + self.absent_swap_copies(report, seed, self.absent_swaps))
 
 
-def pool_or_none(reports: List[Report], insertions: int, negations: int = 0, log=print):
+def is_absent_swap(before: str, after: str) -> bool:
+    """`after` rules out one finding `before` does not mention in place of one `before` ruled out,
+    every other mention unchanged (`mentions.classify_edit` reads two findings changed: None)."""
+    a, b = mention_keys(before), mention_keys(after)
+    removed, added = a - b, b - a
+    if sum(removed.values()) != 1 or sum(added.values()) != 1:
+        return False
+    (f0, _, n0, _), = removed
+    (f1, _, n1, _), = added
+    return n0 and n1 and f1 != f0 and f1 not in {key[0] for key in a}
+
+
+def pool_or_none(reports: List[Report], insertions: int, negations: int = 0, log=print, absent_swaps: int = 0):
     """A `SentencePool` of `reports` when any copies are asked for (recipe keys
-    `supcon.borrowed_insertions`, `supcon.borrowed_negations`), else None."""
-    if insertions <= 0 and negations <= 0:
+    `supcon.borrowed_insertions`, `supcon.borrowed_negations`, `supcon.borrowed_absent_swaps`), else None."""
+    if insertions <= 0 and negations <= 0 and absent_swaps <= 0:
         return None
-    pool = SentencePool(reports, insertions, negations)
+    pool = SentencePool(reports, insertions, negations, absent_swaps)
     log(f"supcon: borrowed errors: {len(pool)} one-finding sentences of {len(pool.by_finding)} findings "
-        f"from {len(reports)} training reports; per report {insertions} insertion, {negations} negation copies")
+        f"from {len(reports)} training reports; per report {insertions} insertion, {negations} negation"
+        + (f", {absent_swaps} absent-swap" if absent_swaps else "") + " copies")
     return pool
