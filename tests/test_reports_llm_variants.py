@@ -133,6 +133,23 @@ def test_stage1_texts_with_llm_variants(tmp_path, monkeypatch):
         P.llm_report_texts(report_texts, [rep], {"variants": "llm"}, tmp_path)
 
 
+def test_stage1_rewrites_go_to_a_shared_cache_and_the_counts_to_the_run(tmp_path, monkeypatch):
+    """`supcon.paraphraser_cache`: runs that name one folder share its rewrites; each run keeps its own counts."""
+    from open_clip_cxr_train.supcon import report_texts
+    asked = []
+    monkeypatch.setattr(P, "load_llm_variants", lambda model, cache_dir, **k: asked.append(cache_dir) or _maker())
+    rep = Report(study_id="s1", source="t", findings="Small left pleural effusion.", impression="No pneumothorax.")
+    shared = tmp_path / "shared"
+    for run in ("a", "b"):
+        P.llm_report_texts(report_texts, [rep], {"variants": "both", "paraphraser": "fake", "paraphraser_cache": str(shared)},
+                           tmp_path / run, log=lambda s: None)
+        assert (tmp_path / run / "counts.json").exists()
+    assert asked == [str(shared), str(shared)] and not (shared / "counts.json").exists()
+    P.llm_report_texts(report_texts, [rep], {"variants": "both", "paraphraser": "fake"}, tmp_path / "c", log=lambda s: None)
+    assert asked[-1] == tmp_path / "c"      # unset: the run's own folder, as before
+
+
+
 def test_llm_variant_p_picks_the_llm_rewrite_that_often_and_zero_samples_as_before():
     import random
     from open_clip_cxr_train.supcon import ReportTexts, sample_example

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import keyword
+from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Union
 
 from open_clip_cxr.errors import UsageError
@@ -209,6 +210,10 @@ def check_before_work(recipe: dict, stage: str) -> dict:
                 find_local_model(scfg["paraphraser"], scfg.get("paraphraser_gguf"), label="supcon.paraphraser")
             except FileNotFoundError as e:
                 raise RecipeError(str(e)) from None
+            shared = scfg.get("paraphraser_cache")
+            if shared and Path(shared).exists() and not Path(shared).is_dir():
+                raise RecipeError(f"`supcon.paraphraser_cache` {shared} is a file, not a folder: name a folder "
+                                  "(it is made if missing)")
         if float(scfg.get("fact_cosine_scale", 0.0)) and not float(scfg.get("fact_weight", 0.0)):
             raise RecipeError("`supcon.fact_cosine_scale` shapes the fact head, which is off: set supcon.fact_weight > 0")
         if scfg.get("views", 2) > 2 and scfg.get("instruction_prob"):   # every view is a query: no anchor

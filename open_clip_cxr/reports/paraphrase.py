@@ -295,7 +295,9 @@ def attach_llm_variants(records, maker: LLMVariants) -> list:
 def llm_report_texts(report_texts_fn, reports, scfg: dict, cache_dir, log=print):
     """Stage 1's `report_texts` with LLM-made variants: `supcon.variants` "llm" uses only them,
     "both" adds them to the rule-based ones. `supcon.paraphraser` (model folder or cached id),
-    `supcon.paraphraser_gguf`, `supcon.paraphraser_batch_size`. Counts go to cache_dir/counts.json."""
+    `supcon.paraphraser_gguf`, `supcon.paraphraser_batch_size`. Rewrites are cached in cache_dir, or in
+    `supcon.paraphraser_cache` when set (a folder several runs share: seeds of one recipe write the same
+    rewrites); this run's counts go to cache_dir/counts.json."""
     from open_clip_cxr.reports.rewrite_common import base_text
     mode = scfg.get("variants", "rules")
     if mode not in ("llm", "both"):
@@ -303,7 +305,7 @@ def llm_report_texts(report_texts_fn, reports, scfg: dict, cache_dir, log=print)
     if not scfg.get("paraphraser"):
         raise ValueError(f"supcon.variants: {mode} needs supcon.paraphraser (a local causal LM)")
     cap = scfg.get("paraphraser_length_cap")
-    maker = load_llm_variants(scfg["paraphraser"], cache_dir, batch_size=int(scfg.get("paraphraser_batch_size", 8)),
+    maker = load_llm_variants(scfg["paraphraser"], scfg.get("paraphraser_cache") or cache_dir, batch_size=int(scfg.get("paraphraser_batch_size", 8)),
                               gguf_file=scfg.get("paraphraser_gguf"),
                               negatives=bool(scfg.get("paraphraser_negatives", True)),
                               length_cap=None if cap is None else float(cap))
