@@ -1,5 +1,5 @@
 """One-error copies borrowed from other training reports (`supcon.borrowed_insertions`, `_negations`,
-`_absent_swaps`)."""
+`_absent_swaps`), and rewrites that word a negation as another report does (`_rewordings`)."""
 from open_clip_cxr.reports.borrowed import SentencePool, borrowable, is_absent_swap, pool_or_none
 from open_clip_cxr.reports.mentions import classify_edit
 from open_clip_cxr.reports.negatives import _AFFIRM_TEMPLATES, _INSERTIONS, _NEGATE_TEMPLATES
@@ -120,6 +120,28 @@ def test_absent_swap_copies_rule_out_another_finding_in_place_of_one():
     more = report_texts(r, 0, borrowed=SentencePool(donors, insertions=0, negations=0, absent_swaps=1))
     assert copies[0].text in more.negatives and more.variants == report_texts(r, 0).variants
     assert pool_or_none(donors, 0, 0, log=lambda m: None, absent_swaps=1).absent_swaps == 1
+
+
+def test_reworded_negations_keep_every_mention_and_join_the_rewrites():
+    donors = [Report("d1", "t", findings="Negative for pneumothorax. No focal consolidation."),
+              Report("d2", "t", findings="There is no pneumothorax. No left pleural effusion. Mild cardiomegaly.")]
+    pool = SentencePool(donors, insertions=0, negations=0, rewordings=2)
+    r = Report("x", "t", findings="Heart size is normal. No pneumothorax. Small right pleural effusion.", impression="No acute disease.")
+    base = base_text(r)
+    copies = pool.reworded_negations(r, seed=0, k=2)
+    # one site only (the one sentence ruling out one finding the donors rule out): one rewrite
+    assert len(copies) == 1 and classify_edit(base, copies[0].text) == "equal"
+    assert copies[0].text.replace("Negative for pneumothorax.", "No pneumothorax.").replace(
+        "There is no pneumothorax.", "No pneumothorax.") == base
+    assert (copies[0].equivalent, copies[0].error_type, copies[0].style) == (True, None, "negation_reworded")
+    assert pool.reworded_negations(r, seed=0, k=2) == copies                 # seeded
+    # a side must match: no donor rules out a right effusion, so that sentence is no site
+    assert pool.reworded_negations(Report("y", "t", findings="No right pleural effusion."), 0, 1) == []
+    assert pool.reworded_negations(Report("z", "t", findings="No left pleural effusion."), 0, 1) == []   # only itself
+    plain, more = report_texts(r, 0), report_texts(r, 0, borrowed=pool)
+    assert more.variants == plain.variants + [copies[0].text] and more.negatives == plain.negatives
+    # the key at 0 (every recipe without it): the same texts as without a pool's positives
+    assert report_texts(r, 0, borrowed=SentencePool(donors, insertions=0, negations=0)).variants == plain.variants
 
 
 def test_report_texts_add_laterality_copies_to_the_negatives_only():

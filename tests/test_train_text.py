@@ -443,13 +443,13 @@ def test_train_cached_supcon_with_borrowed_errors(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(stage1_supcon, "report_texts", lambda *a, **kw: asked.append(kw) or real(*a, **kw))
     recipe = tiny_recipe(tmp_path, **{"supcon.cache": True, "supcon.cache_reports": 6, "supcon.steps": 2,
                                       "supcon.lora": None, "supcon.borrowed_insertions": 1, "supcon.borrowed_negations": 1,
-                                      "supcon.borrowed_absent_swaps": 1, "supcon.laterality_copies": 2, "supcon.context_lines_p": 0.5, "eval.enabled": False})
+                                      "supcon.borrowed_absent_swaps": 1, "supcon.borrowed_rewordings": 1, "supcon.laterality_copies": 2, "supcon.context_lines_p": 0.5, "eval.enabled": False})
     train(recipe)
     assert asked and all(kw["context_lines_p"] == 0.5 and kw["laterality_copies"] == 2 for kw in asked)
     line = next(x for x in capsys.readouterr().out.splitlines() if "borrowed errors" in x)
     assert int(line.split(": ")[2].split()[0]) > 0, line       # the pool found sentences to borrow
-    assert line.endswith("1 insertion, 1 negation, 1 absent-swap copies"), line
-    assert all(kw["borrowed"].absent_swaps == 1 for kw in asked)
+    assert line.endswith("1 insertion, 1 negation, 1 absent-swap copies; 1 reworded-negation rewrites"), line
+    assert all(kw["borrowed"].absent_swaps == kw["borrowed"].rewordings == 1 for kw in asked)
     rows = [json.loads(line) for line in (Path(recipe["output_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len([r for r in rows if r["stage"] == "supcon" and "loss_mean" not in r]) == 2
 

@@ -183,6 +183,7 @@ TEXT: Dict[str, Any] = {
         "negative_seeds": F("int", 1, "draw each report's one-error copies this many times (more error sentences)", GE1),
         "borrowed_insertions": F("int", 0, "per report, this many insertion copies with a finding sentence of another training report", GE0),
         "borrowed_negations": F("int", 0, "per report, this many negation copies: a sentence replaced by one of another training report stating its finding the other way", GE0),
+        "borrowed_rewordings": F("int", 0, "per report, this many more rewrites (positives): a sentence ruling out one finding replaced by one of another training report ruling out the same finding in other words", GE0),
         "borrowed_absent_swaps": F("int", 0, "per report, this many absent-swap copies: a sentence ruling out one finding replaced by one of another training report ruling out a finding the report does not mention", GE0),
         "laterality_copies": F("int", 0, "per report, up to this many more laterality copies, each with another side word swapped", GE0),
         "context_lines_p": F("float", 0.0, "share of each report's rule rewrites put between training-part exam / comparison / sign-off lines, in place "

@@ -60,7 +60,8 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
                "context_lines_p": float(scfg.get("context_lines_p", 0.0)),  # rewrites under exam lines
                "borrowed": pool_or_none(reports, int(scfg.get("borrowed_insertions", 0)),   # + errors borrowed
                                         int(scfg.get("borrowed_negations", 0)), acc.print,     # from other reports
-                                        int(scfg.get("borrowed_absent_swaps", 0)))}
+                                        int(scfg.get("borrowed_absent_swaps", 0)),
+                                        int(scfg.get("borrowed_rewordings", 0)))}
     max_tokens = int(run.recipe["train"].get("max_tokens", 4096))
     if not scfg.get("cache"):
         return SupconData(Embedder(run.tower, run.pad, max_tokens),

@@ -128,7 +128,8 @@ def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = No
     copies that many times (more error sentences and templates per report; recipe key
     `supcon.negative_seeds`), `borrowed` (a `reports.borrowed.SentencePool`) adds its one-error
     copies made with sentences of other training reports (recipe keys `supcon.borrowed_insertions`,
-    `supcon.borrowed_negations`, `supcon.borrowed_absent_swaps`), `laterality_copies` adds up to that many more one-word side swaps
+    `supcon.borrowed_negations`, `supcon.borrowed_absent_swaps`) and its rewrites that word a
+    negation as another training report does (`supcon.borrowed_rewordings`), `laterality_copies` adds up to that many more one-word side swaps
     (`supcon.laterality_copies`), `context_lines_p` puts that share of the rewrites between lines
     that say no finding (`with_context_lines`; `supcon.context_lines_p`: in place, so the mix of
     styles stays as it was). Rewrites come from the `part` of the style split ("train": never the
@@ -138,6 +139,8 @@ def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = No
         return None
     variants = [v.text for v in equivalent_variants(report, seed, part=part)
                 if v.text != base and (styles is None or v.style in styles)]
+    if borrowed is not None:    # its positives (supcon.borrowed_rewordings) join the rewrites
+        variants += [v.text for v in borrowed.positives(report, seed) if v.text != base and v.text not in variants]
     if max_variants is not None and len(variants) > max_variants:
         variants = random.Random(seed).sample(variants, max_variants)
     if context_lines_p:

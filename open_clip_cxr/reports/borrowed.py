@@ -1,7 +1,9 @@
 """One-error copies borrowed from other reports: a real sentence of another training report
 added (insertion), put in place of one that states the same finding the other way (negation), or
 put in place of one that rules out another finding (absent swap: "No pneumothorax." ->
-"No pleural effusion.", where the report says nothing of an effusion).
+"No pleural effusion.", where the report says nothing of an effusion). One positive kind too: a
+sentence that rules out one finding put in place of another report's sentence ruling out the same
+finding in its own words (reworded negation: "No pneumothorax." -> "Negative for pneumothorax.").
 
 The rule-based errors (`negatives.py`) use a few template sentences split between the style
 parts (16 inserted findings, six ways to say a finding is absent, three to say it is present), so
@@ -69,8 +71,10 @@ class SentencePool:
     `insertions` insertion, `negations` negation and `absent_swaps` absent-swap copies (recipe keys
     `supcon.borrowed_*`)."""
 
-    def __init__(self, reports: Iterable[Report], insertions: int = 1, negations: int = 0, absent_swaps: int = 0):
+    def __init__(self, reports: Iterable[Report], insertions: int = 1, negations: int = 0, absent_swaps: int = 0,
+                 rewordings: int = 0):
         self.insertions, self.negations, self.absent_swaps = insertions, negations, absent_swaps
+        self.rewordings = rewordings
         found: Dict[Tuple[str, Optional[str], bool], Dict[str, None]] = {}
         for report in reports:
             for section in report_sections(report):
@@ -178,6 +182,44 @@ class SentencePool:
                 findings.remove(finding)        # k copies: k different findings
         return out
 
+    def reworded_negations(self, report: Report, seed: int = 0, k: int = 1) -> List[Variant]:
+        """Up to `k` rewrites of `report` (positives), each with one of its sentences that rules out
+        one finding replaced by another training report's sentence ruling out the same finding and
+        side in other words; kept only when the checker reads the same mentions (`equal`).
+
+        Why: the held-out paraphrases word negations in ways the training part of the style split
+        does not (six of eight templates held out), and the tower follows that wording (thirtieth
+        round); real reports word negations in many ways no template of ours lists."""
+        secs = report_sections(report)
+        base = join_sections(*secs)
+        if not base or k <= 0:
+            return []
+        split = [sentences(s) for s in secs]
+        sites = []
+        for i, sents in enumerate(split):
+            for j, s in enumerate(sents):
+                ms = extract_mentions(s)
+                key = ms[0].key()[:3] if len(ms) == 1 and ms[0].negated else None
+                if key in self.by_key and len(s.split()) <= MAX_WORDS and not _CHANGE_RE.search(s):
+                    donors = [d for d in self.by_key[key] if _norm(d) != _norm(s)]
+                    if donors:
+                        sites.append((i, j, donors))
+        rng = rng_for(seed, "borrowed_rewording", base)
+        rng.shuffle(sites)
+        out: List[Variant] = []
+        for i, j, donors in sites:
+            for _ in range(3):
+                text = _apply(split, i, j, rng.choice(donors))
+                if text != base and classify_edit(base, text) == "equal" and text not in (v.text for v in out):
+                    out.append(Variant(text=text, style="negation_reworded", equivalent=True))
+                    break
+            if len(out) >= k:
+                break
+        return out
+
+    def positives(self, report: Report, seed: int) -> List[Variant]:
+        return self.reworded_negations(report, seed, self.rewordings)
+
     def copies(self, report: Report, seed: int) -> List[Variant]:
         return (self.insertion_copies(report, seed, self.insertions) + self.negation_copies(report, seed, self.negations)
                 + self.absent_swap_copies(report, seed, self.absent_swaps))
@@ -195,13 +237,16 @@ def is_absent_swap(before: str, after: str) -> bool:
     return n0 and n1 and f1 != f0 and f1 not in {key[0] for key in a}
 
 
-def pool_or_none(reports: List[Report], insertions: int, negations: int = 0, log=print, absent_swaps: int = 0):
+def pool_or_none(reports: List[Report], insertions: int, negations: int = 0, log=print, absent_swaps: int = 0,
+                 rewordings: int = 0):
     """A `SentencePool` of `reports` when any copies are asked for (recipe keys
-    `supcon.borrowed_insertions`, `supcon.borrowed_negations`, `supcon.borrowed_absent_swaps`), else None."""
-    if insertions <= 0 and negations <= 0 and absent_swaps <= 0:
+    `supcon.borrowed_insertions`, `supcon.borrowed_negations`, `supcon.borrowed_absent_swaps`,
+    `supcon.borrowed_rewordings`), else None."""
+    if insertions <= 0 and negations <= 0 and absent_swaps <= 0 and rewordings <= 0:
         return None
-    pool = SentencePool(reports, insertions, negations, absent_swaps)
+    pool = SentencePool(reports, insertions, negations, absent_swaps, rewordings)
     log(f"supcon: borrowed errors: {len(pool)} one-finding sentences of {len(pool.by_finding)} findings "
         f"from {len(reports)} training reports; per report {insertions} insertion, {negations} negation"
-        + (f", {absent_swaps} absent-swap" if absent_swaps else "") + " copies")
+        + (f", {absent_swaps} absent-swap" if absent_swaps else "") + " copies"
+        + (f"; {rewordings} reworded-negation rewrites" if rewordings else ""))
     return pool
