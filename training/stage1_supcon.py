@@ -58,10 +58,9 @@ def supcon_module(run, scfg: dict, top: int) -> SupconData:
                "negative_seeds": int(scfg.get("negative_seeds", 1)),      # one-error copies drawn k times
                "laterality_copies": int(scfg.get("laterality_copies", 0)),  # + one-word side swaps
                "context_lines_p": float(scfg.get("context_lines_p", 0.0)),  # rewrites under exam lines
-               "borrowed": pool_or_none(reports, int(scfg.get("borrowed_insertions", 0)),   # + errors borrowed
-                                        int(scfg.get("borrowed_negations", 0)), acc.print,     # from other reports
-                                        int(scfg.get("borrowed_absent_swaps", 0)),
-                                        int(scfg.get("borrowed_rewordings", 0)))}
+               "borrowed": pool_or_none(reports, log=acc.print,     # + copies with other reports' sentences
+                                        **{k: int(scfg.get(f"borrowed_{k}", 0))
+                                           for k in ("insertions", "negations", "absent_swaps", "rewordings")})}
     max_tokens = int(run.recipe["train"].get("max_tokens", 4096))
     if not scfg.get("cache"):
         return SupconData(Embedder(run.tower, run.pad, max_tokens),

@@ -129,8 +129,8 @@ def report_texts(report: Report, seed: int = 0, max_variants: Optional[int] = No
     `supcon.negative_seeds`), `borrowed` (a `reports.borrowed.SentencePool`) adds its one-error
     copies made with sentences of other training reports (recipe keys `supcon.borrowed_insertions`,
     `supcon.borrowed_negations`, `supcon.borrowed_absent_swaps`) and its rewrites that word a
-    negation as another training report does (`supcon.borrowed_rewordings`), `laterality_copies` adds up to that many more one-word side swaps
-    (`supcon.laterality_copies`), `context_lines_p` puts that share of the rewrites between lines
+    negation as another training report does (`supcon.borrowed_rewordings`), `laterality_copies`
+    adds up to that many more one-word side swaps (`supcon.laterality_copies`), `context_lines_p` puts that share of the rewrites between lines
     that say no finding (`with_context_lines`; `supcon.context_lines_p`: in place, so the mix of
     styles stays as it was). Rewrites come from the `part` of the style split ("train": never the
     held-out entries the held-out protocol measures with; None: both parts, for ablations only)."""

@@ -66,6 +66,16 @@ def borrowable(sentence: str, negated: bool = False) -> bool:
                  else not _NEGATION_WORD_RE.search(sentence)))
 
 
+def _plain_one_finding(split: List[List[str]]):
+    """(section i, sentence j, sentence, its mention) for each short sentence of `split` that states
+    one finding plainly (no change over time): the sentences a copy may replace."""
+    for i, sents in enumerate(split):
+        for j, s in enumerate(sents):
+            ms = extract_mentions(s)
+            if len(ms) == 1 and len(s.split()) <= MAX_WORDS and not _CHANGE_RE.search(s):
+                yield i, j, s, ms[0]
+
+
 class SentencePool:
     """One-finding sentences of `reports`, by (finding, side, negated); `copies` gives each report
     `insertions` insertion, `negations` negation and `absent_swaps` absent-swap copies (recipe keys
@@ -128,13 +138,8 @@ class SentencePool:
         if not base or k <= 0:
             return []
         split = [sentences(s) for s in secs]
-        sites = []
-        for i, sents in enumerate(split):
-            for j, s in enumerate(sents):
-                ms = extract_mentions(s)
-                key = (ms[0].finding, ms[0].side, not ms[0].negated) if len(ms) == 1 else None
-                if key in self.by_key and len(s.split()) <= MAX_WORDS and not _CHANGE_RE.search(s):
-                    sites.append((i, j, key))    # a short sentence that states one finding plainly
+        sites = [(i, j, (m.finding, m.side, not m.negated)) for i, j, _, m in _plain_one_finding(split)
+                 if (m.finding, m.side, not m.negated) in self.by_key]
         rng = rng_for(seed, "borrowed_negation", base)
         rng.shuffle(sites)
         out: List[Variant] = []
@@ -164,12 +169,7 @@ class SentencePool:
         mentioned = {m.finding for m in extract_mentions(base)}
         findings = [f for f in self.absent_by_finding if f not in mentioned]
         split = [sentences(s) for s in secs]
-        sites = []
-        for i, sents in enumerate(split):
-            for j, s in enumerate(sents):
-                ms = extract_mentions(s)
-                if len(ms) == 1 and ms[0].negated and len(s.split()) <= MAX_WORDS and not _CHANGE_RE.search(s):
-                    sites.append((i, j))
+        sites = [(i, j) for i, j, _, m in _plain_one_finding(split) if m.negated]
         rng = rng_for(seed, "borrowed_absent_swap", base)
         out: List[Variant] = []
         for _ in range(_TRIES):
@@ -198,14 +198,10 @@ class SentencePool:
             return []
         split = [sentences(s) for s in secs]
         sites = []
-        for i, sents in enumerate(split):
-            for j, s in enumerate(sents):
-                ms = extract_mentions(s)
-                key = ms[0].key()[:3] if len(ms) == 1 and ms[0].negated else None
-                if key in self.by_key and len(s.split()) <= MAX_WORDS and not _CHANGE_RE.search(s):
-                    donors = [d for d in self.by_key[key] if _norm(d) != _norm(s)]
-                    if donors:
-                        sites.append((i, j, donors))
+        for i, j, s, m in _plain_one_finding(split):
+            donors = [d for d in self.by_key.get((m.finding, m.side, True), []) if m.negated and _norm(d) != _norm(s)]
+            if donors:
+                sites.append((i, j, donors))
         rng = rng_for(seed, "borrowed_rewording", base)
         rng.shuffle(sites)
         out: List[Variant] = []
@@ -239,8 +235,8 @@ def is_absent_swap(before: str, after: str) -> bool:
     return n0 and n1 and f1 != f0 and f1 not in {key[0] for key in a}
 
 
-def pool_or_none(reports: List[Report], insertions: int, negations: int = 0, log=print, absent_swaps: int = 0,
-                 rewordings: int = 0):
+def pool_or_none(reports: List[Report], insertions: int = 0, negations: int = 0, absent_swaps: int = 0,
+                 rewordings: int = 0, log=print):
     """A `SentencePool` of `reports` when any copies are asked for (recipe keys
     `supcon.borrowed_insertions`, `supcon.borrowed_negations`, `supcon.borrowed_absent_swaps`,
     `supcon.borrowed_rewordings`), else None."""

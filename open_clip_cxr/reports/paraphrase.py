@@ -305,7 +305,8 @@ def llm_report_texts(report_texts_fn, reports, scfg: dict, cache_dir, log=print)
     if not scfg.get("paraphraser"):
         raise ValueError(f"supcon.variants: {mode} needs supcon.paraphraser (a local causal LM)")
     cap = scfg.get("paraphraser_length_cap")
-    maker = load_llm_variants(scfg["paraphraser"], scfg.get("paraphraser_cache") or cache_dir, batch_size=int(scfg.get("paraphraser_batch_size", 8)),
+    maker = load_llm_variants(scfg["paraphraser"], scfg.get("paraphraser_cache") or cache_dir,
+                              batch_size=int(scfg.get("paraphraser_batch_size", 8)),
                               gguf_file=scfg.get("paraphraser_gguf"),
                               negatives=bool(scfg.get("paraphraser_negatives", True)),
                               length_cap=None if cap is None else float(cap))
