@@ -18,6 +18,18 @@ def sign_test_p(only_a: int, only_b: int) -> float:
     return min(1.0, 2 * tail)
 
 
+def holm(pvalues: Mapping[str, float]) -> Dict[str, float]:
+    """Holm's step-down adjusted p values (family-wise error over every row read at once): a run
+    reads some twenty rows, so one of them under 0.05 is about what chance alone gives. Valid
+    however the rows depend on each other (the error types are subsets of discrimination)."""
+    order = sorted(pvalues, key=pvalues.get)
+    m, out, running = len(order), {}, 0.0
+    for k, row in enumerate(order):
+        running = max(running, min(1.0, (m - k) * pvalues[row]))   # never below a smaller p's
+        out[row] = running
+    return out
+
+
 def format_p(p: float) -> str:
     """A p value as the tables print it (three places; smaller ones as < 0.001)."""
     return "p < 0.001" if p < 0.001 else f"p {p:.3f}"
@@ -159,9 +171,18 @@ def format_pooled(draws: Sequence[Tuple[Mapping[str, Mapping], Mapping[str, List
              + [(f"{pairs[b][r][0]} / {pairs[b][r][1]} ({format_p(pairs[b][r][2])}; "
                  f"items {pairs[b][r][3]} / {pairs[b][r][4]})") if r in pairs[b] else "-" for b in bases]
              for r in rows}
-    return _layout(f"{column} over {len(draws)} draws of the protocol: mean score, and reports right on more "
-                   f"draws here / in the baseline (exact sign test p; discordant items behind them)",
-                   ["mean " + c for c in cols] + [f"reports vs {b}" for b in bases], cells)
+    table = _layout(f"{column} over {len(draws)} draws of the protocol: mean score, and reports right on more "
+                    f"draws here / in the baseline (exact sign test p; discordant items behind them)",
+                    ["mean " + c for c in cols] + [f"reports vs {b}" for b in bases], cells)
+    return table + "\n" + "\n".join(_holm_line(b, pairs[b]) for b in bases)
+
+
+def _holm_line(base: str, pair: Mapping[str, tuple]) -> str:
+    """The rows against `base` still under p 0.05 once corrected for reading them all (`holm`)."""
+    adj = holm({r: v[2] for r, v in pair.items()})
+    hits = [f"{r} ({v[0]} / {v[1]}, {format_p(adj[r])})" for r, v in pair.items() if adj[r] < 0.05]
+    return (f"vs {base}, Holm-corrected over {len(pair)} rows: "
+            + ("; ".join(hits) if hits else "no row under p 0.05"))
 
 
 def has_misses(res: Mapping) -> bool:
