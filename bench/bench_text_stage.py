@@ -27,13 +27,13 @@ with its 95 % Wilson interval over the row's items (403 validation reports: abou
 `--heldout-styles --both` prints the in-distribution table first. Each --after column is then paired
 with bag of words and MiniLM row by row (`open_clip_cxr.eval.paired`): the items only it gets right,
 those only the baseline gets right, and the exact sign test p of that split (`--pair-against` names
-other columns, e.g. another --after folder, to pair two runs).
+other columns, e.g. another --after folder, to pair two runs); a last line per pairing names the rows
+still under p 0.05 once corrected for reading every row at once (Holm, `eval.paired.holm`).
 `--draws N` repeats each protocol on N suite seeds (new rewrites and one-error copies of the same
 reports; a row trailing by one or two items on one draw may lead on the next) and then pairs each
 --after column with the baselines over all draws report by report (`eval.paired.pooled_paired`: a
-report is one trial, however many draws hold it), prints under each pooled table the rows still
-under p 0.05 once corrected for reading every row at once (`eval.paired.holm`), and names the rows
-where a baseline misses so few reports that no model could beat it at p < 0.05 (`eval.paired.reachable`).
+report is one trial, however many draws hold it, with the same Holm line), and names the rows where
+a baseline misses so few reports that no model could beat it at p < 0.05 (`eval.paired.reachable`).
 `--split validate,test` measures each split in turn (cached under its own key) and then pools the
 draws of both, report ids kept apart (`eval.paired.OffsetReports`): 782 Open-I reports instead of
 403, for rows where one split holds too few baseline misses to decide anything. The validation

@@ -115,6 +115,11 @@ def test_misses_pair_two_encoders_item_by_item():
     only_bow, _, p = rows["error discrimination (all types)"]
     line = next(l for l in table.splitlines() if l.startswith("error discrimination (all types)"))
     assert line.endswith(f"0 / {only_bow} ({P.format_p(p)})") and only_bow > 0
+    adj = P.holm({r: v[2] for r, v in rows.items()})      # the last line: what survives reading every row
+    survivors = [r for r in rows if adj[r] < 0.05]
+    assert table.splitlines()[-1].startswith(f"vs bow, Holm-corrected over {len(rows)} rows: ")
+    assert all(f"{r} (" in table.splitlines()[-1] for r in survivors)
+    assert survivors or table.splitlines()[-1].endswith("no row under p 0.05")
     assert P.format_p(0.0004) == "p < 0.001" and P.format_p(0.25) == "p 0.250"
     assert "none of bow, minilm measured here" in P.format_paired({"bow": bow}, "bow")
     old = json.loads(json.dumps(bow))      # a result cached before misses were recorded

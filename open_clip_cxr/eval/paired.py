@@ -203,5 +203,6 @@ def format_paired(results: Mapping[str, Mapping], column: str, baselines=("bow",
         return f"{column}: no recorded misses to pair (rerun the column)"
     cells = {r: [(f"{pairs[b][r][0]} / {pairs[b][r][1]} ({format_p(pairs[b][r][2])})" if r in pairs[b] else "-")
                  for b in bases] for r in rows}
-    return _layout(f"{column} paired with the baselines, item by item: right only here / right only in the "
-                   f"baseline (exact sign test p)", [f"vs {b}" for b in bases], cells)
+    table = _layout(f"{column} paired with the baselines, item by item: right only here / right only in the "
+                    f"baseline (exact sign test p)", [f"vs {b}" for b in bases], cells)
+    return table + "\n" + "\n".join(_holm_line(b, pairs[b]) for b in bases)
