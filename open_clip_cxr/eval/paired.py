@@ -174,15 +174,19 @@ def format_pooled(draws: Sequence[Tuple[Mapping[str, Mapping], Mapping[str, List
     table = _layout(f"{column} over {len(draws)} draws of the protocol: mean score, and reports right on more "
                     f"draws here / in the baseline (exact sign test p; discordant items behind them)",
                     ["mean " + c for c in cols] + [f"reports vs {b}" for b in bases], cells)
-    return table + "\n" + "\n".join(_holm_line(b, pairs[b]) for b in bases)
+    return table + "\n" + _holm_lines(pairs)
 
 
-def _holm_line(base: str, pair: Mapping[str, tuple]) -> str:
-    """The rows against `base` still under p 0.05 once corrected for reading them all (`holm`)."""
-    adj = holm({r: v[2] for r, v in pair.items()})
-    hits = [f"{r} ({v[0]} / {v[1]}, {format_p(adj[r])})" for r, v in pair.items() if adj[r] < 0.05]
-    return (f"vs {base}, Holm-corrected over {len(pair)} rows: "
-            + ("; ".join(hits) if hits else "no row under p 0.05"))
+def _holm_lines(pairs: Mapping[str, Mapping[str, tuple]]) -> str:
+    """Per baseline of `pairs` ({baseline: {row: (only here, only there, p, ...)}}), the rows still
+    under p 0.05 once corrected for reading them all (`holm`)."""
+    lines = []
+    for base, pair in pairs.items():
+        adj = holm({r: v[2] for r, v in pair.items()})
+        hits = [f"{r} ({v[0]} / {v[1]}, {format_p(adj[r])})" for r, v in pair.items() if adj[r] < 0.05]
+        lines.append(f"vs {base}, Holm-corrected over {len(pair)} rows: "
+                     + ("; ".join(hits) if hits else "no row under p 0.05"))
+    return "\n".join(lines)
 
 
 def has_misses(res: Mapping) -> bool:
@@ -205,4 +209,4 @@ def format_paired(results: Mapping[str, Mapping], column: str, baselines=("bow",
                  for b in bases] for r in rows}
     table = _layout(f"{column} paired with the baselines, item by item: right only here / right only in the "
                     f"baseline (exact sign test p)", [f"vs {b}" for b in bases], cells)
-    return table + "\n" + "\n".join(_holm_line(b, pairs[b]) for b in bases)
+    return table + "\n" + _holm_lines(pairs)

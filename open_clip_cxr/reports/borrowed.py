@@ -199,8 +199,8 @@ class SentencePool:
         split = [sentences(s) for s in secs]
         sites = []
         for i, j, s, m in _plain_one_finding(split):
-            donors = [d for d in self.by_key.get((m.finding, m.side, True), []) if m.negated and _norm(d) != _norm(s)]
-            if donors:
+            donors = [d for d in self.by_key.get((m.finding, m.side, True), []) if _norm(d) != _norm(s)]
+            if m.negated and donors:
                 sites.append((i, j, donors))
         rng = rng_for(seed, "borrowed_rewording", base)
         rng.shuffle(sites)
