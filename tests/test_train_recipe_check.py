@@ -222,8 +222,10 @@ def test_train_text_refuses_a_rewrites_cache_that_is_a_file_or_unused(tmp_path, 
 
 @pytest.mark.parametrize("sets, named", [(["supcon.llm_variant_p=0.5"], "supcon.variants"),
                                           (["supcon.views=3", "supcon.llm_variant_p=0.5", "supcon.fact_weight=0"],
-                                           "supcon.llm_variant_p")])
-def test_train_text_refuses_llm_variant_p_without_llm_rewrites_or_with_views(tmp_path, capsys, sets, named):
+                                           "supcon.llm_variant_p"),
+                                          (["supcon.views=3", "supcon.section_negatives=true", "supcon.fact_weight=0"],
+                                           "supcon.section_negatives")])
+def test_train_text_refuses_pair_only_keys_with_views_and_llm_variant_p_without_llm_rewrites(tmp_path, capsys, sets, named):
     rc = run_text(tmp_path, *sets)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and named in err[0], err

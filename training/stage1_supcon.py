@@ -99,6 +99,7 @@ class SupconBatches:
         self.p_sections, self.p_instr = float(scfg.get("p_sections", 0.3)), float(scfg.get("instruction_prob", 0.0))
         self.p_phrases = float(scfg.get("p_phrases", 0.0))
         self.p_llm = float(scfg.get("llm_variant_p", 0.0))
+        self.section_negs = bool(scfg.get("section_negatives", False))
         self.views = int(scfg.get("views", 2))
         self.facts = float(scfg.get("fact_weight", 0.0)) > 0   # also the fact targets of every text
         group = int(scfg.get("neighbour_batches", 1))
@@ -115,7 +116,7 @@ class SupconBatches:
     def _sample(self, texts, rng) -> Union[Example, Views, None]:
         if self.views > 2:
             return sample_views(texts, rng, self.views, self.p_sections, self.n_neg, self.p_phrases)
-        return sample_example(texts, rng, self.p_sections, self.n_neg, self.p_phrases, self.p_llm)
+        return sample_example(texts, rng, self.p_sections, self.n_neg, self.p_phrases, self.p_llm, self.section_negs)
 
     def examples(self, micro: int) -> List[Union[Example, Views]]:
         examples = []

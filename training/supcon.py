@@ -180,11 +180,27 @@ def training_split(recipe: dict) -> str:
     return split
 
 
+def section_negatives(texts: ReportTexts, section: str) -> List[str]:
+    """The hard negatives a one-section rewrite (the impression or the findings alone) can tell
+    from its report: the whole report's one-error copies whose error lies in that section, then
+    the section's own one-error copies. A copy that changes only the other section reads, from
+    this section alone, like the report itself (93 % of an impression-only pair's copies on the
+    Open-I training reports): as a negative it asks for what the text cannot show."""
+    first = section == next(iter(texts.sections))     # findings come first in the report text
+    key = section.strip().rstrip(".")
+    kept = [n for n in texts.negatives
+            if not (n.startswith(key) if first else n.rstrip(". ").endswith(key))]
+    return kept + [n for n in texts.sections[section] if n not in kept]
+
+
 def sample_example(texts: ReportTexts, rng: random.Random, p_sections: float = 0.3,
-                   n_negatives: int = 2, p_phrases: float = 0.0, p_llm: float = 0.0) -> Optional[Example]:
+                   n_negatives: int = 2, p_phrases: float = 0.0, p_llm: float = 0.0,
+                   one_section_negatives: bool = False) -> Optional[Example]:
     """One (anchor, positive, hard negatives) from a report's texts (None if nothing pairs).
     `p_llm`: a rewrite pair uses one of the report's LLM rewrites (if it has any) with this
-    probability, else any rewrite, LLM ones included (`supcon.llm_variant_p`)."""
+    probability, else any rewrite, LLM ones included (`supcon.llm_variant_p`).
+    `one_section_negatives`: a rewrite that is one section of the report alone draws its hard
+    negatives from `section_negatives` (`supcon.section_negatives`; off: the whole report's copies)."""
     if texts.phrases and p_phrases and rng.random() < p_phrases:
         short, long, negs = rng.choice(texts.phrases)
         anchor, positive = (short, long) if rng.random() < 0.5 else (long, short)
@@ -200,11 +216,14 @@ def sample_example(texts: ReportTexts, rng: random.Random, p_sections: float = 0
             return None
         # p_llm 0 draws nothing extra, so the recipes without it sample exactly as before
         pick_llm = bool(texts.llm_variants) and p_llm > 0 and rng.random() < p_llm
-        anchor, positive = rng.choice(texts.llm_variants if pick_llm else texts.variants), texts.base
+        rewrite = rng.choice(texts.llm_variants if pick_llm else texts.variants)
+        anchor, positive = rewrite, texts.base
         if rng.random() < 0.5:   # the report as anchor: "its rewrite, not its one-error copies"
             anchor, positive = positive, anchor
         task = "variant"
         negs = texts.negatives
+        if one_section_negatives and rewrite in texts.sections:
+            negs = section_negatives(texts, rewrite)
     negs = [n for n in negs if n not in (anchor, positive)]
     rng.shuffle(negs)
     return Example(anchor, positive, negs[:n_negatives], task)
