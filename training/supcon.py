@@ -183,9 +183,11 @@ def training_split(recipe: dict) -> str:
 def section_negatives(texts: ReportTexts, section: str) -> List[str]:
     """The hard negatives a one-section rewrite (the impression or the findings alone) can tell
     from its report: the whole report's one-error copies whose error lies in that section, then
-    the section's own one-error copies. A copy that changes only the other section reads, from
-    this section alone, like the report itself (93 % of an impression-only pair's copies on the
-    Open-I training reports): as a negative it asks for what the text cannot show."""
+    the section's own one-error copies. Why: a copy that changes only the other section reads,
+    from this section alone, like the report (93 % of an impression-only pair's copies, first 800
+    Open-I training reports). Off by default: with the report as the anchor such a copy is still
+    report-against-copy discrimination, and dropping it cost held-out discrimination (issue 19,
+    thirty-third round)."""
     first = section == next(iter(texts.sections))     # findings come first in the report text
     key = section.strip().rstrip(".")
     kept = [n for n in texts.negatives
