@@ -151,7 +151,6 @@ def test_negative_seeds_draw_more_distinct_one_error_copies():
     assert set(three.negatives) == train and (held - train) and not (set(three.negatives) & (held - train))
 
 
-
 def test_a_one_section_rewrite_draws_only_copies_it_can_tell_from_its_report():
     """`supcon.section_negatives`: an impression-only pair never gets a copy whose error lies in the
     findings alone (from the impression it reads like the report); off, the draws are as before."""
