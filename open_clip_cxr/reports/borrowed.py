@@ -199,8 +199,10 @@ class SentencePool:
         split = [sentences(s) for s in secs]
         sites = []
         for i, j, s, m in _plain_one_finding(split):
+            if not m.negated:      # only a sentence ruling a finding out is reworded
+                continue
             donors = [d for d in self.by_key.get((m.finding, m.side, True), []) if _norm(d) != _norm(s)]
-            if m.negated and donors:
+            if donors:
                 sites.append((i, j, donors))
         rng = rng_for(seed, "borrowed_rewording", base)
         rng.shuffle(sites)
