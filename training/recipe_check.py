@@ -196,9 +196,10 @@ def check_before_work(recipe: dict, stage: str) -> dict:
         except ValueError as e:
             raise RecipeError(str(e)) from None
         scfg = resolved.get("supcon") or {}
-        for key, off, shown in (("negative_weight", 1.0, "1"), ("fact_weight", 0.0, "0"), ("llm_variant_p", 0.0, "0"),
-                                ("section_negatives", False, "false")):  # pairs only
+        for key, off in (("negative_weight", 1.0), ("fact_weight", 0.0), ("llm_variant_p", 0.0),
+                         ("section_negatives", False)):  # pairs only
             if scfg.get("views", 2) > 2 and float(scfg.get(key, off)) != off:
+                shown = str(off).lower() if isinstance(off, bool) else f"{off:g}"   # as a recipe writes it
                 raise RecipeError(f"`supcon.{key}` applies to pairs (supcon.views: 2); set it to {shown} with views > 2")
         if float(scfg.get("llm_variant_p", 0.0)) and scfg.get("variants", "rules") != "both":
             raise RecipeError("`supcon.llm_variant_p` weighs LLM rewrites against rule rewrites: set supcon.variants "
