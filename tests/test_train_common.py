@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from open_clip_cxr_train import common
+from open_clip_cxr_train import common, logs
 from open_clip_cxr_train.common import (Throughput, TrainState, cosine_with_warmup, data_seed, flops_per_sample_transformer,
                              list_checkpoints, load_recipe, log_line, measure_forward_flops, parse_value,
                              peak_flops, resume_from_checkpoint, save_checkpoint, save_recipe)
@@ -185,6 +185,10 @@ def test_log_line_format(capsys):
     assert line == ("iter 12: loss 1.2346, lr 1.00e-04, 250.0ms/step, 32.0 samples/s, 4096 tokens/s, "
                     "mfu 12.35%, epoch 1")
     assert capsys.readouterr().out.strip() == line
+    # the remaining time ends the line; none at a stage's last step
+    assert log_line(5, {"loss": 1.0, "eta_s": 3900.0}).endswith("loss 1.0000, eta 1h05m")
+    assert log_line(5, {"loss": 1.0, "eta_s": 89.0}).endswith("eta 1m") and "eta" not in log_line(5, {"eta_s": None})
+    assert [logs.duration(s) for s in (0, 44.6, 60, 3599, 7260)] == ["0s", "45s", "1m", "1h00m", "2h01m"]
 
 
 def test_move_to_and_flatten():

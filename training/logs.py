@@ -6,8 +6,18 @@ import os
 import sys
 
 
+def duration(seconds: float) -> str:
+    """A short wall-time string: `45s`, `12m`, `1h05m`."""
+    s = int(round(max(0.0, seconds)))
+    if s < 60:
+        return f"{s}s"
+    m = (s + 30) // 60
+    return f"{m}m" if m < 60 else f"{m // 60}h{m % 60:02d}m"
+
+
 def log_line(step: int, metrics: dict, file=None) -> str:
-    """nanoGPT-style: `iter 120: loss 2.3456, lr 1.00e-04, 812.3ms/step, 39.4 samples/s, ... mfu 12.34%`."""
+    """nanoGPT-style: `iter 120: loss 2.3456, lr 1.00e-04, 812.3ms/step, 39.4 samples/s, ... mfu 12.34%`;
+    `eta_s` (the stage's remaining steps at this interval's rate) ends the line as `eta 33m`."""
     parts = [f"iter {step}"]
     fmt = {
         "loss": lambda v: f"loss {v:.4f}",
@@ -16,6 +26,7 @@ def log_line(step: int, metrics: dict, file=None) -> str:
         "samples_per_s": lambda v: f"{v:.1f} samples/s",
         "tokens_per_s": lambda v: f"{v:.0f} tokens/s",
         "mfu": lambda v: f"mfu {v:.2f}%",
+        "eta_s": lambda v: f"eta {duration(v)}",
     }
     for k in ("loss", "lr", "ms_per_step", "samples_per_s", "tokens_per_s", "mfu"):
         if k in metrics and metrics[k] is not None:
@@ -23,6 +34,8 @@ def log_line(step: int, metrics: dict, file=None) -> str:
     for k, v in metrics.items():
         if k not in fmt and isinstance(v, (int, float)):
             parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
+    if metrics.get("eta_s") is not None:
+        parts.append(fmt["eta_s"](float(metrics["eta_s"])))
     line = parts[0] + ": " + ", ".join(parts[1:])
     print(line, file=file or sys.stdout, flush=True)
     return line
