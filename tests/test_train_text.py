@@ -550,6 +550,12 @@ def test_demo_schedules_are_recipes_of_the_same_model():
     assert short["supcon"]["cache_reports"] and full["supcon"]["cache_reports"] is None
 
 
+def test_demo_names_the_short_schedule_where_it_trains_in_fp32():
+    from open_clip_cxr_train.demo import schedule_hint
+    assert "--schedule short" in schedule_hint("fp32", "recipe")
+    assert schedule_hint("bf16", "recipe") is None and schedule_hint("fp32", "short") is None
+
+
 def test_rerun_with_another_recipe_is_refused(tmp_path):
     """The folder's checkpoints belong to its recipe: another model or loss must not resume them."""
     from open_clip_cxr_train.text_stage import train

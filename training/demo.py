@@ -249,6 +249,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="redo every step instead of reusing earlier outputs")
 
 
+def schedule_hint(precision: str, schedule: str) -> Optional[str]:
+    """One line for a CPU where `auto` fell back to fp32 and the full schedule was asked for: there it
+    ran 54 min against 13 on a CPU with AVX512-BF16, both 2 cores (README, "`make demo`, run from a
+    fresh clone"), so name the quicker variant (24 min there) before the hour starts."""
+    if precision != "fp32" or schedule != "recipe":
+        return None
+    return ("note: bf16 is not faster on this CPU, so the demo trains in fp32: 54 min on a 2-core AVX2-only CPU, "
+            "13 min on one with fast bf16 (the step lines print the time left); "
+            "`open-clip-cxr demo --schedule short` took 24 min there, for a weaker tower")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     out = Path(args.out)
@@ -262,6 +273,9 @@ def run(args: argparse.Namespace) -> int:
     threads, why = choose_threads(args.threads, choice.precision)
     torch.set_num_threads(threads)
     print(f"{choice.line()}; threads {threads} ({why})", flush=True)
+    hint = schedule_hint(choice.precision, args.schedule)
+    if hint:
+        print(hint, flush=True)
     step = Steps()
     results = {"schedule": args.schedule, "times": step.times,
                "hardware": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, CPU, "
