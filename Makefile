@@ -29,8 +29,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
+# DEMO_ARGS: more demo options, e.g. DEMO_ARGS="--schedule short" on a CPU without fast bf16
+DEMO_ARGS ?=
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/open-clip-cxr demo --out runs/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/open-clip-cxr demo --out runs/demo $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -550,6 +550,14 @@ def test_demo_schedules_are_recipes_of_the_same_model():
     assert short["supcon"]["cache_reports"] and full["supcon"]["cache_reports"] is None
 
 
+def test_step_lines_say_the_time_left_until_the_stage_ends(tmp_path, capsys):
+    from open_clip_cxr_train.text_stage import train
+    train(tiny_recipe(tmp_path, **{"supcon.steps": 3, "eval.enabled": False}))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("iter ")]
+    # mntp ends at step 2, supcon at 2 + 3: each stage's last line has nothing left to estimate
+    assert [("eta" in ln) for ln in lines] == [True, False, True, True, False], lines
+
+
 def test_demo_names_the_short_schedule_where_it_trains_in_fp32():
     from open_clip_cxr_train.demo import schedule_hint
     assert "--schedule short" in schedule_hint("fp32", "recipe")
