@@ -250,9 +250,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def schedule_hint(precision: str, schedule: str) -> Optional[str]:
-    """One line for a CPU where `auto` fell back to fp32 and the full schedule was asked for: there it
-    ran 54 min against 13 on a CPU with AVX512-BF16, both 2 cores (README, "`make demo`, run from a
-    fresh clone"), so name the quicker variant (24 min there) before the hour starts."""
+    """One line where `auto` fell back to fp32 and the full schedule was asked for: name the quicker
+    variant before the hour starts (the times: README, "`make demo`, run from a fresh clone")."""
     if precision != "fp32" or schedule != "recipe":
         return None
     return ("note: bf16 is not faster on this CPU, so the demo trains in fp32: 54 min on a 2-core AVX2-only CPU, "

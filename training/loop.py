@@ -171,11 +171,11 @@ class Loop:
         self.bar.set_postfix(loss=f"{loss:.3f}")
         if self.acc.is_main_process:
             skip = ("step", "samples_seen", "loss_mean", *self.peak_info)
-            # why: a CPU without fast bf16 runs the demo's steps ~3x slower; the line says how long is left
-            # (step time only: checkpoints and validation come on top). Printed, not recorded.
-            eta = max(0, self.final_step - self.state.step) * stats["ms_per_step"] / 1000.0
+            # why: on a CPU without fast bf16 the demo's stage 1 ran 4.5x longer; the line says how long is
+            # left (step time only: checkpoints and validation come on top). Printed, not recorded.
+            left = self.final_step - self.state.step
             log_line(self.state.step, {**{k: v for k, v in rec.items() if k not in skip}, "loss": loss,
-                                       "eta_s": eta if self.state.step < self.final_step else None})
+                                       "eta_s": left * stats["ms_per_step"] / 1000.0 if left > 0 else None})
             self.writer.write(rec)
         groups = {f"lr/{g['name']}": g["lr"] for g in self.optimizer.param_groups if "name" in g}
         self.acc.log({**({} if record is not None else {f"{self.tracker}/loss": loss}),
