@@ -165,6 +165,9 @@ def test_flops_estimates():
     assert flops_per_sample_transformer(1000, 10, n_trainable=100) == (4 * 900 + 6 * 100) * 10
     lin = torch.nn.Linear(32, 16, bias=False)
     assert measure_forward_flops(lin, torch.zeros(5, 32)) == 2 * 5 * 32 * 16
+    # attention is counted on the CPU too (scores and weighted values: 2 x 2 x T x S x d per head)
+    q, kv = torch.zeros(1, 2, 7, 8), torch.zeros(1, 2, 11, 8)
+    assert measure_forward_flops(torch.nn.functional.scaled_dot_product_attention, q, kv, kv) == 4 * 2 * 7 * 11 * 8
 
 
 def test_throughput_and_peak():

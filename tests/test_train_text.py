@@ -15,7 +15,7 @@ import torch.nn as nn
 import data_fixtures as fx
 from open_clip_cxr.reports.types import Report
 from open_clip_cxr_train import common
-from open_clip_cxr_train.mntp import (IGNORE, mask_tokens, mntp_loss, resolve_mask_token_id, shift_for_next_token,
+from open_clip_cxr_train.mntp import (IGNORE, LORA_TARGETS, mask_tokens, mntp_loss, resolve_mask_token_id, shift_for_next_token,
                            special_token_ids)
 from open_clip_cxr_train.supcon import Embedder, length_chunks, make_example, supcon_loss, text_key
 
@@ -315,6 +315,49 @@ def test_pooler_only_step_embeds_the_same_in_one_call_or_many(tiny_tower, monkey
         monkeypatch.setattr(text_embed, "POOLER_TOKENS_PER_CALL", 40)
         many = text_embed.CachedEmbedder(tower, cache, max_tokens=50)(rows)
     assert torch.allclose(one, many, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_contrastive_step_flops_match_a_flop_counter(tiny_tower, k):
+    """The MFU of the step lines: the per-token count against torch's FlopCounterMode over a real
+    forward + backward of the cached step (attention in its math form, which the counter sees).
+    Short texts: decoder attention's T^2 term, which the count leaves out, stays a few percent."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from open_clip_cxr_train import text_embed
+    from open_clip_cxr_train.stage1_model import contrastive_flops_per_token, set_lora
+    tower, tok = tiny_tower
+    tower.requires_grad_(False)
+    if k:
+        set_lora(tower, {"r": 4, "alpha": 8, "dropout": 0.0, "layers": k})
+    for m in (tower.pooler, tower.norm):
+        m.requires_grad_(True)
+    texts = [f"No effusion {i}." for i in range(24)]
+    cache = text_embed.TextStateCache(tower, tok, texts, k, max_length=96, max_tokens=400)
+    rows = cache.rows(texts)
+    tokens = sum(cache.states[i].shape[0] for i in rows.tolist())
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        text_embed.CachedEmbedder(tower, cache, max_tokens=400)(rows).sum().backward()
+    counted = counter.get_total_flops()
+    if not k:   # nothing below the pooler trains: autograd skips `to_q`'s input gradient, the count keeps it
+        counted += 2 * tower.pooler.to_q.weight.numel() * tokens
+    assert contrastive_flops_per_token(tower, k, k) * tokens == pytest.approx(counted, rel=0.05)
+
+
+def test_mntp_step_flops_match_a_flop_counter(tiny_tower):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    from open_clip_cxr_train.stage1_model import mntp_flops_per_token, set_lora
+    tower, tok = tiny_tower
+    tower.requires_grad_(False)
+    set_lora(tower, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": LORA_TARGETS})
+    ids = tok([f"No effusion {i}." for i in range(24)], context_length=20)
+    mask = ids != tower.config.pad_token_id
+    labels = torch.where((torch.rand(ids.shape, generator=torch.Generator().manual_seed(0)) < 0.3) & mask, ids, IGNORE)
+    masked, tokens = int((labels[:, 1:] != IGNORE).sum()), int(mask.sum())
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        mntp_loss(tower, ids, mask, labels).backward()
+    assert mntp_flops_per_token(tower, masked / tokens) * tokens == pytest.approx(counter.get_total_flops(), rel=0.05)
 
 
 def test_token_dropout_hides_tokens_in_training_only(tiny_tower):

@@ -14,8 +14,7 @@ from open_clip_cxr_train.mntp import LORA_TARGETS, mask_tokens, resolve_mask_tok
 from open_clip_cxr_train.speedups import FrozenCast
 from open_clip_cxr_train.stage1_data import StepData
 from open_clip_cxr_train.stage1_run import run_stage
-from open_clip_cxr_train.stage1_model import MNTPModel, matmul_params, set_lora, trainable
-from open_clip_cxr_train.throughput import flops_per_sample_transformer
+from open_clip_cxr_train.stage1_model import MNTPModel, mntp_flops_per_token, set_lora, trainable
 
 
 class MNTPBatches:
@@ -63,10 +62,9 @@ def mntp_phase(run) -> int:
     else:
         batches = MNTPBatches(run, mcfg)
         cast = FrozenCast(tower, run.frozen_dtype)
-        n_mm, n_tr = matmul_params(tower), sum(p.numel() for p in trainable(tower))
         groups = [{"params": trainable(tower), "lr": float(mcfg.get("lr", 2e-4))}]
         run_stage(run, "mntp", MNTPModel(tower, int(run.recipe["train"].get("max_tokens", 4096))), groups, mcfg,
-                  0, batches, partial(mntp_step, device=acc.device), flops_per_sample_transformer(n_mm, 1, n_tr))
+                  0, batches, partial(mntp_step, device=acc.device), mntp_flops_per_token(tower, batches.prob))
         cast.restore()
         if acc.is_main_process:
             from open_clip_cxr.text.lora import adapter_state_dict

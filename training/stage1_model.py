@@ -77,12 +77,6 @@ def trainable(module) -> List[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def matmul_params(tower) -> int:
-    """Parameters that take part in matmuls per token (embedding lookups excluded)."""
-    emb = tower.base_llm().get_input_embeddings().weight.numel()
-    return sum(p.numel() for p in tower.parameters()) - emb
-
-
 # ---------------------------------------------------------------- encoding for evaluation
 
 def tower_encode_fn(tower, tokenizer, max_length: Optional[int] = None, max_tokens: int = 4096,
@@ -143,6 +137,40 @@ def stage1_provenance(recipe: dict, mntp_steps: int, supcon_steps: int) -> dict:
     return {"text": {"init": f"{name}{text_arch}", "trained": True,
                      "by": f"train-text (MNTP {mntp_steps} steps, supervised contrastive {supcon_steps} steps)"},
             "vision": vision}
+
+
+def pooler_flops_per_token(tower) -> float:
+    """Forward FLOPs the pooler spends on one token (0 for mean and last-token pooling)."""
+    count = getattr(tower.pooler, "flops_per_token", None)
+    return float(count()) if count else 0.0
+
+
+def contrastive_flops_per_token(tower, run_layers: int, grad_layers: int) -> float:
+    """Training FLOPs of one token in the contrastive step, as 2 x weights per matmul pass: the
+    forward of the top `run_layers` decoder layers (all of them, or those above the cache), the
+    activation gradients back down through the top `grad_layers` (the adapted ones; 0 while they
+    are frozen), the trainable adapters' weight gradients, and the pooler, trained whole: forward,
+    input and weight gradients, 3x its forward. (The pooler's input gradient is skipped when
+    nothing below it trains: for latent attention that overcounts `to_q`'s share, under 3 %.)
+    Decoder attention's own T^2 term is left out, as in `throughput.flops_per_sample_transformer`."""
+    layers = tower.base_llm().layers
+    per_layer = sum(p.numel() for layer in layers for p in layer.parameters() if p.dim() > 1) / len(layers)
+    head = {id(p) for m in (tower.pooler, tower.norm) for p in m.parameters()}
+    adapters = sum(p.numel() for p in trainable(tower) if id(p) not in head)
+    return 2.0 * per_layer * (run_layers + grad_layers) + 2.0 * adapters + 3.0 * pooler_flops_per_token(tower)
+
+
+def mntp_flops_per_token(tower, mask_prob: float) -> float:
+    """Training FLOPs of one token in MNTP: the decoder forward and activation gradients through
+    every layer (LoRA in all of them) and the adapters' weight gradients, as in the contrastive
+    step; the pooler's forward only (the tower pools, MNTP never reads it); and the tied LM head,
+    forward and input gradient, on the masked share of the tokens."""
+    n = len(tower.base_llm().layers)
+    vocab_weights = tower.base_llm().get_input_embeddings().weight.numel()
+    return (contrastive_flops_per_token(tower, n, n) - 2.0 * pooler_flops_per_token(tower)
+            + 4.0 * mask_prob * vocab_weights)
+
+
 def cache_rate(tower, cache: TextStateCache, dtype: Optional[torch.dtype]) -> dict:
     """Throughput of text-state caching: texts/s, model GFLOP/s (2 x the matmul weights of the
     layers run, per real token: padding is not work) and its share of the measured `F.linear`

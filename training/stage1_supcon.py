@@ -27,7 +27,7 @@ from open_clip_cxr_train.fact_head import WithFactHead, fact_loss, fact_targets
 from open_clip_cxr_train.speedups import FrozenCast
 from open_clip_cxr_train.stage1_data import StepData
 from open_clip_cxr_train.stage1_run import run_stage
-from open_clip_cxr_train.stage1_model import cache_rate, matmul_params, set_lora, trainable
+from open_clip_cxr_train.stage1_model import cache_rate, contrastive_flops_per_token, set_lora, trainable
 from open_clip_cxr_train.supcon import (INSTRUCTIONS, Example, Views, report_texts, sample_example, sample_views,
                                         text_key)
 from open_clip_cxr_train.supcon_loss import multiview_supcon_loss, supcon_loss
@@ -246,11 +246,10 @@ def supcon_phase(run, start_step: int) -> int:
     lora_params = [p for p in trainable(tower) if id(p) not in head_ids]
     lr = float(scfg.get("lr", 2e-4))
     groups = [{"params": lora_params, "lr": lr}, {"params": head, "lr": float(scfg.get("head_lr", 10 * lr))}]
-    # per token: forward through the decoder (none of it when cached), backward from the
-    # lowest adapted layer up, and the trainable weights' own gradients
-    n_mm = matmul_params(tower)
-    fwd = 2.0 * n_mm * (top / n_layers if data.cache is not None else 1.0)
-    flops = fwd + 2.0 * n_mm * top / n_layers + 2.0 * sum(p.numel() for p in trainable(tower))
+    # per token, for the MFU of the step lines (before 2026-12-08 the pooler's forward and input
+    # gradients were left out: a pooler-only step logged a third of its MFU)
+    run_layers = top if data.cache is not None else n_layers
+    flops = contrastive_flops_per_token(tower, run_layers, top)
     head_steps = int(scfg.get("head_steps", 0))
     if head_steps:
         # the random pooler first, alone: with the LoRA frozen nothing below the pooler needs
@@ -258,7 +257,7 @@ def supcon_phase(run, start_step: int) -> int:
         for p in lora_params:
             p.requires_grad_(False)
         module = run_stage(run, "supcon_head", module, groups[1:], {**scfg, "steps": head_steps}, start_step,
-                           batches, step, fwd + 2.0 * sum(p.numel() for p in head))
+                           batches, step, contrastive_flops_per_token(tower, run_layers, 0))
         for p in lora_params:
             p.requires_grad_(True)
     accum = int(run.recipe["train"].get("grad_accum_steps", 1))

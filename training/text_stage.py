@@ -42,7 +42,7 @@ from open_clip_cxr_train.throughput import peak_header
 # the pieces, importable from here as before
 from open_clip_cxr_train.stage1_data import TABLE_KEYS, StepData, _reports_from_shards, load_reports  # noqa: F401
 from open_clip_cxr_train.stage1_model import (MNTPModel, build_model, cache_rate, evaluate, lora_targets,  # noqa: F401
-                                   matmul_params, set_lora, stage1_provenance, tower_encode_fn, trainable)
+                                   set_lora, stage1_provenance, tower_encode_fn, trainable)
 from open_clip_cxr_train.stage1_mntp import mntp_phase
 from open_clip_cxr_train.stage1_run import Stage1Run, run_stage  # noqa: F401
 from open_clip_cxr_train.stage1_supcon import supcon_phase

@@ -32,8 +32,11 @@ def flops_per_sample_transformer(n_params: int, tokens: int, n_trainable: Option
 def measure_forward_flops(fn, *inputs, **kwargs) -> float:
     """FLOPs of one forward `fn(*inputs)`, counted by torch's FlopCounterMode (matmuls, convs,
     attention). Multiply by 3 for a trained module's forward + backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # why MATH: the counter has no formula for the CPU flash-attention kernel and would count
+    # attention as 0 FLOPs there; the math form is the same attention as matmuls it counts
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         fn(*inputs, **kwargs)
     return float(counter.get_total_flops())
 

@@ -132,6 +132,15 @@ class LatentAttentionPooling(nn.Module):
         x = tokens + x   # the residual takes the un-normalised tokens (PreNorm)
         return x + self.mlp(self.ff_norm(x) if self.pre_norm else x)
 
+    def flops_per_token(self) -> float:
+        """Forward FLOPs of one pooled token: its projections, its attention over the latents (scores
+        and weighted values) and the feed-forward. The latents' own keys and values are computed
+        once per call, not per token, and left out."""
+        per_token_weights = [self.to_q, self.to_out, *(m for m in self.mlp if isinstance(m, nn.Linear))]
+        macs = sum(m.weight.numel() for m in per_token_weights)
+        macs += 2 * self.latents.shape[0] * self.heads * self.head_dim
+        return 2.0 * macs
+
     def forward(self, hidden, mask):
         b = hidden.shape[0]
         rows = torch.arange(b, device=hidden.device).unsqueeze(1).expand_as(mask)[mask]
