@@ -255,7 +255,7 @@ def schedule_hint(precision: str, schedule: str) -> Optional[str]:
     if precision != "fp32" or schedule != "recipe":
         return None
     return ("note: bf16 is not faster on this CPU, so the demo trains in fp32: 54 min on a 2-core AVX2-only CPU, "
-            "13 min on one with fast bf16 (the step lines print the time left); "
+            "7-13 min on one with fast bf16 (the step lines print the time left); "
             "`open-clip-cxr demo --schedule short` took 24 min there, for a weaker tower")
 
 
