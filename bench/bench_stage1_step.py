@@ -3,8 +3,8 @@
 The cached step of `text-cxr-llm-small-cpu-rewrites-lora*.yaml`: the top decoder layer with LoRA
 (r 16, q/k/v/o, dropout as given) and the latent-attention pooler, forward and backward, over
 a step's texts (default 192: 48 anchors, their positives and two one-error copies each) of
-report-like lengths, in length-sorted chunks of at most 2048 padded tokens. Random states stand
-in for the cached ones (the time does not depend on their values).
+report-like lengths, through stage 1's `CachedEmbedder` (length-sorted chunks of at most 2048 padded
+tokens). Random states stand in for the cached ones (the time does not depend on their values).
 
     python bench/bench_stage1_step.py                         # ms per step, bf16 where auto picks it
     python bench/bench_stage1_step.py --lora-dropout 0        # what the adapter's dropout costs
@@ -17,15 +17,15 @@ Prints the CPU, the precision, seconds per step, the FLOPs the step lines count
 import argparse
 import random
 import time
+from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from bench_common import machine
 from open_clip_cxr.precision import choose, peak_flops
 from open_clip_cxr_train.speedups import FrozenCast
 from open_clip_cxr_train.stage1_model import build_model, contrastive_flops_per_token, set_lora
-from open_clip_cxr_train.text_embed import _run_layers, length_chunks
+from open_clip_cxr_train.text_embed import CachedEmbedder
 
 
 def main():
@@ -48,21 +48,17 @@ def main():
     FrozenCast(tower, dtype)
     rng = random.Random(0)   # Open-I reports: median about 53 tokens, long tail
     lengths = [min(128, max(8, int(rng.lognormvariate(3.9, 0.5)))) for _ in range(args.texts)]
-    hidden = tower.config.hidden_size
-    states = [torch.randn(n, hidden).to(torch.bfloat16) for n in lengths]
-    llm = tower.base_llm()
-    top = len(llm.layers)
+    # the cache the step reads, filled with random states and ordinary token ids (no padding, no
+    # instruction separator), so the step below is stage 1's own `CachedEmbedder`
+    cache = SimpleNamespace(k=1, states=[torch.randn(n, tower.config.hidden_size).to(torch.bfloat16) for n in lengths],
+                            ids=[torch.randint(100, tower.config.vocab_size, (n,)) for n in lengths])
+    embed = CachedEmbedder(tower, cache, max_tokens=2048).train()
+    rows = torch.arange(len(lengths))
 
     def step():
-        outs = []
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            for idx in length_chunks(lengths, 2048):
-                n = max(lengths[i] for i in idx)
-                h = torch.stack([F.pad(states[i], (0, 0, 0, n - lengths[i])) for i in idx]).float()
-                mask = torch.arange(n)[None] < torch.tensor([lengths[i] for i in idx])[:, None]
-                h = _run_layers(llm, h, mask, top - 1, top, final_norm=True)
-                outs.append(tower.norm(tower.pooler(h, mask)))
-        torch.cat(outs).float().pow(2).sum().backward()
+            pooled = embed(rows)
+        pooled.float().pow(2).sum().backward()
 
     for _ in range(2):
         step()
